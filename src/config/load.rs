@@ -1,0 +1,745 @@
+//! Builds the effective `Config` from its sources (DESIGN §4): `base.yaml`, then
+//! `{ENVIRONMENT}.yaml`, deep-merged (instances by name), `${VAR}` substitution inside
+//! each file, then the legacy environment variables. Every key remembers which source
+//! set it last, so a type or validation error names the file (or variable) to fix.
+
+use super::schema::{Config, Invalid};
+use serde_yaml::{Mapping, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// The process environment as the loader sees it; tests pass their own.
+pub type Env = BTreeMap<String, String>;
+
+/// Keys where an unset `${VAR}` without a default means "off" instead of an error.
+const OPTIONAL_KEYS: [&str; 3] = ["logging.feishu_webhook", "logging.file", "auth.admin_key"];
+
+const LEGACY_FIELDS: [(&str, &str); 9] = [
+    ("API_KEY", "api_key"),
+    ("API_BASE", "api_base"),
+    ("API_VERSION", "api_version"),
+    ("PRIORITY", "priority"),
+    ("WEIGHT", "weight"),
+    ("MAX_TPM", "max_tpm"),
+    ("MAX_RPM", "max_rpm"),
+    ("PROVIDER_TYPE", "provider_type"),
+    ("SUPPORTED_MODELS", "supported_models"),
+];
+
+const DEFAULT_API_VERSION: &str = "2024-10-21";
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A loaded config and the files it came from (for the start-up log).
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: Config,
+    pub sources: Vec<PathBuf>,
+}
+
+/// Which source set each key path (`routing.strategy`, `instances[1].api_key`).
+#[derive(Default)]
+struct Provenance(HashMap<String, String>);
+
+impl Provenance {
+    fn set(&mut self, path: &str, source: &str) {
+        self.0.insert(path.to_string(), source.to_string());
+    }
+
+    /// The source of `path` or of its nearest ancestor that has one.
+    fn of(&self, path: &str) -> Option<&str> {
+        let mut p = path;
+        loop {
+            if let Some(s) = self.0.get(p) {
+                return Some(s);
+            }
+            p = &p[..p.rfind(['.', '['])?];
+        }
+    }
+}
+
+pub fn load(dir: &Path, env: &Env) -> Result<Loaded, ConfigError> {
+    let environment = env
+        .get("ENVIRONMENT")
+        .map(String::as_str)
+        .unwrap_or("development");
+    if environment.is_empty() || environment.contains(['/', '\\', '.']) {
+        return Err(ConfigError(format!(
+            "ENVIRONMENT={environment:?} is not a plain name (it selects {}/<name>.yaml)",
+            dir.display()
+        )));
+    }
+    let base = dir.join("base.yaml");
+    let overlay = dir.join(format!("{environment}.yaml"));
+
+    let mut merged = Mapping::new();
+    let mut prov = Provenance::default();
+    let mut sources = Vec::new();
+    for file in [&base, &overlay] {
+        if let Some(layer) = read_layer(file, env)? {
+            merge_map(
+                &mut merged,
+                layer,
+                "",
+                &file.display().to_string(),
+                &mut prov,
+            );
+            sources.push(file.clone());
+        }
+    }
+    let legacy_single = apply_legacy_env(&mut merged, env, &mut prov)?;
+    if sources.is_empty() && !env_defines_instances(env) {
+        return Err(ConfigError(format!(
+            "{}: not found, and no instance is defined by environment variables (API_KEY + API_BASE, or API_INSTANCES)",
+            base.display()
+        )));
+    }
+    let files = sources
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(" + ");
+    let locate = |path: &str| -> String {
+        let source = prov.of(path).map(str::to_string).unwrap_or_else(|| {
+            if files.is_empty() {
+                "environment".to_string()
+            } else {
+                files.clone()
+            }
+        });
+        format!("{source}: {}", describe_path(path, &merged))
+    };
+
+    let mut config: Config = serde_path_to_error::deserialize(Value::Mapping(merged.clone()))
+        .map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            ConfigError(format!("{}: {inner}", locate(&path)))
+        })?;
+    if legacy_single {
+        config.instances[0].serves_any_model = true;
+    }
+    for inst in &mut config.instances {
+        inst.api_base = inst.api_base.trim_end_matches('/').to_string();
+    }
+    config.validate().map_err(|Invalid { path, message }| {
+        ConfigError(format!("{}: {message}", locate(&path)))
+    })?;
+    Ok(Loaded { config, sources })
+}
+
+/// `instances[1].api_key` becomes `instances[1].api_key (instance "west")` when it can.
+fn describe_path(path: &str, merged: &Mapping) -> String {
+    let name = path
+        .strip_prefix("instances[")
+        .and_then(|rest| rest.split(']').next())
+        .and_then(|i| i.parse::<usize>().ok())
+        .and_then(|i| {
+            merged
+                .get("instances")?
+                .as_sequence()?
+                .get(i)?
+                .get("name")?
+                .as_str()
+        });
+    match name {
+        Some(name) => format!("{path} (instance {name:?})"),
+        None => path.to_string(),
+    }
+}
+
+fn read_layer(file: &Path, env: &Env) -> Result<Option<Mapping>, ConfigError> {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(ConfigError(format!("{}: cannot read: {e}", file.display()))),
+    };
+    let name = file.display().to_string();
+    let mut value: Value = serde_yaml::from_str(&text)
+        .map_err(|e| ConfigError(format!("{name}: invalid YAML: {e}")))?;
+    substitute(&mut value, "", env).map_err(|e| ConfigError(format!("{name}: {e}")))?;
+    match value {
+        Value::Null => Ok(Some(Mapping::new())),
+        Value::Mapping(m) => Ok(Some(m)),
+        _ => Err(ConfigError(format!(
+            "{name}: the top level must be a mapping of keys"
+        ))),
+    }
+}
+
+fn child(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+fn key_text(k: &Value) -> String {
+    match k {
+        Value::String(s) => s.clone(),
+        other => serde_yaml::to_string(other)
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+    }
+}
+
+/// Replaces `${VAR}` and `${VAR:-default}` in every string value, in place.
+fn substitute(v: &mut Value, path: &str, env: &Env) -> Result<(), String> {
+    match v {
+        Value::String(s) if s.contains("${") => match expand(s, env) {
+            Ok(out) => *s = out,
+            Err(Unset(_)) if OPTIONAL_KEYS.contains(&path) => *v = Value::Null,
+            Err(Unset(var)) => {
+                return Err(format!(
+                    "{path}: environment variable {var} is not set (write ${{{var}:-default}} to give a default)"
+                ))
+            }
+            Err(Malformed(why)) => return Err(format!("{path}: {why}")),
+        },
+        Value::Mapping(m) => {
+            for (k, val) in m.iter_mut() {
+                substitute(val, &child(path, &key_text(k)), env)?;
+            }
+        }
+        Value::Sequence(items) => {
+            for (i, val) in items.iter_mut().enumerate() {
+                substitute(val, &format!("{path}[{i}]"), env)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+#[derive(Debug, PartialEq)]
+enum ExpandError {
+    Unset(String),
+    Malformed(String),
+}
+use ExpandError::{Malformed, Unset};
+
+fn expand(s: &str, env: &Env) -> Result<String, ExpandError> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| Malformed("unterminated ${ in value".into()))?;
+        let inner = &after[..end];
+        let (name, default) = match inner.split_once(":-") {
+            Some((n, d)) => (n, Some(d)),
+            None => (inner, None),
+        };
+        let valid = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(Malformed(format!(
+                "${{{inner}}} is not a valid variable reference"
+            )));
+        }
+        // As in the shell, `:-` also replaces a variable that is set but empty.
+        match (env.get(name), default) {
+            (Some(v), Some(d)) if v.is_empty() => out.push_str(d),
+            (Some(v), _) => out.push_str(v),
+            (None, Some(d)) => out.push_str(d),
+            (None, None) => return Err(Unset(name.to_string())),
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn merge_map(acc: &mut Mapping, overlay: Mapping, path: &str, src: &str, prov: &mut Provenance) {
+    for (k, v) in overlay {
+        let key = key_text(&k);
+        let here = child(path, &key);
+        match (acc.get_mut(&k), v) {
+            (Some(Value::Sequence(old)), Value::Sequence(new)) if here == "instances" => {
+                merge_instances(old, new, src, prov)
+            }
+            (Some(Value::Mapping(old)), Value::Mapping(new)) => {
+                merge_map(old, new, &here, src, prov)
+            }
+            (_, v) => {
+                prov.set(&here, src);
+                if here == "instances" {
+                    if let Value::Sequence(items) = &v {
+                        for i in 0..items.len() {
+                            prov.set(&format!("instances[{i}]"), src);
+                        }
+                    }
+                }
+                acc.insert(k, v);
+            }
+        }
+    }
+}
+
+fn instance_index(list: &[Value], name: &str) -> Option<usize> {
+    list.iter()
+        .position(|i| i.get("name").map(key_text).as_deref() == Some(name))
+}
+
+fn merge_instances(acc: &mut Vec<Value>, overlay: Vec<Value>, src: &str, prov: &mut Provenance) {
+    for item in overlay {
+        let found = item
+            .get("name")
+            .map(key_text)
+            .and_then(|n| instance_index(acc, &n));
+        match (found, item) {
+            (Some(i), Value::Mapping(fields)) if acc[i].is_mapping() => {
+                let Value::Mapping(old) = &mut acc[i] else {
+                    unreachable!()
+                };
+                merge_map(old, fields, &format!("instances[{i}]"), src, prov);
+            }
+            (_, item) => {
+                prov.set(&format!("instances[{}]", acc.len()), src);
+                acc.push(item);
+            }
+        }
+    }
+}
+
+fn env_defines_instances(env: &Env) -> bool {
+    env.contains_key("API_INSTANCES")
+        || (env.contains_key("API_KEY") && env.contains_key("API_BASE"))
+}
+
+fn env_prefix(name: &str) -> String {
+    format!(
+        "API_INSTANCE_{}_",
+        name.to_ascii_uppercase().replace('-', "_")
+    )
+}
+
+fn field_value(field: &str, raw: &str) -> Value {
+    if field == "supported_models" {
+        Value::Sequence(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|m| !m.is_empty())
+                .map(|m| Value::String(m.to_string()))
+                .collect(),
+        )
+    } else {
+        Value::String(raw.to_string())
+    }
+}
+
+/// Applies `API_INSTANCES` / `API_INSTANCE_{NAME}_*`, the legacy single instance and
+/// `MODEL_MAP_*`. Returns whether the legacy single instance was created.
+fn apply_legacy_env(
+    merged: &mut Mapping,
+    env: &Env,
+    prov: &mut Provenance,
+) -> Result<bool, ConfigError> {
+    let instances = merged
+        .entry(Value::String("instances".into()))
+        .or_insert_with(|| Value::Sequence(Vec::new()));
+    let Value::Sequence(list) = instances else {
+        // A wrong type here is reported by deserialization with its file name.
+        return Ok(false);
+    };
+
+    let mut names: Vec<String> = list
+        .iter()
+        .filter_map(|i| i.get("name").map(key_text))
+        .collect();
+    for n in env
+        .get("API_INSTANCES")
+        .map(String::as_str)
+        .unwrap_or("")
+        .split(',')
+    {
+        let n = n.trim();
+        if !n.is_empty() && !names.iter().any(|x| x == n) {
+            names.push(n.to_string());
+        }
+    }
+    for name in &names {
+        let prefix = env_prefix(name);
+        let fields: Vec<_> = LEGACY_FIELDS
+            .iter()
+            .filter_map(|(suffix, field)| {
+                let var = format!("{prefix}{suffix}");
+                env.get(&var).map(|raw| (var, *field, raw))
+            })
+            .collect();
+        let index = match instance_index(list, name) {
+            Some(i) => i,
+            None => {
+                prov.set(
+                    &format!("instances[{}]", list.len()),
+                    "environment variable API_INSTANCES",
+                );
+                let mut m = Mapping::new();
+                m.insert("name".into(), Value::String(name.clone()));
+                list.push(Value::Mapping(m));
+                list.len() - 1
+            }
+        };
+        let Some(target) = list[index].as_mapping_mut() else {
+            continue;
+        };
+        for (var, field, raw) in fields {
+            target.insert(field.into(), field_value(field, raw));
+            prov.set(
+                &format!("instances[{index}].{field}"),
+                &format!("environment variable {var}"),
+            );
+        }
+    }
+
+    let mut legacy_single = false;
+    if list.is_empty() {
+        match (env.get("API_KEY"), env.get("API_BASE")) {
+            (Some(key), Some(base)) => {
+                let mut m = Mapping::new();
+                m.insert("name".into(), "default".into());
+                m.insert("api_key".into(), Value::String(key.clone()));
+                m.insert("api_base".into(), Value::String(base.clone()));
+                let version = env.get("API_VERSION").map(String::as_str).unwrap_or(DEFAULT_API_VERSION);
+                m.insert("api_version".into(), version.into());
+                list.push(Value::Mapping(m));
+                prov.set("instances[0]", "environment variables API_KEY/API_BASE");
+                legacy_single = true;
+            }
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(ConfigError(
+                    "environment: API_KEY and API_BASE must be set together for the single legacy instance".into(),
+                ))
+            }
+            (None, None) => {}
+        }
+    }
+
+    for (var, deployment) in env.range("MODEL_MAP_".to_string()..) {
+        let Some(suffix) = var.strip_prefix("MODEL_MAP_") else {
+            break;
+        };
+        let model = suffix.to_ascii_lowercase().replace('_', "-");
+        for (i, inst) in list.iter_mut().enumerate() {
+            let serves = legacy_single || value_serves(inst, &model);
+            let Some(inst) = inst.as_mapping_mut().filter(|_| serves) else {
+                continue;
+            };
+            let map = inst
+                .entry("model_deployments".into())
+                .or_insert_with(|| Value::Mapping(Mapping::new()));
+            if let Value::Mapping(map) = map {
+                map.insert(
+                    Value::String(model.clone()),
+                    Value::String(deployment.clone()),
+                );
+                prov.set(
+                    &format!("instances[{i}].model_deployments"),
+                    &format!("environment variable {var}"),
+                );
+            }
+        }
+    }
+    Ok(legacy_single)
+}
+
+/// Whether an instance (still untyped) names `model` in its supported models or map.
+fn value_serves(inst: &Value, model: &str) -> bool {
+    let listed = inst
+        .get("supported_models")
+        .and_then(Value::as_sequence)
+        .is_some_and(|s| s.iter().any(|m| m.as_str() == Some(model)));
+    listed
+        || inst
+            .get("model_deployments")
+            .and_then(|m| m.get(model))
+            .is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::schema::Strategy;
+
+    struct Dir(PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn dir_with(files: &[(&str, &str)]) -> Dir {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let d = std::env::temp_dir().join(format!("aop-load-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        for (name, text) in files {
+            std::fs::write(d.join(name), text).unwrap();
+        }
+        Dir(d)
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Env {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    const BASE: &str = "
+routing: {strategy: failover, retries: 2}
+monitoring: {additional_windows: [15, 30]}
+instances:
+  - name: east
+    api_key: ${EAST_KEY}
+    api_base: https://east.example.com/
+    api_version: 2024-10-21
+    max_tpm: ${EAST_TPM:-1000}
+    supported_models: [gpt-4o]
+    model_deployments: {gpt-4o: east-4o}
+  - name: west
+    api_key: k2
+    api_base: https://west.example.com
+    api_version: 2024-10-21
+    supported_models: [gpt-4o]
+";
+
+    #[test]
+    fn overlay_merges_maps_and_instances_by_name_and_replaces_lists() {
+        let d = dir_with(&[
+            ("base.yaml", BASE),
+            (
+                "production.yaml",
+                "routing: {strategy: round_robin}
+monitoring: {additional_windows: [60]}
+instances:
+  - {name: west, priority: 1}
+  - {name: north, api_key: k3, api_base: 'http://n', provider_type: openai, supported_models: [m]}
+",
+            ),
+        ]);
+        let c = load(
+            &d.0,
+            &env(&[("EAST_KEY", "ek"), ("ENVIRONMENT", "production")]),
+        )
+        .unwrap()
+        .config;
+        assert_eq!(c.routing.strategy, Strategy::RoundRobin);
+        assert_eq!(c.routing.retries, 2, "untouched keys of a merged map stay");
+        assert_eq!(
+            c.monitoring.additional_windows,
+            vec![60],
+            "other lists replace"
+        );
+        let names: Vec<_> = c.instances.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, ["east", "west", "north"]);
+        assert_eq!(c.instances[1].priority, 1);
+        assert_eq!(
+            c.instances[1].api_base, "https://west.example.com",
+            "kept from base"
+        );
+        assert_eq!(c.instances[0].api_key.expose(), "ek");
+        assert_eq!(
+            c.instances[0].max_tpm,
+            Some(1000),
+            "default applied and read as a number"
+        );
+        assert_eq!(
+            c.instances[0].api_base, "https://east.example.com",
+            "trailing slash trimmed"
+        );
+    }
+
+    #[test]
+    fn environment_defaults_to_development() {
+        let d = dir_with(&[("base.yaml", BASE), ("development.yaml", "port: 4000")]);
+        let c = load(&d.0, &env(&[("EAST_KEY", "ek")])).unwrap();
+        assert_eq!(c.config.port, 4000);
+        assert_eq!(c.sources.len(), 2);
+    }
+
+    #[test]
+    fn unset_variable_names_file_key_and_variable() {
+        let d = dir_with(&[("base.yaml", BASE)]);
+        let e = load(&d.0, &env(&[])).unwrap_err().0;
+        assert!(e.contains("base.yaml"), "{e}");
+        assert!(e.contains("instances[0].api_key"), "{e}");
+        assert!(e.contains("EAST_KEY"), "{e}");
+    }
+
+    #[test]
+    fn unset_optional_variable_means_off() {
+        let d = dir_with(&[(
+            "base.yaml",
+            &format!("{BASE}logging: {{feishu_webhook: '${{HOOK}}'}}\n"),
+        )]);
+        let c = load(&d.0, &env(&[("EAST_KEY", "k")])).unwrap().config;
+        assert!(c.logging.feishu_webhook.is_none());
+    }
+
+    #[test]
+    fn expand_forms() {
+        let e = env(&[("A", "1"), ("EMPTY", "")]);
+        assert_eq!(expand("x${A}y${B:-2}z", &e), Ok("x1y2z".into()));
+        assert_eq!(expand("${EMPTY:-d}|${EMPTY}", &e), Ok("d|".into()));
+        assert_eq!(expand("${B}", &e), Err(Unset("B".into())));
+        assert!(matches!(expand("${A", &e), Err(Malformed(_))));
+        assert!(matches!(expand("${1A}", &e), Err(Malformed(_))));
+    }
+
+    #[test]
+    fn type_error_names_the_file_that_set_the_key() {
+        let d = dir_with(&[
+            ("base.yaml", BASE),
+            (
+                "development.yaml",
+                "instances: [{name: west, max_tpm: lots}]",
+            ),
+        ]);
+        let e = load(&d.0, &env(&[("EAST_KEY", "k")])).unwrap_err().0;
+        assert!(
+            e.starts_with(&format!("{}", d.0.join("development.yaml").display())),
+            "{e}"
+        );
+        assert!(
+            e.contains("instances[1].max_tpm (instance \"west\")"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_strategies_are_rejected_with_their_path() {
+        let d = dir_with(&[(
+            "base.yaml",
+            &BASE.replace("strategy: failover", "strategy: fastest"),
+        )]);
+        let e = load(&d.0, &env(&[("EAST_KEY", "k")])).unwrap_err().0;
+        assert!(
+            e.contains("routing.strategy") && e.contains("fastest"),
+            "{e}"
+        );
+
+        let d = dir_with(&[("base.yaml", &BASE.replace("max_tpm:", "max_tmp:"))]);
+        let e = load(&d.0, &env(&[("EAST_KEY", "k")])).unwrap_err().0;
+        assert!(e.contains("instances[0]") && e.contains("max_tmp"), "{e}");
+    }
+
+    #[test]
+    fn validation_errors_name_file_and_key() {
+        for (bad, key) in [
+            ("max_tpm: ${EAST_TPM:-1000}", "instances[0].max_tpm"),
+            (
+                "api_base: https://east.example.com/",
+                "instances[0].api_base",
+            ),
+            ("name: west", "instances[1].name"),
+        ] {
+            let replacement = match key {
+                "instances[0].max_tpm" => "max_tpm: 0",
+                "instances[0].api_base" => "api_base: east.example.com",
+                _ => "name: east",
+            };
+            let d = dir_with(&[("base.yaml", &BASE.replace(bad, replacement))]);
+            let e = load(&d.0, &env(&[("EAST_KEY", "k")])).unwrap_err().0;
+            assert!(e.contains("base.yaml") && e.contains(key), "{key}: {e}");
+        }
+        let d = dir_with(&[("base.yaml", "instances: []")]);
+        let e = load(&d.0, &env(&[])).unwrap_err().0;
+        assert!(e.contains("base.yaml") && e.contains("no instance"), "{e}");
+    }
+
+    #[test]
+    fn yaml_syntax_error_names_the_file() {
+        let d = dir_with(&[("base.yaml", "instances: [\n")]);
+        let e = load(&d.0, &env(&[])).unwrap_err().0;
+        assert!(e.contains("base.yaml: invalid YAML"), "{e}");
+    }
+
+    #[test]
+    fn legacy_instance_variables_override_and_add() {
+        let d = dir_with(&[("base.yaml", BASE)]);
+        let c = load(
+            &d.0,
+            &env(&[
+                ("EAST_KEY", "k"),
+                ("API_INSTANCES", "west, south-1"),
+                ("API_INSTANCE_WEST_MAX_TPM", "5000"),
+                ("API_INSTANCE_SOUTH_1_API_KEY", "sk"),
+                ("API_INSTANCE_SOUTH_1_API_BASE", "https://south.example.com"),
+                ("API_INSTANCE_SOUTH_1_API_VERSION", "2024-06-01"),
+                (
+                    "API_INSTANCE_SOUTH_1_SUPPORTED_MODELS",
+                    "gpt-4o, gpt-4o-mini",
+                ),
+                ("API_INSTANCE_SOUTH_1_PRIORITY", "7"),
+                ("MODEL_MAP_GPT_4O_MINI", "mini-deploy"),
+            ]),
+        )
+        .unwrap()
+        .config;
+        assert_eq!(c.instances[1].max_tpm, Some(5000));
+        let south = &c.instances[2];
+        assert_eq!(south.name, "south-1");
+        assert_eq!(south.priority, 7);
+        assert_eq!(south.supported_models, ["gpt-4o", "gpt-4o-mini"]);
+        assert_eq!(south.deployment("gpt-4o-mini"), "mini-deploy");
+        assert!(
+            !c.instances[0].serves("gpt-4o-mini"),
+            "MODEL_MAP only maps models an instance serves"
+        );
+    }
+
+    #[test]
+    fn legacy_variable_errors_name_the_variable() {
+        let d = dir_with(&[("base.yaml", BASE)]);
+        let e = load(
+            &d.0,
+            &env(&[("EAST_KEY", "k"), ("API_INSTANCE_EAST_WEIGHT", "heavy")]),
+        )
+        .unwrap_err()
+        .0;
+        assert!(
+            e.starts_with("environment variable API_INSTANCE_EAST_WEIGHT"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn legacy_single_instance_serves_any_model() {
+        let d = dir_with(&[]);
+        let c = load(
+            &d.0,
+            &env(&[
+                ("API_KEY", "k"),
+                ("API_BASE", "https://one.example.com"),
+                ("MODEL_MAP_GPT_4O", "my-4o"),
+            ]),
+        )
+        .unwrap()
+        .config;
+        let only = &c.instances[0];
+        assert!(only.serves("anything") && only.serves("gpt-4o"));
+        assert_eq!(only.deployment("gpt-4o"), "my-4o");
+        assert_eq!(only.deployment("other"), "other");
+        assert_eq!(only.api_version, DEFAULT_API_VERSION);
+
+        let e = load(&d.0, &env(&[("API_KEY", "k")])).unwrap_err().0;
+        assert!(e.contains("API_BASE"), "{e}");
+        let e = load(&d.0, &env(&[])).unwrap_err().0;
+        assert!(e.contains("base.yaml: not found"), "{e}");
+    }
+}

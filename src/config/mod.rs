@@ -1,0 +1,8 @@
+//! Configuration: the schema and its secrets (`schema`), and how the layered sources
+//! become one validated `Config` (`load`).
+
+mod load;
+mod schema;
+
+pub use load::{load, ConfigError, Env, Loaded};
+pub use schema::*;

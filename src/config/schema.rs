@@ -1,0 +1,538 @@
+//! The typed configuration (DESIGN §4), its defaults, the `Secret` type that can only
+//! print a mask, and the semantic checks that run after the YAML layers are merged.
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+/// A credential. `Debug`, `Display` and `Serialize` print a mask, so no log line or
+/// config dump can show it by accident; only `expose()` gives the value, and only the
+/// code that puts it on the wire should call it.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Secret(String);
+
+pub const MASK: &str = "***redacted***";
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(MASK)
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(MASK)
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(MASK)
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        lenient_string(d).map(Secret)
+    }
+}
+
+/// A scalar written as a number or as a string. `${VAR}` substitution and the legacy
+/// environment variables always produce strings, so `max_tpm: ${TPM:-1000}` must parse.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Scalar {
+    Str(String),
+    U64(u64),
+    I64(i64),
+    F64(f64),
+    Bool(bool),
+}
+
+impl Scalar {
+    fn into_string(self) -> String {
+        match self {
+            Scalar::Str(s) => s,
+            Scalar::U64(n) => n.to_string(),
+            Scalar::I64(n) => n.to_string(),
+            Scalar::F64(n) => n.to_string(),
+            Scalar::Bool(b) => b.to_string(),
+        }
+    }
+}
+
+fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Scalar::deserialize(d).map(Scalar::into_string)
+}
+
+fn lenient<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: FromStr,
+    T::Err: fmt::Display,
+{
+    let text = lenient_string(d)?;
+    text.trim()
+        .parse()
+        .map_err(|e| serde::de::Error::custom(format!("{text:?} is not a valid number: {e}")))
+}
+
+fn lenient_opt<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: FromStr,
+    T::Err: fmt::Display,
+{
+    lenient(d).map(Some)
+}
+
+/// A byte size: a plain number of bytes, or a number with a unit (`10MB`, `512 KiB`).
+fn byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let text = lenient_string(d)?;
+    parse_byte_size(&text).ok_or_else(|| {
+        serde::de::Error::custom(format!(
+            "{text:?} is not a size (write bytes, or a number with KB, MB, GB, KiB, MiB, GiB)"
+        ))
+    })
+}
+
+pub fn parse_byte_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let num: f64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        _ => return None,
+    };
+    Some((num * mult as f64) as u64)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_name", deserialize_with = "lenient_string")]
+    pub name: String,
+    #[serde(default = "default_version", deserialize_with = "lenient_string")]
+    pub version: String,
+    #[serde(default = "default_port", deserialize_with = "lenient")]
+    pub port: u16,
+    #[serde(default = "default_host", deserialize_with = "lenient_string")]
+    pub host: String,
+    #[serde(default)]
+    pub routing: Routing,
+    #[serde(default)]
+    pub logging: Logging,
+    #[serde(default)]
+    pub monitoring: Monitoring,
+    #[serde(default)]
+    pub server: Server,
+    #[serde(default)]
+    pub auth: Auth,
+    #[serde(default)]
+    pub instances: Vec<Instance>,
+}
+
+fn default_name() -> String {
+    "azure-openai-proxy".into()
+}
+fn default_version() -> String {
+    env!("CARGO_PKG_VERSION").into()
+}
+fn default_port() -> u16 {
+    3010
+}
+fn default_host() -> String {
+    "0.0.0.0".into()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    #[default]
+    Failover,
+    Weighted,
+    RoundRobin,
+    LeastLoaded,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Routing {
+    pub strategy: Strategy,
+    /// Further attempts after the first, each on an instance not yet tried.
+    #[serde(deserialize_with = "lenient")]
+    pub retries: u32,
+    /// Seconds to wait for an upstream's response headers, and for each read of its body.
+    #[serde(deserialize_with = "lenient")]
+    pub timeout: f64,
+    /// Seconds to establish a connection (TCP + TLS) to an upstream.
+    #[serde(deserialize_with = "lenient")]
+    pub connect_timeout: f64,
+}
+
+impl Default for Routing {
+    fn default() -> Self {
+        Routing {
+            strategy: Strategy::Failover,
+            retries: 3,
+            timeout: 60.0,
+            connect_timeout: 10.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Logging {
+    #[serde(deserialize_with = "lenient_string")]
+    pub level: String,
+    pub file: Option<String>,
+    #[serde(deserialize_with = "byte_size")]
+    pub max_size: u64,
+    #[serde(deserialize_with = "lenient")]
+    pub backup_count: u32,
+    pub feishu_webhook: Option<Secret>,
+}
+
+impl Default for Logging {
+    fn default() -> Self {
+        Logging {
+            level: "info".into(),
+            file: None,
+            max_size: 10 * 1024 * 1024,
+            backup_count: 5,
+            feishu_webhook: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Monitoring {
+    #[serde(deserialize_with = "lenient")]
+    pub stats_window_minutes: u32,
+    pub additional_windows: Vec<u32>,
+}
+
+impl Default for Monitoring {
+    fn default() -> Self {
+        Monitoring {
+            stats_window_minutes: 5,
+            additional_windows: vec![15, 30, 60],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Server {
+    /// Worker threads; a streaming request holds one until its stream ends.
+    #[serde(deserialize_with = "lenient")]
+    pub workers: usize,
+    #[serde(deserialize_with = "byte_size")]
+    pub max_body_bytes: u64,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server {
+            workers: 256,
+            max_body_bytes: 32 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Auth {
+    pub api_keys: Vec<Secret>,
+    pub admin_key: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Provider {
+    #[default]
+    Azure,
+    Openai,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Instance {
+    #[serde(deserialize_with = "lenient_string")]
+    pub name: String,
+    #[serde(default)]
+    pub provider_type: Provider,
+    pub api_key: Secret,
+    #[serde(deserialize_with = "lenient_string")]
+    pub api_base: String,
+    #[serde(default, deserialize_with = "lenient_string")]
+    pub api_version: String,
+    /// Lower is preferred by `failover`.
+    #[serde(default = "default_priority", deserialize_with = "lenient")]
+    pub priority: u32,
+    #[serde(default = "default_weight", deserialize_with = "lenient")]
+    pub weight: u32,
+    /// Tokens per minute this instance may be sent; absent means no local limit.
+    #[serde(default, deserialize_with = "lenient_opt")]
+    pub max_tpm: Option<u64>,
+    #[serde(default, deserialize_with = "lenient_opt")]
+    pub max_rpm: Option<u64>,
+    #[serde(default)]
+    pub supported_models: Vec<String>,
+    #[serde(default)]
+    pub model_deployments: BTreeMap<String, String>,
+    /// Only the legacy single instance (`API_KEY`/`API_BASE`) serves every model.
+    #[serde(skip_deserializing, skip_serializing_if = "std::ops::Not::not")]
+    pub serves_any_model: bool,
+}
+
+fn default_priority() -> u32 {
+    100
+}
+fn default_weight() -> u32 {
+    1
+}
+
+impl Instance {
+    /// Exact matching only (DESIGN §4): no normalisation, no fallback to another model.
+    pub fn serves(&self, model: &str) -> bool {
+        self.serves_any_model
+            || self.supported_models.iter().any(|m| m == model)
+            || self.model_deployments.contains_key(model)
+    }
+
+    pub fn deployment<'a>(&'a self, model: &'a str) -> &'a str {
+        self.model_deployments
+            .get(model)
+            .map(String::as_str)
+            .unwrap_or(model)
+    }
+
+    /// Every model this instance names, in a stable order, without duplicates.
+    pub fn models(&self) -> impl Iterator<Item = &str> {
+        let extra = self
+            .model_deployments
+            .keys()
+            .filter(|m| !self.supported_models.contains(m));
+        self.supported_models
+            .iter()
+            .chain(extra)
+            .map(String::as_str)
+    }
+}
+
+/// A semantic problem in the merged config, located by its key path.
+#[derive(Debug, PartialEq)]
+pub struct Invalid {
+    pub path: String,
+    pub message: String,
+}
+
+fn invalid(path: impl Into<String>, message: impl Into<String>) -> Invalid {
+    Invalid {
+        path: path.into(),
+        message: message.into(),
+    }
+}
+
+pub const LOG_LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+impl Config {
+    /// The checks serde's types cannot express. Returns the first problem found.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if self.instances.is_empty() {
+            return Err(invalid(
+                "instances",
+                "no instance is configured: list at least one under `instances`, or set API_KEY and API_BASE",
+            ));
+        }
+        if !LOG_LEVELS.contains(&self.logging.level.to_ascii_lowercase().as_str()) {
+            return Err(invalid(
+                "logging.level",
+                format!(
+                    "unknown level {:?}; use one of {LOG_LEVELS:?}",
+                    self.logging.level
+                ),
+            ));
+        }
+        let r = &self.routing;
+        for (key, secs) in [
+            ("timeout", r.timeout),
+            ("connect_timeout", r.connect_timeout),
+        ] {
+            if !(secs.is_finite() && secs > 0.0) {
+                return Err(invalid(
+                    format!("routing.{key}"),
+                    "must be a number of seconds above 0",
+                ));
+            }
+        }
+        if self.server.workers == 0 {
+            return Err(invalid("server.workers", "must be at least 1"));
+        }
+        if self.server.max_body_bytes == 0 {
+            return Err(invalid("server.max_body_bytes", "must be above 0"));
+        }
+        let m = &self.monitoring;
+        let windows = std::iter::once(&m.stats_window_minutes).chain(&m.additional_windows);
+        if windows.clone().any(|w| !(1..=60).contains(w)) {
+            return Err(invalid(
+                "monitoring",
+                "stats windows are whole minutes from 1 to 60",
+            ));
+        }
+        for (i, key) in self.auth.api_keys.iter().enumerate() {
+            if key.is_empty() {
+                return Err(invalid(format!("auth.api_keys[{i}]"), "is empty"));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, inst) in self.instances.iter().enumerate() {
+            let at = |key: &str| format!("instances[{i}].{key}");
+            if inst.name.trim().is_empty() {
+                return Err(invalid(at("name"), "is empty"));
+            }
+            if !seen.insert(inst.name.as_str()) {
+                return Err(invalid(
+                    at("name"),
+                    format!("duplicate instance name {:?}", inst.name),
+                ));
+            }
+            if inst.api_key.is_empty() {
+                return Err(invalid(at("api_key"), "is empty"));
+            }
+            check_url(&inst.api_base).map_err(|m| invalid(at("api_base"), m))?;
+            if inst.provider_type == Provider::Azure && inst.api_version.trim().is_empty() {
+                return Err(invalid(
+                    at("api_version"),
+                    "is required for provider_type azure",
+                ));
+            }
+            if inst.weight == 0 {
+                return Err(invalid(at("weight"), "must be at least 1"));
+            }
+            if inst.max_tpm == Some(0) {
+                return Err(invalid(
+                    at("max_tpm"),
+                    "must be above 0 (leave it out for no limit)",
+                ));
+            }
+            if inst.max_rpm == Some(0) {
+                return Err(invalid(
+                    at("max_rpm"),
+                    "must be above 0 (leave it out for no limit)",
+                ));
+            }
+            if !inst.serves_any_model && inst.models().next().is_none() {
+                return Err(invalid(
+                    at("supported_models"),
+                    "the instance serves no model: list models in supported_models or model_deployments",
+                ));
+            }
+            if let Some(m) = inst.supported_models.iter().find(|m| m.trim().is_empty()) {
+                return Err(invalid(
+                    at("supported_models"),
+                    format!("contains an empty model name {m:?}"),
+                ));
+            }
+            if let Some((m, _)) = inst
+                .model_deployments
+                .iter()
+                .find(|(_, d)| d.trim().is_empty())
+            {
+                return Err(invalid(
+                    at("model_deployments"),
+                    format!("model {m:?} maps to an empty deployment"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A base URL the proxy can call: http(s), a host, no query or fragment.
+fn check_url(url: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| format!("{url:?} is not an http:// or https:// URL"))?;
+    let host = rest.split('/').next().unwrap_or("");
+    if host.is_empty() || host.starts_with(':') {
+        return Err(format!("{url:?} has no host"));
+    }
+    if rest.contains(['?', '#', ' ']) {
+        return Err(format!(
+            "{url:?} must not contain a query, fragment or space"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_never_prints_its_value() {
+        let s = Secret::new("sk-very-secret");
+        assert_eq!(format!("{s} {s:?}"), format!("{MASK} {MASK}"));
+        assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{MASK}\""));
+        assert_eq!(s.expose(), "sk-very-secret");
+    }
+
+    #[test]
+    fn byte_sizes_with_and_without_units() {
+        assert_eq!(parse_byte_size("1024"), Some(1024));
+        assert_eq!(parse_byte_size("10MB"), Some(10_000_000));
+        assert_eq!(parse_byte_size("32 MiB"), Some(32 << 20));
+        assert_eq!(parse_byte_size("1.5kib"), Some(1536));
+        assert_eq!(parse_byte_size("ten"), None);
+        assert_eq!(parse_byte_size("10 parsecs"), None);
+    }
+
+    #[test]
+    fn urls_are_checked() {
+        assert!(check_url("https://east.openai.azure.com").is_ok());
+        assert!(check_url("http://127.0.0.1:8080/prefix").is_ok());
+        assert!(check_url("east.openai.azure.com").is_err());
+        assert!(check_url("https://").is_err());
+        assert!(check_url("https://x.com/?a=b").is_err());
+    }
+
+    #[test]
+    fn models_lists_both_sources_once() {
+        let inst: Instance = serde_yaml::from_str(
+            "{name: a, api_key: k, api_base: 'http://x', supported_models: [m1, m2],
+              model_deployments: {m2: d2, m3: d3}}",
+        )
+        .unwrap();
+        assert_eq!(inst.models().collect::<Vec<_>>(), ["m1", "m2", "m3"]);
+        assert!(inst.serves("m3") && !inst.serves("M3") && !inst.serves("m"));
+        assert_eq!(inst.deployment("m2"), "d2");
+        assert_eq!(inst.deployment("m1"), "m1");
+    }
+}

@@ -1,0 +1,12 @@
+//! azure-openai-proxy: OpenAI-style calls in, Azure OpenAI (or OpenAI-compatible)
+//! deployments out. See ARCHITECTURE.md for the map of modules and a request's path.
+
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod router;
+pub mod server;
+pub mod stream;
+pub mod upstream;
+
+pub use server::Proxy;

@@ -1,0 +1,135 @@
+//! The command line: parse flags, load and validate the configuration, set up logging,
+//! and run the proxy.
+
+use azure_openai_proxy::config::{self, Config, Env};
+use azure_openai_proxy::Proxy;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+azure-openai-proxy: an OpenAI-compatible proxy in front of Azure OpenAI instances
+
+Usage: azure-openai-proxy [--config-dir DIR] [--check-config]
+
+Options:
+  --config-dir DIR   read DIR/base.yaml and DIR/$ENVIRONMENT.yaml (default: config)
+  --check-config     validate the configuration, print a summary and exit
+  --version          print the version and exit
+  --help             print this help and exit
+
+Environment: ENVIRONMENT selects the overlay file (default: development); ${VAR}
+references in the YAML and the legacy API_* variables are read from the environment.";
+
+struct Args {
+    config_dir: PathBuf,
+    check_only: bool,
+}
+
+fn parse_args() -> Result<Option<Args>, String> {
+    let mut args = Args {
+        config_dir: PathBuf::from("config"),
+        check_only: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                return Ok(None);
+            }
+            "--version" | "-V" => {
+                println!("azure-openai-proxy {}", env!("CARGO_PKG_VERSION"));
+                return Ok(None);
+            }
+            "--check-config" => args.check_only = true,
+            "--config-dir" => {
+                args.config_dir = it.next().ok_or("--config-dir needs a directory")?.into();
+            }
+            other => match other.strip_prefix("--config-dir=") {
+                Some(dir) => args.config_dir = dir.into(),
+                None => return Err(format!("unknown argument {other:?}")),
+            },
+        }
+    }
+    Ok(Some(args))
+}
+
+fn init_logging(config: &Config) {
+    use simplelog::{ColorChoice, ConfigBuilder, LevelFilter, TermLogger, TerminalMode};
+    let level = config.logging.level.parse().unwrap_or(LevelFilter::Info);
+    let log_config = ConfigBuilder::new()
+        // Client libraries log connection details at debug level; they are not ours to show.
+        .add_filter_ignore_str("ureq")
+        .add_filter_ignore_str("rustls")
+        .add_filter_ignore_str("tiny_http")
+        .build();
+    let _ = TermLogger::init(level, log_config, TerminalMode::Stderr, ColorChoice::Auto);
+    std::panic::set_hook(Box::new(|info| log::error!("panic: {info}")));
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(Some(a)) => a,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    // Variables that are not valid UTF-8 cannot be configuration; skip them.
+    let env: Env = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect();
+    let loaded = match config::load(&args.config_dir, &env) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: invalid configuration: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let sources: Vec<String> = loaded
+        .sources
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    let sources = if sources.is_empty() {
+        "environment variables".to_string()
+    } else {
+        sources.join(" + ")
+    };
+    let config = loaded.config;
+    let names: Vec<&str> = config.instances.iter().map(|i| i.name.as_str()).collect();
+    if args.check_only {
+        println!(
+            "configuration OK ({sources}): {} instance(s): {}",
+            names.len(),
+            names.join(", ")
+        );
+        return ExitCode::SUCCESS;
+    }
+
+    init_logging(&config);
+    log::info!(
+        "configuration from {sources}; instances: {}",
+        names.join(", ")
+    );
+    if config.logging.file.is_some() {
+        log::warn!("logging.file is not supported yet; logging to the console only");
+    }
+    let workers = config.server.workers;
+    match Proxy::start(config) {
+        Ok(proxy) => {
+            log::info!(
+                "listening on http://{} with {workers} workers",
+                proxy.addr()
+            );
+            proxy.wait();
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            log::error!("{e}");
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

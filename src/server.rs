@@ -1,0 +1,251 @@
+//! The HTTP side: the tiny_http listener, the fixed pool of worker threads, the route
+//! table, and writing a `Reply` (buffered, or relayed as a stream). A panic while
+//! handling one request is contained to that request: it gets a 500 and the worker
+//! lives on.
+
+use crate::api::{self, Body, Reply};
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::stream::{self, ClientStream, End};
+use crate::upstream;
+use std::net::SocketAddr;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+use tiny_http::{Header, Method, Request, Response};
+
+/// What every worker shares.
+pub struct State {
+    pub config: Arc<Config>,
+    pub agent: ureq::Agent,
+    next_id: AtomicU64,
+}
+
+/// A running proxy: its listener and worker threads.
+pub struct Proxy {
+    server: Arc<tiny_http::Server>,
+    workers: Vec<JoinHandle<()>>,
+    stopping: Arc<AtomicBool>,
+    addr: SocketAddr,
+}
+
+impl Proxy {
+    /// Binds `host:port` (port 0 picks a free one) and starts `server.workers` workers.
+    pub fn start(config: Config) -> Result<Proxy, String> {
+        let bind = format!("{}:{}", config.host, config.port);
+        let server =
+            tiny_http::Server::http(&bind).map_err(|e| format!("cannot listen on {bind}: {e}"))?;
+        let addr = server
+            .server_addr()
+            .to_ip()
+            .ok_or_else(|| format!("{bind} is not an IP address"))?;
+        let server = Arc::new(server);
+        let state = Arc::new(State {
+            agent: upstream::agent(&config.routing, config.server.workers),
+            config: Arc::new(config),
+            next_id: AtomicU64::new(1),
+        });
+        let stopping = Arc::new(AtomicBool::new(false));
+        let workers = (0..state.config.server.workers)
+            .map(|n| {
+                let (server, state, stopping) = (server.clone(), state.clone(), stopping.clone());
+                std::thread::Builder::new()
+                    .name(format!("worker-{n}"))
+                    .spawn(move || work(&server, &state, &stopping))
+                    .map_err(|e| format!("cannot start worker thread: {e}"))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Proxy {
+            server,
+            workers,
+            stopping,
+            addr,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Blocks until the workers end (they do not, unless stopped).
+    pub fn wait(self) {
+        for w in self.workers {
+            let _ = w.join();
+        }
+    }
+
+    /// Stops taking requests; each worker ends after its current request.
+    pub fn stop(self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        for _ in &self.workers {
+            self.server.unblock();
+        }
+        self.wait();
+    }
+}
+
+fn work(server: &tiny_http::Server, state: &State, stopping: &AtomicBool) {
+    loop {
+        let request = match server.recv() {
+            Ok(r) => r,
+            Err(_) if stopping.load(Ordering::SeqCst) => return,
+            Err(e) => {
+                log::warn!("accepting a request failed: {e}");
+                continue;
+            }
+        };
+        // The request stays in this slot while the reply is computed, so that after a
+        // panic there is still a connection to answer on.
+        let mut slot = Some(request);
+        if catch_unwind(AssertUnwindSafe(|| serve(state, &mut slot))).is_err() {
+            if let Some(request) = slot.take() {
+                respond_full(
+                    request,
+                    ApiError::internal("The proxy failed while handling this request.").into(),
+                );
+            }
+        }
+    }
+}
+
+fn serve(state: &State, slot: &mut Option<Request>) {
+    let started = Instant::now();
+    let id = state.next_id.fetch_add(1, Ordering::Relaxed);
+    let Some(request) = slot.as_mut() else { return };
+    let method = request.method().clone();
+    let path = request.url().split('?').next().unwrap_or("").to_string();
+    let mut reply = route(state, request, &method, &path);
+    reply
+        .headers
+        .push(("x-proxy-request-id".into(), id.to_string()));
+    let Some(request) = slot.take() else { return };
+    let (status, trace, end) = match reply.body {
+        Body::Full(_) => {
+            let (status, trace) = (reply.status, std::mem::take(&mut reply.trace));
+            respond_full(request, reply);
+            (status, trace, None)
+        }
+        Body::Stream {
+            upstream,
+            strip_usage,
+        } => {
+            let mut trace = reply.trace;
+            let http11 = *request.http_version() >= tiny_http::HTTPVersion(1, 1);
+            let end = match ClientStream::start(
+                request.into_writer(),
+                http11,
+                reply.status,
+                &reply.headers,
+            ) {
+                Ok(mut client) => {
+                    let summary =
+                        stream::relay(&mut upstream.into_reader(), &mut client, strip_usage);
+                    trace.usage = summary.usage;
+                    summary.end
+                }
+                Err(_) => End::ClientGone,
+            };
+            (reply.status, trace, Some(end))
+        }
+    };
+    let usage = trace.usage.unwrap_or_default();
+    log::info!(
+        "request={id} {method} {path} model={} instance={} status={status} tokens={}/{} latency_ms={} attempts={}{}",
+        trace.model.as_deref().unwrap_or("-"),
+        trace.instance.as_deref().unwrap_or("-"),
+        usage.prompt_tokens,
+        usage.completion_tokens,
+        started.elapsed().as_millis(),
+        trace.attempts,
+        match end {
+            None | Some(End::Completed) => String::new(),
+            Some(End::ClientGone) => " stream=client_gone".into(),
+            Some(End::UpstreamFailed(why)) => format!(" stream=failed ({why})"),
+        }
+    );
+}
+
+fn route(state: &State, request: &mut Request, method: &Method, path: &str) -> Reply {
+    let post_only = |request: &mut Request, op: &str, model: Option<String>| match method {
+        Method::Post => api::forward(state, request, op, model),
+        _ => ApiError::method_not_allowed(method.as_str(), path, "POST").into(),
+    };
+    if let Some(op) = path
+        .strip_prefix("/v1/")
+        .filter(|op| upstream::OPERATIONS.contains(op))
+    {
+        return post_only(request, op, None);
+    }
+    if let Some((model, op)) = azure_path(path) {
+        return post_only(request, op, Some(model));
+    }
+    match (path, method) {
+        ("/v1/models", Method::Get) => api::models(state),
+        ("/v1/models", _) => ApiError::method_not_allowed(method.as_str(), path, "GET").into(),
+        _ => ApiError::not_found(method.as_str(), path).into(),
+    }
+}
+
+/// `/openai/deployments/{model}/{op}` → (model, op), for `AzureOpenAI` SDK clients.
+fn azure_path(path: &str) -> Option<(String, &'static str)> {
+    let rest = path.strip_prefix("/openai/deployments/")?;
+    let (model, op) = rest.split_once('/')?;
+    let op = upstream::OPERATIONS.iter().find(|o| **o == op)?;
+    let model = percent_decode(model)?;
+    (!model.is_empty()).then_some((model, op))
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn respond_full(request: Request, reply: Reply) {
+    let Body::Full(body) = reply.body else { return };
+    let mut response = Response::from_data(body)
+        .with_status_code(reply.status)
+        // Always a Content-Length: tiny_http would otherwise chunk bodies over 32 KiB.
+        .with_chunked_threshold(usize::MAX);
+    for (name, value) in &reply.headers {
+        if let Ok(h) = Header::from_bytes(name.as_bytes(), value.as_bytes()) {
+            response.add_header(h);
+        }
+    }
+    if let Err(e) = request.respond(response) {
+        log::debug!("writing a response failed: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn azure_paths() {
+        assert_eq!(
+            azure_path("/openai/deployments/gpt-4o/chat/completions"),
+            Some(("gpt-4o".to_string(), "chat/completions"))
+        );
+        assert_eq!(
+            azure_path("/openai/deployments/my%20model/embeddings"),
+            Some(("my model".to_string(), "embeddings"))
+        );
+        assert_eq!(azure_path("/openai/deployments/m/images/generations"), None);
+        assert_eq!(azure_path("/openai/deployments//completions"), None);
+        assert_eq!(azure_path("/openai/deployments/%zz/completions"), None);
+    }
+}

@@ -1,0 +1,235 @@
+//! Talking to one upstream instance: the shared ureq agent and its timeouts, the URL
+//! and credentials for each provider type, which client headers may travel and which
+//! upstream headers come back, and how an outcome is classified (DESIGN §5.3–§5.6).
+
+use crate::config::{Instance, Provider, Routing};
+use std::time::Duration;
+
+/// One agent for the whole process so keep-alive connections are pooled and reused.
+pub fn agent(routing: &Routing, workers: usize) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        // A redirect could carry the api-key to another host; an upstream never needs one.
+        .max_redirects(0)
+        .max_redirects_will_error(false)
+        .timeout_connect(Some(Duration::from_secs_f64(routing.connect_timeout)))
+        .timeout_recv_response(Some(Duration::from_secs_f64(routing.timeout)))
+        // Bounds each gap between reads of a (streamed) body, not the whole body.
+        .timeout_per_read(Some(Duration::from_secs_f64(routing.timeout)))
+        .max_idle_connections(workers.max(16))
+        .max_idle_connections_per_host(workers.max(16))
+        .user_agent(concat!("azure-openai-proxy/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .into()
+}
+
+/// The operations the proxy forwards, by their path after `/v1/` (or after the
+/// deployment in an Azure-style path).
+pub const OPERATIONS: [&str; 3] = ["chat/completions", "completions", "embeddings"];
+
+pub fn url(inst: &Instance, deployment: &str, op: &str) -> String {
+    match inst.provider_type {
+        Provider::Azure => format!(
+            "{}/openai/deployments/{}/{op}?api-version={}",
+            inst.api_base,
+            escape_segment(deployment),
+            escape_segment(&inst.api_version)
+        ),
+        // `https://api.openai.com/v1` and `https://api.openai.com` both work as api_base.
+        Provider::Openai if inst.api_base.ends_with("/v1") => format!("{}/{op}", inst.api_base),
+        Provider::Openai => format!("{}/v1/{op}", inst.api_base),
+    }
+}
+
+/// The credential header for the instance. Its value is the one place a key leaves
+/// the `Secret` wrapper.
+pub fn credential(inst: &Instance) -> (&'static str, String) {
+    match inst.provider_type {
+        Provider::Azure => ("api-key", inst.api_key.expose().to_string()),
+        Provider::Openai => ("authorization", format!("Bearer {}", inst.api_key.expose())),
+    }
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters, so a model name
+/// taken from the client (legacy serve-any instance) cannot change the upstream path.
+fn escape_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Client headers that never reach an upstream: the client's credentials for the
+/// proxy, hop-by-hop headers, and what the proxy itself sets (host, length, encoding).
+const DROPPED_REQUEST_HEADERS: [&str; 21] = [
+    "authorization",
+    "api-key",
+    "x-api-key",
+    "ocp-apim-subscription-key",
+    "cookie",
+    "openai-organization",
+    "openai-project",
+    "host",
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "expect",
+    // The proxy reads bodies for usage; it asks for them uncompressed.
+    "accept-encoding",
+];
+
+pub fn forward_request_header(name: &str) -> bool {
+    !DROPPED_REQUEST_HEADERS
+        .iter()
+        .any(|d| d.eq_ignore_ascii_case(name))
+}
+
+const RETURNED_RESPONSE_HEADERS: [&str; 11] = [
+    "content-type",
+    "x-request-id",
+    "apim-request-id",
+    "x-ms-region",
+    "x-ms-client-request-id",
+    "openai-processing-ms",
+    "openai-model",
+    "openai-version",
+    "retry-after",
+    "retry-after-ms",
+    "x-ms-retry-after-ms",
+];
+
+pub fn return_response_header(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    lower.starts_with("x-ratelimit-") || RETURNED_RESPONSE_HEADERS.contains(&lower.as_str())
+}
+
+/// What an upstream's status means for routing (DESIGN §5.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    /// 429: the instance is out of quota for now.
+    RateLimited,
+    /// 5xx (and anything unexpected): the instance is failing.
+    Failure,
+    /// 401/403/404: the instance's key or deployment is wrong.
+    InstanceFault,
+    /// Other 4xx: the request itself is wrong; every instance would say the same.
+    ClientError,
+}
+
+impl Outcome {
+    pub fn of(status: u16) -> Outcome {
+        match status {
+            200..=299 => Outcome::Success,
+            429 => Outcome::RateLimited,
+            401 | 403 | 404 => Outcome::InstanceFault,
+            400..=499 => Outcome::ClientError,
+            _ => Outcome::Failure,
+        }
+    }
+
+    /// Whether another instance may give a different answer.
+    pub fn retry_elsewhere(self) -> bool {
+        !matches!(self, Outcome::Success | Outcome::ClientError)
+    }
+}
+
+/// Token usage as an upstream reports it (`usage` in a body or in a stream's last chunk).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+pub struct Usage {
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+    #[serde(default)]
+    pub total_tokens: u64,
+}
+
+/// The `usage` of a complete JSON response body, if it has one.
+pub fn usage_of(body: &[u8]) -> Option<Usage> {
+    #[derive(serde::Deserialize)]
+    struct WithUsage {
+        usage: Option<Usage>,
+    }
+    serde_json::from_slice::<WithUsage>(body).ok()?.usage
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(yaml: &str) -> Instance {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn azure_and_openai_urls() {
+        let az = instance("{name: a, api_key: k, api_base: 'https://r.example.com', api_version: 2024-10-21, supported_models: [m]}");
+        assert_eq!(
+            url(&az, "my-dep", "chat/completions"),
+            "https://r.example.com/openai/deployments/my-dep/chat/completions?api-version=2024-10-21"
+        );
+        assert_eq!(
+            url(&az, "../x?y", "embeddings"),
+            "https://r.example.com/openai/deployments/..%2Fx%3Fy/embeddings?api-version=2024-10-21"
+        );
+        assert_eq!(credential(&az), ("api-key", "k".to_string()));
+
+        let oa = instance("{name: o, provider_type: openai, api_key: k, api_base: 'https://o.example.com/v1', supported_models: [m]}");
+        assert_eq!(
+            url(&oa, "m", "embeddings"),
+            "https://o.example.com/v1/embeddings"
+        );
+        let oa2 = instance("{name: o, provider_type: openai, api_key: k, api_base: 'https://o.example.com', supported_models: [m]}");
+        assert_eq!(
+            url(&oa2, "m", "completions"),
+            "https://o.example.com/v1/completions"
+        );
+        assert_eq!(credential(&oa2), ("authorization", "Bearer k".to_string()));
+    }
+
+    #[test]
+    fn credentials_and_hop_by_hop_headers_stay_behind() {
+        for h in [
+            "Authorization",
+            "API-KEY",
+            "Host",
+            "Connection",
+            "Transfer-Encoding",
+            "Cookie",
+        ] {
+            assert!(!forward_request_header(h), "{h}");
+        }
+        for h in ["Content-Type", "Accept", "User-Agent", "X-Stainless-Lang"] {
+            assert!(forward_request_header(h), "{h}");
+        }
+        assert!(return_response_header("X-RateLimit-Remaining-Tokens"));
+        assert!(return_response_header("apim-request-id"));
+        assert!(!return_response_header("Set-Cookie"));
+        assert!(!return_response_header("Transfer-Encoding"));
+    }
+
+    #[test]
+    fn outcome_classes() {
+        assert_eq!(Outcome::of(200), Outcome::Success);
+        assert_eq!(Outcome::of(429), Outcome::RateLimited);
+        assert_eq!(Outcome::of(503), Outcome::Failure);
+        assert_eq!(Outcome::of(401), Outcome::InstanceFault);
+        assert_eq!(Outcome::of(404), Outcome::InstanceFault);
+        assert_eq!(Outcome::of(400), Outcome::ClientError);
+        assert!(!Outcome::of(400).retry_elsewhere() && Outcome::of(404).retry_elsewhere());
+    }
+}

@@ -1,0 +1,526 @@
+//! Test harness: a mock Azure OpenAI upstream (a real HTTP/1.1 server on 127.0.0.1:0,
+//! raw TCP so it can hang, cut streams and drop connections on purpose), a per-test
+//! temp dir, and a proxy started in-process on port 0.
+#![allow(dead_code)] // each test binary uses its own part of the harness
+
+use azure_openai_proxy::config::{self, Env};
+use azure_openai_proxy::Proxy;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// One request as the mock received it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    /// Path and query, as sent.
+    pub target: String,
+    /// Header names lowercased.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+/// How the mock answers one request.
+pub enum MockReply {
+    Json {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Value,
+    },
+    /// SSE events (each `data: ...` payload), `gap` apart, then how the stream ends.
+    Sse {
+        events: Vec<String>,
+        gap: Duration,
+        end: SseEnd,
+    },
+    /// Read the request, answer nothing, hold the connection for this long.
+    Hang(Duration),
+    /// Read the request and close the connection without a response.
+    Close,
+}
+
+pub enum SseEnd {
+    Done,
+    /// Stop mid-event and close the connection.
+    Cut,
+    /// Stop sending and hold the connection for this long.
+    Stall(Duration),
+}
+
+pub type Behaviour = Arc<dyn Fn(&Recorded) -> MockReply + Send + Sync>;
+
+pub struct Mock {
+    pub url: String,
+    requests: Arc<Mutex<Vec<Recorded>>>,
+    /// SSE streams the mock stopped because writing to the proxy failed.
+    pub aborted_streams: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Mock {
+    pub fn start(behaviour: Behaviour) -> Mock {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let aborted = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (reqs, ab, st) = (requests.clone(), aborted.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if st.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(conn) = conn else { continue };
+                let (b, r, a, s) = (behaviour.clone(), reqs.clone(), ab.clone(), st.clone());
+                std::thread::spawn(move || serve_conn(conn, b, r, a, s));
+            }
+        });
+        Mock {
+            url,
+            requests,
+            aborted_streams: aborted,
+            stop,
+        }
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.requests.lock().unwrap().len()
+    }
+}
+
+impl Drop for Mock {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop so it sees the flag.
+        let _ = TcpStream::connect(self.url.trim_start_matches("http://"));
+    }
+}
+
+fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Recorded> {
+    let mut line = String::new();
+    if reader.read_line(&mut line).ok()? == 0 {
+        return None;
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next()?.to_string();
+    let target = parts.next()?.to_string();
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        reader.read_line(&mut h).ok()?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        let (k, v) = h.split_once(':')?;
+        headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+    }
+    let len: usize = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; len];
+    reader.read_exact(&mut body).ok()?;
+    Some(Recorded {
+        method,
+        target,
+        headers,
+        body,
+    })
+}
+
+/// Sleeps up to `d`, waking early when the mock is dropped.
+fn hold(d: Duration, stop: &AtomicBool) {
+    let until = Instant::now() + d;
+    while Instant::now() < until && !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn serve_conn(
+    conn: TcpStream,
+    behaviour: Behaviour,
+    requests: Arc<Mutex<Vec<Recorded>>>,
+    aborted: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut out = conn;
+    while let Some(req) = read_request(&mut reader) {
+        requests.lock().unwrap().push(req.clone());
+        match behaviour(&req) {
+            MockReply::Json {
+                status,
+                headers,
+                body,
+            } => {
+                let body = body.to_string();
+                let mut head = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
+                    body.len()
+                );
+                for (k, v) in headers {
+                    head.push_str(&format!("{k}: {v}\r\n"));
+                }
+                head.push_str("\r\n");
+                if out
+                    .write_all(head.as_bytes())
+                    .and_then(|_| out.write_all(body.as_bytes()))
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            MockReply::Sse { events, gap, end } => {
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\napim-request-id: mock-sse\r\n\r\n";
+                if out.write_all(head.as_bytes()).is_err() {
+                    return;
+                }
+                for (i, e) in events.iter().enumerate() {
+                    if i > 0 {
+                        std::thread::sleep(gap);
+                    }
+                    let ev = format!("data: {e}\n\n");
+                    let chunk = format!("{:x}\r\n{ev}\r\n", ev.len());
+                    if out
+                        .write_all(chunk.as_bytes())
+                        .and_then(|_| out.flush())
+                        .is_err()
+                    {
+                        aborted.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                }
+                match end {
+                    SseEnd::Done => {
+                        let done = "data: [DONE]\n\n";
+                        let chunk = format!("{:x}\r\n{done}\r\n0\r\n\r\n", done.len());
+                        if out.write_all(chunk.as_bytes()).is_err() {
+                            aborted.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        }
+                    }
+                    SseEnd::Cut => {
+                        let _ = out.write_all(b"20\r\ndata: {\"choices\":[{\"del");
+                        return;
+                    }
+                    SseEnd::Stall(d) => {
+                        hold(d, &stop);
+                        return;
+                    }
+                }
+            }
+            MockReply::Hang(d) => {
+                hold(d, &stop);
+                return;
+            }
+            MockReply::Close => return,
+        }
+    }
+}
+
+pub fn json_reply(status: u16, body: Value) -> MockReply {
+    MockReply::Json {
+        status,
+        headers: vec![],
+        body,
+    }
+}
+
+/// Builds the events of a streamed chat completion like Azure's: a prompt-filter chunk
+/// with no choices, content chunks, and the usage-only chunk when asked for.
+pub fn chat_events(model: &str, words: &[&str], include_usage: bool) -> Vec<String> {
+    let mut events = vec![
+        json!({"id": "", "object": "", "created": 0, "model": "", "choices": [],
+                                  "prompt_filter_results": [{"prompt_index": 0}]})
+        .to_string(),
+    ];
+    for w in words {
+        let mut c = json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": model,
+                           "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": null}]});
+        if include_usage {
+            c["usage"] = Value::Null;
+        }
+        events.push(c.to_string());
+    }
+    if include_usage {
+        events.push(
+            json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": model, "choices": [],
+                   "usage": {"prompt_tokens": 9, "completion_tokens": words.len(), "total_tokens": 9 + words.len()}})
+            .to_string(),
+        );
+    }
+    events
+}
+
+/// An upstream that behaves like Azure OpenAI (`/openai/deployments/{dep}/{op}?api-version=`,
+/// `api-key`) and like OpenAI (`/v1/{op}`, `Authorization: Bearer`), checking `key`.
+pub fn azure_like(key: &'static str) -> Behaviour {
+    Arc::new(move |req: &Recorded| {
+        let (path, query) = req.target.split_once('?').unwrap_or((&req.target, ""));
+        let (dep, op, authorised) = if let Some(rest) = path.strip_prefix("/openai/deployments/") {
+            let Some((dep, op)) = rest.split_once('/') else {
+                return json_reply(
+                    404,
+                    json!({"error": {"code": "404", "message": "Resource not found"}}),
+                );
+            };
+            if !query.starts_with("api-version=") {
+                return json_reply(
+                    404,
+                    json!({"error": {"code": "404", "message": "Resource not found"}}),
+                );
+            }
+            (
+                dep.to_string(),
+                op.to_string(),
+                req.header("api-key") == Some(key),
+            )
+        } else if let Some(op) = path.strip_prefix("/v1/") {
+            let model = req.json()["model"].as_str().unwrap_or("").to_string();
+            (
+                model,
+                op.to_string(),
+                req.header("authorization") == Some(&format!("Bearer {key}")),
+            )
+        } else {
+            return json_reply(
+                404,
+                json!({"error": {"code": "404", "message": "Resource not found"}}),
+            );
+        };
+        if !authorised {
+            return json_reply(
+                401,
+                json!({"error": {"code": "401", "message": "Access denied due to invalid subscription key or wrong API endpoint."}}),
+            );
+        }
+        let body = req.json();
+        let headers = vec![
+            ("apim-request-id".to_string(), "mock-apim-1".to_string()),
+            (
+                "x-ratelimit-remaining-tokens".to_string(),
+                "9000".to_string(),
+            ),
+            (
+                "x-ratelimit-remaining-requests".to_string(),
+                "99".to_string(),
+            ),
+        ];
+        match op.as_str() {
+            "chat/completions" if body["stream"] == json!(true) => MockReply::Sse {
+                events: chat_events(
+                    &dep,
+                    &["Hello", " world"],
+                    body["stream_options"]["include_usage"] == json!(true),
+                ),
+                gap: Duration::from_millis(5),
+                end: SseEnd::Done,
+            },
+            "chat/completions" => MockReply::Json {
+                status: 200,
+                headers,
+                body: json!({"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": dep,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("Hello from {dep}")},
+                                 "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}}),
+            },
+            "completions" => MockReply::Json {
+                status: 200,
+                headers,
+                body: json!({"id": "cmpl-1", "object": "text_completion", "created": 0, "model": dep,
+                    "choices": [{"index": 0, "text": "once upon a time", "finish_reason": "stop", "logprobs": null}],
+                    "usage": {"prompt_tokens": 4, "completion_tokens": 4, "total_tokens": 8}}),
+            },
+            "embeddings" => MockReply::Json {
+                status: 200,
+                headers,
+                body: json!({"object": "list", "model": dep,
+                    "data": [{"object": "embedding", "index": 0, "embedding": [0.25, -0.5, 0.125]}],
+                    "usage": {"prompt_tokens": 4, "total_tokens": 4}}),
+            },
+            _ => json_reply(
+                404,
+                json!({"error": {"code": "404", "message": "Resource not found"}}),
+            ),
+        }
+    })
+}
+
+/// A temp dir removed when dropped; unique per test even when tests run in parallel.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::SeqCst);
+        let p = std::env::temp_dir().join(format!("aop-test-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn write(&self, name: &str, text: &str) {
+        std::fs::write(self.0.join(name), text).unwrap();
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub struct TestProxy {
+    pub url: String,
+    proxy: Option<Proxy>,
+    _dir: TempDir,
+}
+
+impl TestProxy {
+    /// Starts the proxy on 127.0.0.1:0 with `yaml` as its base.yaml.
+    pub fn start(yaml: &str) -> TestProxy {
+        let dir = TempDir::new();
+        dir.write("base.yaml", &format!("host: 127.0.0.1\nport: 0\n{yaml}"));
+        let loaded = config::load(&dir.0, &Env::new()).unwrap_or_else(|e| panic!("{e}"));
+        let proxy = Proxy::start(loaded.config).unwrap();
+        let url = format!("http://{}", proxy.addr());
+        TestProxy {
+            url,
+            proxy: Some(proxy),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        if let Some(p) = self.proxy.take() {
+            p.stop();
+        }
+    }
+}
+
+/// One azure instance entry for a test config.
+pub fn azure_instance(name: &str, url: &str, key: &str, priority: u32, models: &str) -> String {
+    format!(
+        "  - {{name: {name}, provider_type: azure, api_key: {key}, api_base: '{url}', api_version: 2024-10-21, priority: {priority}, {models}}}\n"
+    )
+}
+
+pub fn client() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into()
+}
+
+pub struct Answer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Answer {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    /// Asserts the OpenAI error shape and returns the error object.
+    pub fn openai_error(&self) -> Value {
+        let v = self.json();
+        let e = &v["error"];
+        for key in ["message", "type", "param", "code"] {
+            assert!(e.get(key).is_some(), "error without {key:?}: {v}");
+        }
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+        e.clone()
+    }
+}
+
+pub fn send(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> Answer {
+    let agent = client();
+    let mut req = ureq::http::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let result = match body {
+        Some(b) => agent.run(req.body(b.to_vec()).unwrap()),
+        None => agent.run(req.body(()).unwrap()),
+    };
+    let mut resp = result.unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+    let headers = resp
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+        .collect();
+    let status = resp.status().as_u16();
+    let body = resp.body_mut().read_to_vec().unwrap();
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+pub fn post_json(url: &str, body: &Value) -> Answer {
+    send(
+        "POST",
+        url,
+        &[("content-type", "application/json")],
+        Some(body.to_string().as_bytes()),
+    )
+}
+
+/// Polls `cond` every 10 ms until it holds or `within` passes.
+pub fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + within;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() > until {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `data:` payloads of an SSE body, in order.
+pub fn sse_data(body: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(body)
+        .split("\n\n")
+        .filter_map(|e| {
+            e.lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .map(str::to_string)
+        })
+        .collect()
+}

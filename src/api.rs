@@ -61,16 +61,17 @@ impl From<ApiError> for Reply {
     }
 }
 
-/// `GET /v1/models`: every model at least one instance names, in OpenAI's list shape.
-pub fn models(state: &State) -> Reply {
-    let mut ids: Vec<&str> = state
-        .config
-        .instances
-        .iter()
-        .flat_map(|i| i.models())
-        .collect();
+/// Every model at least one instance names, sorted, once each.
+fn served_models(config: &crate::config::Config) -> Vec<&str> {
+    let mut ids: Vec<&str> = config.instances.iter().flat_map(|i| i.models()).collect();
     ids.sort_unstable();
     ids.dedup();
+    ids
+}
+
+/// `GET /v1/models`: every model at least one instance names, in OpenAI's list shape.
+pub fn models(state: &State) -> Reply {
+    let ids = served_models(&state.config);
     let data: Vec<Value> = ids
         .iter()
         .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "azure-openai-proxy"}))
@@ -189,20 +190,19 @@ pub fn forward(
     };
     let order = router::candidates(config, &model);
     if order.is_empty() {
-        let mut served: Vec<&str> = config.instances.iter().flat_map(|i| i.models()).collect();
-        served.sort_unstable();
-        served.dedup();
-        return ApiError::new(
+        let mut reply: Reply = ApiError::new(
             404,
             "invalid_request_error",
             format!(
                 "The model `{model}` is not served by this proxy. Served models: {}.",
-                served.join(", ")
+                served_models(config).join(", ")
             ),
         )
         .param("model")
         .code("model_not_found")
         .into();
+        reply.trace.model = Some(model);
+        return reply;
     }
 
     let stream = meta.stream == Some(true);

@@ -23,12 +23,25 @@ pub struct State {
     next_id: AtomicU64,
 }
 
+/// Turns one request into a reply; `route` in production, a stand-in in tests.
+type Handler = fn(&State, &mut Request, &Method, &str) -> Reply;
+
 /// A running proxy: its listener and worker threads.
 pub struct Proxy {
     server: Arc<tiny_http::Server>,
     workers: Vec<JoinHandle<()>>,
     stopping: Arc<AtomicBool>,
     addr: SocketAddr,
+}
+
+impl State {
+    fn new(config: Config) -> State {
+        State {
+            agent: upstream::agent(&config.routing, config.server.workers),
+            config: Arc::new(config),
+            next_id: AtomicU64::new(1),
+        }
+    }
 }
 
 impl Proxy {
@@ -42,18 +55,14 @@ impl Proxy {
             .to_ip()
             .ok_or_else(|| format!("{bind} is not an IP address"))?;
         let server = Arc::new(server);
-        let state = Arc::new(State {
-            agent: upstream::agent(&config.routing, config.server.workers),
-            config: Arc::new(config),
-            next_id: AtomicU64::new(1),
-        });
+        let state = Arc::new(State::new(config));
         let stopping = Arc::new(AtomicBool::new(false));
         let workers = (0..state.config.server.workers)
             .map(|n| {
                 let (server, state, stopping) = (server.clone(), state.clone(), stopping.clone());
                 std::thread::Builder::new()
                     .name(format!("worker-{n}"))
-                    .spawn(move || work(&server, &state, &stopping))
+                    .spawn(move || work(&server, &state, &stopping, route))
                     .map_err(|e| format!("cannot start worker thread: {e}"))
             })
             .collect::<Result<_, _>>()?;
@@ -86,7 +95,7 @@ impl Proxy {
     }
 }
 
-fn work(server: &tiny_http::Server, state: &State, stopping: &AtomicBool) {
+fn work(server: &tiny_http::Server, state: &State, stopping: &AtomicBool, handler: Handler) {
     loop {
         let request = match server.recv() {
             Ok(r) => r,
@@ -99,7 +108,7 @@ fn work(server: &tiny_http::Server, state: &State, stopping: &AtomicBool) {
         // The request stays in this slot while the reply is computed, so that after a
         // panic there is still a connection to answer on.
         let mut slot = Some(request);
-        if catch_unwind(AssertUnwindSafe(|| serve(state, &mut slot))).is_err() {
+        if catch_unwind(AssertUnwindSafe(|| serve(state, &mut slot, handler))).is_err() {
             if let Some(request) = slot.take() {
                 respond_full(
                     request,
@@ -110,13 +119,13 @@ fn work(server: &tiny_http::Server, state: &State, stopping: &AtomicBool) {
     }
 }
 
-fn serve(state: &State, slot: &mut Option<Request>) {
+fn serve(state: &State, slot: &mut Option<Request>, handler: Handler) {
     let started = Instant::now();
     let id = state.next_id.fetch_add(1, Ordering::Relaxed);
     let Some(request) = slot.as_mut() else { return };
     let method = request.method().clone();
     let path = request.url().split('?').next().unwrap_or("").to_string();
-    let mut reply = route(state, request, &method, &path);
+    let mut reply = handler(state, request, &method, &path);
     reply
         .headers
         .push(("x-proxy-request-id".into(), id.to_string()));
@@ -233,6 +242,43 @@ fn respond_full(request: Request, reply: Reply) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn panics_on_request(_: &State, _: &mut Request, _: &Method, path: &str) -> Reply {
+        assert_ne!(path, "/panic", "handler bug");
+        Reply::json(200, &serde_json::json!({"ok": true}))
+    }
+
+    #[test]
+    fn a_panicking_handler_answers_500_and_the_worker_lives_on() {
+        let config: Config = serde_yaml::from_str(
+            "instances: [{name: a, api_key: k, api_base: 'http://a', api_version: v, supported_models: [m]}]",
+        )
+        .unwrap();
+        let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
+        let url = format!("http://{}", server.server_addr().to_ip().unwrap());
+        let state = Arc::new(State::new(config));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let (srv, st, stop) = (server.clone(), state.clone(), stopping.clone());
+        // One worker: if the panic killed it, the second request would never be answered.
+        let worker = std::thread::spawn(move || work(&srv, &st, &stop, panics_on_request));
+
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(std::time::Duration::from_secs(10)))
+            .build()
+            .into();
+        let mut first = agent.get(format!("{url}/panic")).call().unwrap();
+        assert_eq!(first.status(), 500);
+        let body: serde_json::Value =
+            serde_json::from_slice(&first.body_mut().read_to_vec().unwrap()).unwrap();
+        assert_eq!(body["error"]["code"], "internal_error");
+        let second = agent.get(format!("{url}/fine")).call().unwrap();
+        assert_eq!(second.status(), 200);
+
+        stopping.store(true, Ordering::SeqCst);
+        server.unblock();
+        worker.join().unwrap();
+    }
 
     #[test]
     fn azure_paths() {

@@ -1,0 +1,154 @@
+//! The built binary: flags, `--check-config`, and starting on the example config.
+
+mod common;
+use common::{send, TempDir};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_azure-openai-proxy");
+
+fn example_config() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config"))
+}
+
+/// The binary with an empty environment (so no developer's keys leak into a test).
+fn proxy_cmd() -> Command {
+    let mut c = Command::new(BIN);
+    c.env_clear();
+    c
+}
+
+#[test]
+fn version_help_and_unknown_flags() {
+    let v = proxy_cmd().arg("--version").output().unwrap();
+    assert!(v.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&v.stdout).trim(),
+        format!("azure-openai-proxy {}", env!("CARGO_PKG_VERSION"))
+    );
+    let h = proxy_cmd().arg("--help").output().unwrap();
+    assert!(h.status.success());
+    let help = String::from_utf8_lossy(&h.stdout);
+    for flag in ["--config-dir", "--check-config", "--version"] {
+        assert!(help.contains(flag), "{help}");
+    }
+    let bad = proxy_cmd().arg("--frobnicate").output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--frobnicate"));
+}
+
+#[test]
+fn check_config_accepts_the_example_and_names_what_is_wrong() {
+    let ok = proxy_cmd()
+        .args(["--check-config", "--config-dir"])
+        .arg(example_config())
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("2 instance(s): east-us, west-us"));
+
+    // Production takes keys from the environment only.
+    let prod = proxy_cmd()
+        .args(["--check-config", "--config-dir"])
+        .arg(example_config())
+        .env("ENVIRONMENT", "production")
+        .output()
+        .unwrap();
+    assert_eq!(prod.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&prod.stderr);
+    assert!(
+        err.contains("production.yaml") && err.contains("AZURE_OPENAI_KEY_EAST"),
+        "{err}"
+    );
+
+    let dir = TempDir::new();
+    dir.write(
+        "base.yaml",
+        "instances:\n  - {name: a, api_key: sk-hidden-value, api_base: 'https://a.example.com', api_version: v, max_tpm: 0, supported_models: [m]}\n",
+    );
+    let bad = proxy_cmd()
+        .arg("--check-config")
+        .arg(format!("--config-dir={}", dir.0.display()))
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("base.yaml") && err.contains("instances[0].max_tpm"),
+        "{err}"
+    );
+    assert!(!err.contains("sk-hidden-value"), "{err}");
+}
+
+#[test]
+fn the_example_config_starts_with_placeholder_keys_and_serves_models() {
+    let dir = TempDir::new();
+    for f in ["base.yaml", "development.yaml"] {
+        std::fs::copy(example_config().join(f), dir.0.join(f)).unwrap();
+    }
+    // Same example, on a free port so tests can run side by side.
+    dir.write(
+        "test.yaml",
+        "host: 127.0.0.1\nport: 0\nserver: {workers: 4}\n",
+    );
+    let mut child = proxy_cmd()
+        .arg("--config-dir")
+        .arg(&dir.0)
+        .env("ENVIRONMENT", "test")
+        .env("AZURE_OPENAI_KEY_WEST", "sk-west-secret-123")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut log = Vec::new();
+    let addr = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("no 'listening on' line");
+        log.push(line.clone());
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    let models = send("GET", &format!("http://{addr}/v1/models"), &[], None);
+    let unknown = send(
+        "POST",
+        &format!("http://{addr}/v1/chat/completions"),
+        &[],
+        Some(b"{\"model\":\"x\"}"),
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    log.extend(rx.try_iter());
+
+    assert_eq!(models.status, 200);
+    let ids: Vec<String> = models.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, ["gpt-4o", "gpt-4o-mini", "text-embedding-3-small"]);
+    assert_eq!(unknown.status, 404);
+    let log = log.join("\n");
+    assert!(
+        log.contains("GET /v1/models"),
+        "one access line per request: {log}"
+    );
+    assert!(
+        !log.contains("sk-west-secret-123") && !log.contains("replace-me-east"),
+        "{log}"
+    );
+}

@@ -2,6 +2,7 @@
 //! deployments out. See ARCHITECTURE.md for the map of modules and a request's path.
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod router;

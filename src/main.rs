@@ -1,7 +1,7 @@
 //! The command line: parse flags, load and validate the configuration, set up logging,
 //! and run the proxy.
 
-use azure_openai_proxy::config::{self, Config, Env};
+use azure_openai_proxy::config::{self, Config, Env, Strategy};
 use azure_openai_proxy::Proxy;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -113,6 +113,19 @@ fn main() -> ExitCode {
         "configuration from {sources}; instances: {}",
         names.join(", ")
     );
+    if config.auth.api_keys.is_empty() {
+        log::warn!(
+            "auth.api_keys is not set: any client that can reach {}:{} can spend these instances' quota",
+            config.host,
+            config.port
+        );
+    }
+    if config.routing.strategy != Strategy::Failover {
+        log::warn!(
+            "routing.strategy {:?} is not implemented yet; instances are tried by priority (failover)",
+            config.routing.strategy
+        );
+    }
     if config.logging.file.is_some() {
         log::warn!("logging.file is not supported yet; logging to the console only");
     }

@@ -4,6 +4,7 @@
 //! lives on.
 
 use crate::api::{self, Body, Reply};
+use crate::auth;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::stream::{self, ClientStream, End};
@@ -177,6 +178,11 @@ fn serve(state: &State, slot: &mut Option<Request>, handler: Handler) {
 }
 
 fn route(state: &State, request: &mut Request, method: &Method, path: &str) -> Reply {
+    if path.starts_with("/v1/") || path.starts_with("/openai/") {
+        if let Err(e) = auth::check_client(&state.config.auth.api_keys, request) {
+            return e.into();
+        }
+    }
     let post_only = |request: &mut Request, op: &str, model: Option<String>| match method {
         Method::Post => api::forward(state, request, op, model),
         _ => ApiError::method_not_allowed(method.as_str(), path, "POST").into(),

@@ -473,3 +473,36 @@ fn deeply_nested_json_cannot_overflow_the_stack() {
     );
     assert_eq!(ok.status, 200, "still serving");
 }
+
+#[test]
+fn configured_client_keys_are_required_on_api_endpoints() {
+    let mock = Mock::start(azure_like(KEY));
+    let proxy = one_azure(&mock, "auth: {api_keys: [client-one, client-two]}\n");
+    let url = format!("{}/v1/embeddings", proxy.url);
+    let body = br#"{"model":"text-embedding-3-small","input":"x"}"#;
+    let cases: [(&[(&str, &str)], u16); 6] = [
+        (&[], 401),
+        (&[("authorization", "Bearer wrong")], 401),
+        (&[("api-key", "client-on")], 401),
+        (&[("authorization", "client-one")], 401),
+        (&[("authorization", "Bearer client-two")], 200),
+        (&[("api-key", "client-one")], 200),
+    ];
+    for (headers, status) in cases {
+        let a = send("POST", &url, headers, Some(body));
+        assert_eq!(a.status, status, "{headers:?}");
+        if status == 401 {
+            assert_eq!(a.openai_error()["code"], "invalid_api_key");
+        }
+    }
+    let models = send("GET", &format!("{}/v1/models", proxy.url), &[], None);
+    assert_eq!(models.status, 401, "the model list is protected too");
+    assert_eq!(mock.count(), 2, "only authorised requests were forwarded");
+    for r in mock.requests() {
+        assert_eq!(
+            r.header("api-key"),
+            Some(KEY),
+            "the client's key never travels upstream"
+        );
+    }
+}

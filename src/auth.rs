@@ -1,0 +1,63 @@
+//! Client authentication (DESIGN §5.1): when `auth.api_keys` is set, API endpoints need
+//! one of those keys as `Authorization: Bearer <key>` or `api-key: <key>`.
+
+use crate::config::Secret;
+use crate::error::ApiError;
+
+/// Checks the request's key against the configured ones; no keys configured means open.
+pub fn check_client(keys: &[Secret], request: &tiny_http::Request) -> Result<(), ApiError> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let header = |name: &'static str| {
+        request
+            .headers()
+            .iter()
+            .find(|h| h.field.equiv(name))
+            .map(|h| h.value.as_str().trim())
+    };
+    let presented = header("authorization")
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .or_else(|| header("api-key"));
+    let Some(presented) = presented else {
+        return Err(unauthorized(
+            "Missing API key: send it as `Authorization: Bearer <key>` or `api-key: <key>`.",
+        ));
+    };
+    // Every configured key is compared, so timing does not tell which one nearly matched.
+    let matched = keys.iter().fold(false, |any, k| {
+        constant_time_eq(k.expose().as_bytes(), presented.as_bytes()) | any
+    });
+    if matched {
+        Ok(())
+    } else {
+        Err(unauthorized("Incorrect API key provided."))
+    }
+}
+
+fn unauthorized(message: &str) -> ApiError {
+    ApiError::new(401, "invalid_request_error", message)
+        .code("invalid_api_key")
+        .header("WWW-Authenticate", "Bearer")
+}
+
+/// Compares without an early exit on the first differing byte (only the length leaks).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn equal_only_when_bytes_and_length_match() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
+}

@@ -1,8 +1,12 @@
 //! The OpenAI-compatible endpoints: `/v1/models`, and forwarding of completions, chat
-//! and embeddings (DESIGN §5) with retries on another instance. Produces a `Reply`;
+//! and embeddings (DESIGN §5): admission against the instances' windows, attempts on
+//! instances not yet tried, and the answer when none can serve. Produces a `Reply`;
 //! the server writes it.
 
+use crate::config::{Config, Provider};
 use crate::error::ApiError;
+use crate::instances::{Admission, Blocked, Report};
+use crate::ratelimit::{self, estimate_text};
 use crate::router;
 use crate::server::State;
 use crate::upstream::{self, Outcome, Usage};
@@ -10,6 +14,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::borrow::Cow;
 use std::io::Read;
+use std::time::{Duration, Instant, SystemTime};
 
 /// What the access log says about a request.
 #[derive(Debug, Default)]
@@ -62,7 +67,7 @@ impl From<ApiError> for Reply {
 }
 
 /// Every model at least one instance names, sorted, once each.
-fn served_models(config: &crate::config::Config) -> Vec<&str> {
+fn served_models(config: &Config) -> Vec<&str> {
     let mut ids: Vec<&str> = config.instances.iter().flat_map(|i| i.models()).collect();
     ids.sort_unstable();
     ids.dedup();
@@ -71,25 +76,107 @@ fn served_models(config: &crate::config::Config) -> Vec<&str> {
 
 /// `GET /v1/models`: every model at least one instance names, in OpenAI's list shape.
 pub fn models(state: &State) -> Reply {
-    let ids = served_models(&state.config);
-    let data: Vec<Value> = ids
+    let data: Vec<Value> = served_models(&state.config)
         .iter()
         .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "azure-openai-proxy"}))
         .collect();
     Reply::json(200, &json!({"object": "list", "data": data}))
 }
 
-/// The few fields routing needs; everything else in the body is skipped unparsed.
+/// The fields routing and the token estimate need; everything else in the body is
+/// skipped unparsed.
 #[derive(Deserialize)]
 struct Meta {
     model: Option<String>,
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
+    messages: Option<Vec<Message>>,
+    prompt: Option<Text>,
+    input: Option<Text>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    n: Option<u64>,
+    best_of: Option<u64>,
 }
 
 #[derive(Deserialize)]
 struct StreamOptions {
     include_usage: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct Message {
+    content: Option<Text>,
+}
+
+/// A string, or a list of strings, token ids, token-id lists or content parts.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Text {
+    One(String),
+    Many(Vec<TextItem>),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum TextItem {
+    Str(String),
+    Tokens(Vec<u64>),
+    /// A content part; only `text` parts count (an image's size is not in its bytes).
+    Part {
+        text: Option<String>,
+    },
+    /// A token id (anything else left over counts the same: one token).
+    Token(serde::de::IgnoredAny),
+}
+
+impl Text {
+    fn tokens(&self) -> u64 {
+        match self {
+            Text::One(s) => estimate_text(s),
+            Text::Many(items) => items
+                .iter()
+                .map(|item| match item {
+                    TextItem::Str(s) => estimate_text(s),
+                    TextItem::Token(_) => 1,
+                    TextItem::Tokens(t) => t.len() as u64,
+                    TextItem::Part { text } => text.as_deref().map_or(0, estimate_text),
+                })
+                .sum(),
+        }
+    }
+}
+
+/// Per-message and per-reply framing tokens of the chat format.
+const TOKENS_PER_MESSAGE: u64 = 4;
+const TOKENS_PER_REPLY: u64 = 3;
+
+impl Meta {
+    /// The most tokens this request can use, as Azure's limiter counts it (DESIGN §7):
+    /// prompt estimate + completion reserve × the number of completions.
+    fn estimate(&self, op: &str, default_completion: u64) -> u64 {
+        let messages = self.messages.as_deref().unwrap_or_default();
+        let prompt = messages
+            .iter()
+            .map(|m| TOKENS_PER_MESSAGE + m.content.as_ref().map_or(0, Text::tokens))
+            .sum::<u64>()
+            + if messages.is_empty() {
+                0
+            } else {
+                TOKENS_PER_REPLY
+            }
+            + self.prompt.as_ref().map_or(0, Text::tokens)
+            + self.input.as_ref().map_or(0, Text::tokens);
+        if op == "embeddings" {
+            return prompt;
+        }
+        let reserve = self
+            .max_completion_tokens
+            .or(self.max_tokens)
+            .unwrap_or(default_completion);
+        let copies = self.n.unwrap_or(1).max(self.best_of.unwrap_or(1)).max(1);
+        prompt + reserve * copies
+    }
 }
 
 fn read_body(req: &mut tiny_http::Request, limit: u64) -> Result<Vec<u8>, ApiError> {
@@ -167,6 +254,229 @@ enum Failed {
 /// tens of MB); a larger one counts as a failed attempt.
 const MAX_UPSTREAM_BODY: u64 = 256 * 1024 * 1024;
 
+/// One request as it is sent to every instance it tries.
+struct Outgoing<'a> {
+    op: &'a str,
+    model: &'a str,
+    body_model: Option<&'a str>,
+    body: &'a [u8],
+    headers: Vec<(String, String)>,
+    stream: bool,
+    ask_usage: bool,
+}
+
+/// Whether a connection error means the request never reached the upstream (so the
+/// upstream cannot have counted it against its limit).
+fn never_arrived(e: &ureq::Error) -> bool {
+    use ureq::Timeout as T;
+    match e {
+        ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => true,
+        ureq::Error::Timeout(t) => matches!(t, T::Resolve | T::Connect),
+        ureq::Error::Io(io) => io.kind() == std::io::ErrorKind::ConnectionRefused,
+        _ => false,
+    }
+}
+
+fn header_u64(headers: &ureq::http::HeaderMap, name: &str) -> Option<u64> {
+    headers.get(name)?.to_str().ok()?.trim().parse().ok()
+}
+
+/// Sends `out` to instance `i` and says what happened: the report for the instance
+/// table, and either the reply to give the client or the failure to fall back on.
+fn attempt(
+    state: &State,
+    i: usize,
+    out: &Outgoing,
+    trace: &Trace,
+) -> (Report, Result<Reply, Failed>) {
+    let inst = &state.config.instances[i];
+    let deployment = inst.deployment(out.model);
+    let rename = inst.provider_type == Provider::Openai && out.body_model != Some(deployment);
+    let payload = upstream_body(out.body, out.ask_usage, rename.then_some(deployment));
+    let mut call = state.agent.post(upstream::url(inst, deployment, out.op));
+    for (name, value) in &out.headers {
+        call = call.header(name, value);
+    }
+    let (name, value) = upstream::credential(inst);
+    let response = match call.header(name, value).send(&payload[..]) {
+        Ok(r) => r,
+        Err(e) => {
+            log::warn!(
+                "instance {}: {} for {} failed: {e}",
+                inst.name,
+                out.op,
+                out.model
+            );
+            let failed = if matches!(e, ureq::Error::Timeout(_)) {
+                Failed::Timeout
+            } else {
+                Failed::Unreachable
+            };
+            return (
+                Report::Failed {
+                    why: e.to_string(),
+                    refused: never_arrived(&e),
+                },
+                Err(failed),
+            );
+        }
+    };
+    let status = response.status().as_u16();
+    let outcome = Outcome::of(status);
+    let upstream_headers = response.headers();
+    let report = match outcome {
+        Outcome::Success | Outcome::ClientError => Report::Healthy {
+            remaining_tokens: header_u64(upstream_headers, "x-ratelimit-remaining-tokens"),
+            remaining_requests: header_u64(upstream_headers, "x-ratelimit-remaining-requests"),
+        },
+        Outcome::RateLimited => Report::RateLimited(ratelimit::retry_after(
+            |name| Some(upstream_headers.get(name)?.to_str().ok()?.to_string()),
+            SystemTime::now(),
+        )),
+        Outcome::Failure => Report::Failed {
+            why: format!("HTTP {status}"),
+            refused: false,
+        },
+        // A wrong key or deployment is refused before Azure counts anything.
+        Outcome::InstanceFault => Report::Failed {
+            why: format!("HTTP {status}"),
+            refused: true,
+        },
+    };
+    let mut headers: Vec<(String, String)> = upstream_headers
+        .iter()
+        .filter(|(k, _)| upstream::return_response_header(k.as_str()))
+        .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+        .collect();
+    headers.push(("x-proxy-instance".into(), inst.name.clone()));
+    let is_sse = upstream_headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("text/event-stream"));
+    let trace = Trace {
+        model: trace.model.clone(),
+        instance: Some(inst.name.clone()),
+        attempts: trace.attempts,
+        usage: None,
+    };
+    if outcome == Outcome::Success && out.stream && is_sse {
+        let body = Body::Stream {
+            upstream: response.into_body(),
+            strip_usage: out.ask_usage,
+        };
+        return (
+            report,
+            Ok(Reply {
+                status,
+                headers,
+                body,
+                trace,
+            }),
+        );
+    }
+    let bytes = match response
+        .into_body()
+        .with_config()
+        .limit(MAX_UPSTREAM_BODY)
+        .read_to_vec()
+    {
+        Ok(b) => b,
+        Err(e) => {
+            log::warn!(
+                "instance {}: reading the {status} response failed: {e}",
+                inst.name
+            );
+            let failed = if matches!(e, ureq::Error::Timeout(_)) {
+                Failed::Timeout
+            } else {
+                Failed::Unreachable
+            };
+            return (
+                Report::Failed {
+                    why: e.to_string(),
+                    refused: false,
+                },
+                Err(failed),
+            );
+        }
+    };
+    let usage = if outcome == Outcome::Success {
+        upstream::usage_of(&bytes)
+    } else {
+        None
+    };
+    let reply = Reply {
+        status,
+        headers,
+        body: Body::Full(bytes),
+        trace: Trace { usage, ..trace },
+    };
+    if outcome.retry_elsewhere() {
+        log::warn!(
+            "instance {}: {} for {} answered {status} ({outcome:?})",
+            inst.name,
+            out.op,
+            out.model
+        );
+        (report, Err(Failed::Answer(reply)))
+    } else {
+        (report, Ok(reply))
+    }
+}
+
+/// Admits the request to an instance, waiting (until `deadline`) for window room that
+/// will come by then. Refusals that cannot end by the deadline return at once.
+fn admit(
+    state: &State,
+    candidates: &[usize],
+    tried: &[usize],
+    need: u64,
+    deadline: Instant,
+) -> Result<Admission, Blocked> {
+    loop {
+        let now = Instant::now();
+        let result = state
+            .table
+            .lock()
+            .admit(&state.config, candidates, tried, need, now);
+        match result {
+            Err(Blocked::RateLimited { until }) if until <= deadline => {
+                std::thread::sleep(until.saturating_duration_since(now));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// 429 or 503 for a request no instance can take, with when to come back.
+fn blocked_reply(blocked: Blocked, model: &str, need: u64) -> Reply {
+    let (until, error) = match blocked {
+        Blocked::RateLimited { until } => (
+            until,
+            ApiError::new(
+                429,
+                "requests",
+                format!("Every instance serving `{model}` is at its rate limit for a request of about {need} tokens. Retry after the time in the Retry-After header."),
+            )
+            .code("rate_limit_exceeded"),
+        ),
+        Blocked::Down { until } => (
+            until,
+            ApiError::new(503, "upstream_error", format!("Every instance serving `{model}` is unavailable (failing or circuit open)."))
+                .code("service_unavailable"),
+        ),
+    };
+    let wait = until
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1));
+    let mut reply: Reply = error
+        .header("Retry-After", wait.as_secs_f64().ceil().to_string())
+        .header("retry-after-ms", wait.as_millis().max(1).to_string())
+        .into();
+    reply.trace.model = Some(model.to_string());
+    reply
+}
+
 /// `POST /v1/{op}` and `POST /openai/deployments/{model}/{op}`.
 pub fn forward(
     state: &State,
@@ -188,8 +498,8 @@ pub fn forward(
             .param("model")
             .into();
     };
-    let order = router::candidates(config, &model);
-    if order.is_empty() {
+    let candidates = router::candidates(config, &model);
+    if candidates.is_empty() {
         let mut reply: Reply = ApiError::new(
             404,
             "invalid_request_error",
@@ -206,126 +516,68 @@ pub fn forward(
     }
 
     let stream = meta.stream == Some(true);
-    let client_asked_usage = meta.stream_options.and_then(|o| o.include_usage) == Some(true);
-    let ask_usage = stream && !client_asked_usage && op != "embeddings";
-    let client_headers: Vec<(String, String)> = req
-        .headers()
-        .iter()
-        .filter(|h| upstream::forward_request_header(h.field.as_str().as_str()))
-        .map(|h| (h.field.as_str().to_string(), h.value.to_string()))
-        .collect();
+    let client_asked_usage =
+        meta.stream_options.as_ref().and_then(|o| o.include_usage) == Some(true);
+    let out = Outgoing {
+        op,
+        model: &model,
+        body_model: meta.model.as_deref(),
+        body: &body,
+        headers: req
+            .headers()
+            .iter()
+            .filter(|h| upstream::forward_request_header(h.field.as_str().as_str()))
+            .map(|h| (h.field.as_str().to_string(), h.value.to_string()))
+            .collect(),
+        stream,
+        ask_usage: stream && !client_asked_usage && op != "embeddings",
+    };
+    let need = meta.estimate(op, config.routing.default_completion_tokens);
+    let deadline = Instant::now() + Duration::from_secs_f64(config.routing.queue_timeout);
 
     let mut trace = Trace {
         model: Some(model.clone()),
         ..Trace::default()
     };
-    let mut last = Failed::Unreachable;
-    for &i in order.iter().take(1 + config.routing.retries as usize) {
-        let inst = &config.instances[i];
+    let mut tried: Vec<usize> = Vec::new();
+    let mut last = None;
+    while tried.len() <= config.routing.retries as usize {
+        // Only the first admission waits; a retry takes what is free now or stops.
+        let wait_until = if tried.is_empty() {
+            deadline
+        } else {
+            Instant::now()
+        };
+        let admission = match admit(state, &candidates, &tried, need, wait_until) {
+            Ok(a) => a,
+            Err(blocked) if tried.is_empty() => return blocked_reply(blocked, &model, need),
+            Err(_) => break,
+        };
+        tried.push(admission.index);
         trace.attempts += 1;
-        trace.instance = Some(inst.name.clone());
-        let deployment = inst.deployment(&model);
-        let rename = inst.provider_type == crate::config::Provider::Openai
-            && meta.model.as_deref() != Some(deployment);
-        let payload = upstream_body(&body, ask_usage, rename.then_some(deployment));
-
-        let mut call = state.agent.post(upstream::url(inst, deployment, op));
-        for (name, value) in &client_headers {
-            call = call.header(name, value);
+        trace.instance = Some(config.instances[admission.index].name.clone());
+        let (report, result) = attempt(state, admission.index, &out, &trace);
+        state
+            .table
+            .lock()
+            .finish(config, admission, report, Instant::now());
+        match result {
+            Ok(reply) => return reply,
+            Err(failed) => last = Some(failed),
         }
-        let (name, value) = upstream::credential(inst);
-        let sent = call.header(name, value).send(&payload[..]);
-        let response = match sent {
-            Ok(r) => r,
-            Err(e) => {
-                log::warn!("instance {}: {op} for {model} failed: {e}", inst.name);
-                last = if matches!(e, ureq::Error::Timeout(_)) {
-                    Failed::Timeout
-                } else {
-                    Failed::Unreachable
-                };
-                continue;
-            }
-        };
-        let status = response.status().as_u16();
-        let outcome = Outcome::of(status);
-        let mut headers: Vec<(String, String)> = response
-            .headers()
-            .iter()
-            .filter(|(k, _)| upstream::return_response_header(k.as_str()))
-            .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
-            .collect();
-        headers.push(("x-proxy-instance".into(), inst.name.clone()));
-        let is_sse = response
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|ct| ct.starts_with("text/event-stream"));
-        if outcome == Outcome::Success && stream && is_sse {
-            return Reply {
-                status,
-                headers,
-                body: Body::Stream {
-                    upstream: response.into_body(),
-                    strip_usage: ask_usage,
-                },
-                trace,
-            };
-        }
-        let bytes = match response
-            .into_body()
-            .with_config()
-            .limit(MAX_UPSTREAM_BODY)
-            .read_to_vec()
-        {
-            Ok(b) => b,
-            Err(e) => {
-                log::warn!(
-                    "instance {}: reading the {status} response failed: {e}",
-                    inst.name
-                );
-                last = if matches!(e, ureq::Error::Timeout(_)) {
-                    Failed::Timeout
-                } else {
-                    Failed::Unreachable
-                };
-                continue;
-            }
-        };
-        if outcome == Outcome::Success {
-            trace.usage = upstream::usage_of(&bytes);
-        }
-        let reply = Reply {
-            status,
-            headers,
-            body: Body::Full(bytes),
-            trace,
-        };
-        if !outcome.retry_elsewhere() {
-            return reply;
-        }
-        log::warn!(
-            "instance {}: {op} for {model} answered {status} ({outcome:?})",
-            inst.name
-        );
-        trace = reply.trace;
-        last = Failed::Answer(Reply {
-            trace: Trace::default(),
-            ..reply
-        });
     }
 
     let tried = trace.attempts;
     let mut reply: Reply = match last {
-        Failed::Answer(r) => r,
-        Failed::Timeout => ApiError::new(
+        Some(Failed::Answer(r)) => r,
+        Some(Failed::Timeout) => ApiError::new(
             504,
             "upstream_error",
             format!("No instance answered for model `{model}` in time ({tried} tried)."),
         )
         .code("upstream_timeout")
         .into(),
-        Failed::Unreachable => ApiError::new(
+        Some(Failed::Unreachable) | None => ApiError::new(
             502,
             "upstream_error",
             format!("No instance could be reached for model `{model}` ({tried} tried)."),
@@ -365,5 +617,45 @@ mod tests {
         let m =
             parse_meta(b" {\"model\":\"m\",\"stream\":true,\"extra\":{\"deep\":[1,2]}}").unwrap();
         assert_eq!((m.model.as_deref(), m.stream), (Some("m"), Some(true)));
+    }
+
+    #[test]
+    fn request_estimates_are_pinned() {
+        let est = |body: &str, op| parse_meta(body.as_bytes()).unwrap().estimate(op, 1000);
+        // 2 messages: 2 × 4 framing + 3 reply + "Hello, world!" (4) + "你好" (2); reserve 50.
+        let chat = r#"{"messages":[{"role":"system","content":"Hello, world!"},
+                       {"role":"user","content":[{"type":"text","text":"你好"},
+                        {"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}}]}],
+                       "max_tokens":50}"#;
+        assert_eq!(est(chat, "chat/completions"), 8 + 3 + 4 + 2 + 50);
+        assert_eq!(
+            est(
+                r#"{"messages":[{"role":"user","content":null}]}"#,
+                "chat/completions"
+            ),
+            4 + 3 + 1000,
+            "default reserve"
+        );
+        assert_eq!(
+            est(
+                r#"{"prompt":"abcdefgh","max_tokens":10,"n":3,"best_of":2}"#,
+                "completions"
+            ),
+            2 + 30
+        );
+        assert_eq!(
+            est(
+                r#"{"prompt":"abcd","max_completion_tokens":7,"max_tokens":99}"#,
+                "completions"
+            ),
+            1 + 7
+        );
+        assert_eq!(
+            est(r#"{"input":["abcd","efgh"],"max_tokens":10}"#, "embeddings"),
+            2,
+            "inputs only"
+        );
+        assert_eq!(est(r#"{"input":[[1,2,3],[4]]}"#, "embeddings"), 4);
+        assert_eq!(est(r#"{"input":[5,6,7]}"#, "embeddings"), 3);
     }
 }

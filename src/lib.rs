@@ -5,6 +5,8 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod instances;
+pub mod ratelimit;
 pub mod router;
 pub mod server;
 pub mod stream;

@@ -1,7 +1,7 @@
 //! The command line: parse flags, load and validate the configuration, set up logging,
 //! and run the proxy.
 
-use azure_openai_proxy::config::{self, Config, Env, Strategy};
+use azure_openai_proxy::config::{self, Config, Env};
 use azure_openai_proxy::Proxy;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -118,12 +118,6 @@ fn main() -> ExitCode {
             "auth.api_keys is not set: any client that can reach {}:{} can spend these instances' quota",
             config.host,
             config.port
-        );
-    }
-    if config.routing.strategy != Strategy::Failover {
-        log::warn!(
-            "routing.strategy {:?} is not implemented yet; instances are tried by priority (failover)",
-            config.routing.strategy
         );
     }
     if config.logging.file.is_some() {

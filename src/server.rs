@@ -7,6 +7,7 @@ use crate::api::{self, Body, Reply};
 use crate::auth;
 use crate::config::Config;
 use crate::error::ApiError;
+use crate::instances::Table;
 use crate::stream::{self, ClientStream, End};
 use crate::upstream;
 use std::net::SocketAddr;
@@ -21,6 +22,8 @@ use tiny_http::{Header, Method, Request, Response};
 pub struct State {
     pub config: Arc<Config>,
     pub agent: ureq::Agent,
+    /// Runtime state of every instance, by index into `config.instances`.
+    pub table: parking_lot::Mutex<Table>,
     next_id: AtomicU64,
 }
 
@@ -39,6 +42,7 @@ impl State {
     fn new(config: Config) -> State {
         State {
             agent: upstream::agent(&config.routing, config.server.workers),
+            table: parking_lot::Mutex::new(Table::new(config.instances.len())),
             config: Arc::new(config),
             next_id: AtomicU64::new(1),
         }

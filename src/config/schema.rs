@@ -190,6 +190,20 @@ pub struct Routing {
     /// Seconds to establish a connection (TCP + TLS) to an upstream.
     #[serde(deserialize_with = "lenient")]
     pub connect_timeout: f64,
+    /// Seconds a request may wait for TPM/RPM room before it is answered 429.
+    #[serde(deserialize_with = "lenient")]
+    pub queue_timeout: f64,
+    /// Completion tokens reserved when a request sets no `max_tokens`.
+    #[serde(deserialize_with = "lenient")]
+    pub default_completion_tokens: u64,
+    /// Consecutive failures (each within a minute of the last) that open a circuit.
+    #[serde(deserialize_with = "lenient")]
+    pub circuit_failures: u32,
+    /// Seconds a circuit first stays open; doubles on each failed trial.
+    #[serde(deserialize_with = "lenient")]
+    pub circuit_open_seconds: f64,
+    #[serde(deserialize_with = "lenient")]
+    pub circuit_max_open_seconds: f64,
 }
 
 impl Default for Routing {
@@ -199,6 +213,11 @@ impl Default for Routing {
             retries: 3,
             timeout: 60.0,
             connect_timeout: 10.0,
+            queue_timeout: 1.0,
+            default_completion_tokens: 1024,
+            circuit_failures: 3,
+            circuit_open_seconds: 5.0,
+            circuit_max_open_seconds: 300.0,
         }
     }
 }
@@ -383,6 +402,8 @@ impl Config {
         for (key, secs) in [
             ("timeout", r.timeout),
             ("connect_timeout", r.connect_timeout),
+            ("circuit_open_seconds", r.circuit_open_seconds),
+            ("circuit_max_open_seconds", r.circuit_max_open_seconds),
         ] {
             if !(secs.is_finite() && secs > 0.0) {
                 return Err(invalid(
@@ -390,6 +411,15 @@ impl Config {
                     "must be a number of seconds above 0",
                 ));
             }
+        }
+        if !(r.queue_timeout.is_finite() && (0.0..=60.0).contains(&r.queue_timeout)) {
+            return Err(invalid(
+                "routing.queue_timeout",
+                "must be seconds from 0 to 60",
+            ));
+        }
+        if r.circuit_failures == 0 {
+            return Err(invalid("routing.circuit_failures", "must be at least 1"));
         }
         if self.server.workers == 0 {
             return Err(invalid("server.workers", "must be at least 1"));

@@ -1,0 +1,578 @@
+//! Runtime state of each instance (DESIGN §6–§7): cooldown after a 429, the circuit
+//! that opens on repeated failures, and the TPM/RPM windows. The whole table sits
+//! behind one mutex; `admit` and `finish` are the only ways in, both short and free of
+//! I/O, and both take the time as an argument.
+
+use crate::config::{Config, Instance, Strategy};
+use crate::ratelimit::{Window, WINDOW};
+use crate::router;
+use std::time::{Duration, Instant};
+
+/// How long a 429 keeps an instance out when the upstream does not say.
+pub const DEFAULT_COOLDOWN: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Circuit {
+    Closed,
+    /// No requests until `until`; then one trial.
+    Open {
+        until: Instant,
+        backoff: Duration,
+    },
+    /// One trial request is out; its outcome closes or reopens the circuit.
+    Trial {
+        backoff: Duration,
+    },
+}
+
+#[derive(Debug)]
+pub struct Runtime {
+    cooldown_until: Option<Instant>,
+    circuit: Circuit,
+    failures: u32,
+    last_failure: Option<Instant>,
+    tokens: Window,
+    requests: Window,
+    pub last_used: Option<Instant>,
+    pub last_error: Option<String>,
+}
+
+impl Runtime {
+    fn new() -> Runtime {
+        Runtime {
+            cooldown_until: None,
+            circuit: Circuit::Closed,
+            failures: 0,
+            last_failure: None,
+            tokens: Window::default(),
+            requests: Window::default(),
+            last_used: None,
+            last_error: None,
+        }
+    }
+}
+
+/// A request's claim on an instance: its place in the windows, to give back if the
+/// upstream refuses it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Admission {
+    pub index: usize,
+    at: Instant,
+    tokens: u64,
+}
+
+/// Why no instance could take a request, and the soonest one might.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Blocked {
+    /// Every candidate is cooling down or has a full window.
+    RateLimited { until: Instant },
+    /// Every candidate's circuit is open (and none is only rate-limited).
+    Down { until: Instant },
+}
+
+/// What an attempt's outcome means for the instance.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Report {
+    /// The instance answered as a healthy one does (2xx, or a 4xx about the request).
+    Healthy {
+        remaining_tokens: Option<u64>,
+        remaining_requests: Option<u64>,
+    },
+    /// 429: stay away for this long (`None`: the default cooldown).
+    RateLimited(Option<Duration>),
+    /// 5xx, timeout, or a wrong key/deployment; `refused` when the request cannot have
+    /// been counted upstream (connection failed), so its reservation is given back.
+    Failed { why: String, refused: bool },
+}
+
+pub struct Table {
+    pub runtimes: Vec<Runtime>,
+    last_pick: Option<usize>,
+    rng: u64,
+}
+
+impl Table {
+    pub fn new(instances: usize) -> Table {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        Table {
+            runtimes: (0..instances).map(|_| Runtime::new()).collect(),
+            last_pick: None,
+            rng: seed | 1,
+        }
+    }
+
+    /// xorshift64*: weighted choice needs randomness, not cryptographic quality.
+    fn random(&mut self) -> u64 {
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// When instance `i` could take `need` tokens: `Ok(())` now, or why not and until when.
+    fn check(&mut self, inst: &Instance, i: usize, need: u64, now: Instant) -> Result<(), Blocked> {
+        let rt = &mut self.runtimes[i];
+        match rt.circuit {
+            Circuit::Open { until, .. } if until > now => return Err(Blocked::Down { until }),
+            // A trial is out; the instance is down until it reports back.
+            Circuit::Trial { .. } => {
+                return Err(Blocked::Down {
+                    until: now + Duration::from_secs(1),
+                })
+            }
+            _ => {}
+        }
+        let mut until = now;
+        if let Some(c) = rt.cooldown_until.filter(|c| *c > now) {
+            until = until.max(c);
+        }
+        if let Some(max) = inst.max_tpm {
+            until = until.max(rt.tokens.room_at(now, need, max));
+        }
+        if let Some(max) = inst.max_rpm {
+            until = until.max(rt.requests.room_at(now, 1, max));
+        }
+        if until > now {
+            Err(Blocked::RateLimited { until })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Picks an instance among `candidates` (not in `tried`) by the strategy, and
+    /// reserves `need` tokens and one request in its windows.
+    pub fn admit(
+        &mut self,
+        config: &Config,
+        candidates: &[usize],
+        tried: &[usize],
+        need: u64,
+        now: Instant,
+    ) -> Result<Admission, Blocked> {
+        let mut eligible = Vec::with_capacity(candidates.len());
+        let mut blocked: Option<Blocked> = None;
+        for &i in candidates.iter().filter(|i| !tried.contains(i)) {
+            match self.check(&config.instances[i], i, need, now) {
+                Ok(()) => eligible.push(i),
+                Err(b) => blocked = Some(soonest(blocked, b)),
+            }
+        }
+        if eligible.is_empty() {
+            // No untried candidate at all: report as down, right away.
+            return Err(blocked.unwrap_or(Blocked::Down { until: now }));
+        }
+        let index = match config.routing.strategy {
+            Strategy::Failover => router::failover(&config.instances, &eligible, self.last_pick),
+            Strategy::RoundRobin => router::rotate(&eligible, self.last_pick),
+            Strategy::Weighted => {
+                let r = self.random();
+                router::weighted(&config.instances, &eligible, r)
+            }
+            Strategy::LeastLoaded => {
+                let load: Vec<f64> = eligible
+                    .iter()
+                    .map(|&i| self.utilisation(&config.instances[i], i, now))
+                    .collect();
+                router::least_loaded(&config.instances, &eligible, &load, self.last_pick)
+            }
+        };
+        self.last_pick = Some(index);
+        let rt = &mut self.runtimes[index];
+        rt.tokens.add(now, need);
+        rt.requests.add(now, 1);
+        rt.last_used = Some(now);
+        if let Circuit::Open { backoff, .. } = rt.circuit {
+            rt.circuit = Circuit::Trial { backoff };
+        }
+        Ok(Admission {
+            index,
+            at: now,
+            tokens: need,
+        })
+    }
+
+    /// TPM used / max_tpm; an instance without a limit counts as empty.
+    pub fn utilisation(&mut self, inst: &Instance, i: usize, now: Instant) -> f64 {
+        match inst.max_tpm {
+            Some(max) => self.runtimes[i].tokens.used(now) as f64 / max as f64,
+            None => 0.0,
+        }
+    }
+
+    pub fn finish(&mut self, config: &Config, admission: Admission, report: Report, now: Instant) {
+        let inst = &config.instances[admission.index];
+        let routing = &config.routing;
+        let rt = &mut self.runtimes[admission.index];
+        let release = |rt: &mut Runtime| {
+            rt.tokens.release(admission.at, admission.tokens);
+            rt.requests.release(admission.at, 1);
+        };
+        match report {
+            Report::Healthy {
+                remaining_tokens,
+                remaining_requests,
+            } => {
+                rt.failures = 0;
+                rt.circuit = Circuit::Closed;
+                if let (Some(max), Some(left)) = (inst.max_tpm, remaining_tokens) {
+                    rt.tokens.correct(now, max, left);
+                }
+                if let (Some(max), Some(left)) = (inst.max_rpm, remaining_requests) {
+                    rt.requests.correct(now, max, left);
+                }
+            }
+            Report::RateLimited(after) => {
+                release(rt);
+                // It answered, so it is alive: a trial that meets a 429 closes the circuit.
+                rt.circuit = Circuit::Closed;
+                rt.failures = 0;
+                let until = now + after.unwrap_or(DEFAULT_COOLDOWN);
+                // Only ever extend: a late 429 with a short Retry-After must not cut a
+                // longer cooldown short.
+                rt.cooldown_until = Some(rt.cooldown_until.map_or(until, |c| c.max(until)));
+            }
+            Report::Failed { why, refused } => {
+                if refused {
+                    release(rt);
+                }
+                let recent = rt
+                    .last_failure
+                    .is_some_and(|t| now.saturating_duration_since(t) < WINDOW);
+                rt.failures = if recent { rt.failures + 1 } else { 1 };
+                rt.last_failure = Some(now);
+                rt.last_error = Some(why);
+                rt.circuit = match rt.circuit {
+                    Circuit::Trial { backoff } => {
+                        let backoff = (backoff * 2).min(secs(routing.circuit_max_open_seconds));
+                        Circuit::Open {
+                            until: now + backoff,
+                            backoff,
+                        }
+                    }
+                    Circuit::Closed if rt.failures >= routing.circuit_failures => {
+                        let backoff = secs(routing.circuit_open_seconds);
+                        Circuit::Open {
+                            until: now + backoff,
+                            backoff,
+                        }
+                    }
+                    other => other,
+                };
+            }
+        }
+    }
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s)
+}
+
+/// Of two reasons, the one a client should hear: rate-limited beats down (room will
+/// come), and between equals the sooner moment.
+fn soonest(a: Option<Blocked>, b: Blocked) -> Blocked {
+    use Blocked::*;
+    match (a, b) {
+        (None, b) => b,
+        (Some(RateLimited { until: x }), RateLimited { until: y }) => {
+            RateLimited { until: x.min(y) }
+        }
+        (Some(Down { until: x }), Down { until: y }) => Down { until: x.min(y) },
+        (Some(r @ RateLimited { .. }), Down { .. })
+        | (Some(Down { .. }), r @ RateLimited { .. }) => r,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(strategy: &str, instances: &str) -> Config {
+        serde_yaml::from_str(&format!(
+            "routing: {{strategy: {strategy}, circuit_failures: 2, circuit_open_seconds: 5, circuit_max_open_seconds: 12}}\ninstances:\n{instances}"
+        ))
+        .unwrap()
+    }
+
+    fn two(extra_a: &str, extra_b: &str) -> Config {
+        config(
+            "failover",
+            &format!(
+                "  - {{name: a, api_key: k, api_base: 'http://a', priority: 1, supported_models: [m] {extra_a}}}\n  - {{name: b, api_key: k, api_base: 'http://b', priority: 2, supported_models: [m] {extra_b}}}\n"
+            ),
+        )
+    }
+
+    fn at(t0: Instant, s: f64) -> Instant {
+        t0 + Duration::from_secs_f64(s)
+    }
+
+    fn healthy() -> Report {
+        Report::Healthy {
+            remaining_tokens: None,
+            remaining_requests: None,
+        }
+    }
+
+    #[test]
+    fn tpm_full_spills_to_the_next_and_then_blocks_until_room() {
+        let c = two(", max_tpm: 1000", ", max_tpm: 500");
+        let mut t = Table::new(2);
+        let t0 = Instant::now();
+        let all = [0, 1];
+        assert_eq!(t.admit(&c, &all, &[], 600, t0).unwrap().index, 0);
+        assert_eq!(t.admit(&c, &all, &[], 300, at(t0, 1.0)).unwrap().index, 0);
+        assert_eq!(
+            t.admit(&c, &all, &[], 300, at(t0, 2.0)).unwrap().index,
+            1,
+            "a is full"
+        );
+        assert_eq!(
+            t.admit(&c, &all, &[], 300, at(t0, 3.0)),
+            Err(Blocked::RateLimited {
+                until: at(t0, 60.0)
+            }),
+            "a has room again when its first 600 leave at 60 s; b not before 62 s"
+        );
+        assert_eq!(t.admit(&c, &all, &[], 300, at(t0, 60.0)).unwrap().index, 0);
+    }
+
+    #[test]
+    fn a_refused_request_gives_its_reservation_back() {
+        let c = two(", max_tpm: 1000", ", max_tpm: 1000");
+        let mut t = Table::new(2);
+        let t0 = Instant::now();
+        let adm = t.admit(&c, &[0], &[], 900, t0).unwrap();
+        t.finish(
+            &c,
+            adm,
+            Report::Failed {
+                why: "refused".into(),
+                refused: true,
+            },
+            t0,
+        );
+        assert_eq!(
+            t.admit(&c, &[0], &[], 900, t0).unwrap().index,
+            0,
+            "room again"
+        );
+        let adm = t.admit(&c, &[1], &[], 900, t0).unwrap();
+        t.finish(
+            &c,
+            adm,
+            Report::Failed {
+                why: "500".into(),
+                refused: false,
+            },
+            t0,
+        );
+        assert!(
+            t.admit(&c, &[1], &[], 900, t0).is_err(),
+            "a 5xx keeps its reservation"
+        );
+    }
+
+    #[test]
+    fn cooldown_follows_retry_after_and_only_extends() {
+        let c = two("", "");
+        let mut t = Table::new(2);
+        let t0 = Instant::now();
+        let adm = t.admit(&c, &[0], &[], 1, t0).unwrap();
+        t.finish(
+            &c,
+            adm,
+            Report::RateLimited(Some(Duration::from_secs(30))),
+            t0,
+        );
+        assert_eq!(t.admit(&c, &[0, 1], &[], 1, at(t0, 1.0)).unwrap().index, 1);
+        // A later 429 with a shorter wait does not shorten the cooldown.
+        let mut t2 = Table::new(2);
+        let adm = t2.admit(&c, &[0], &[], 1, t0).unwrap();
+        t2.finish(
+            &c,
+            adm,
+            Report::RateLimited(Some(Duration::from_secs(30))),
+            t0,
+        );
+        t2.runtimes[0].circuit = Circuit::Closed;
+        let fake = Admission {
+            index: 0,
+            at: at(t0, 1.0),
+            tokens: 1,
+        };
+        t2.finish(
+            &c,
+            fake,
+            Report::RateLimited(Some(Duration::from_secs(2))),
+            at(t0, 1.0),
+        );
+        assert_eq!(
+            t2.admit(&c, &[0], &[], 1, at(t0, 5.0)),
+            Err(Blocked::RateLimited {
+                until: at(t0, 30.0)
+            })
+        );
+        assert!(
+            t2.admit(&c, &[0], &[], 1, at(t0, 30.0)).is_ok(),
+            "back after 30 s"
+        );
+        let adm = Admission {
+            index: 1,
+            at: t0,
+            tokens: 1,
+        };
+        t2.finish(&c, adm, Report::RateLimited(None), t0);
+        assert!(t2.admit(&c, &[1], &[], 1, at(t0, 9.9)).is_err());
+        assert!(
+            t2.admit(&c, &[1], &[], 1, at(t0, 10.0)).is_ok(),
+            "default cooldown is 10 s"
+        );
+    }
+
+    #[test]
+    fn circuit_opens_on_repeated_failures_and_a_trial_decides() {
+        let c = two("", "");
+        let mut t = Table::new(2);
+        let t0 = Instant::now();
+        let fail = |t: &mut Table, now| {
+            let adm = t.admit(&c, &[0], &[], 1, now).unwrap();
+            t.finish(
+                &c,
+                adm,
+                Report::Failed {
+                    why: "503".into(),
+                    refused: false,
+                },
+                now,
+            );
+        };
+        fail(&mut t, t0);
+        assert!(
+            t.admit(&c, &[0], &[], 1, t0).is_ok(),
+            "one stray failure does not take it out"
+        );
+        let mut t = Table::new(2);
+        fail(&mut t, t0);
+        fail(&mut t, at(t0, 1.0));
+        assert_eq!(
+            t.admit(&c, &[0], &[], 1, at(t0, 2.0)),
+            Err(Blocked::Down { until: at(t0, 6.0) })
+        );
+        // The trial fails: open twice as long.
+        fail(&mut t, at(t0, 6.0));
+        assert_eq!(
+            t.admit(&c, &[0], &[], 1, at(t0, 7.0)),
+            Err(Blocked::Down {
+                until: at(t0, 16.0)
+            })
+        );
+        // The next trial fails too: capped at circuit_max_open_seconds (12).
+        fail(&mut t, at(t0, 16.0));
+        assert_eq!(
+            t.admit(&c, &[0], &[], 1, at(t0, 17.0)),
+            Err(Blocked::Down {
+                until: at(t0, 28.0)
+            })
+        );
+        // During a trial no other request goes there; a success closes the circuit.
+        let trial = t.admit(&c, &[0], &[], 1, at(t0, 28.0)).unwrap();
+        assert!(matches!(
+            t.admit(&c, &[0], &[], 1, at(t0, 28.1)),
+            Err(Blocked::Down { .. })
+        ));
+        t.finish(&c, trial, healthy(), at(t0, 28.2));
+        assert!(t.admit(&c, &[0], &[], 1, at(t0, 28.3)).is_ok());
+        assert_eq!(t.runtimes[0].circuit, Circuit::Closed);
+    }
+
+    #[test]
+    fn failures_far_apart_do_not_add_up() {
+        let c = two("", "");
+        let mut t = Table::new(2);
+        let t0 = Instant::now();
+        for s in [0.0, 61.0, 122.0] {
+            let adm = t.admit(&c, &[0], &[], 1, at(t0, s)).unwrap();
+            t.finish(
+                &c,
+                adm,
+                Report::Failed {
+                    why: "503".into(),
+                    refused: false,
+                },
+                at(t0, s),
+            );
+        }
+        assert!(t.admit(&c, &[0], &[], 1, at(t0, 123.0)).is_ok());
+    }
+
+    #[test]
+    fn rate_limited_is_reported_over_down_and_tried_instances_are_skipped() {
+        let c = two(", max_tpm: 100", "");
+        let mut t = Table::new(2);
+        let t0 = Instant::now();
+        t.admit(&c, &[0], &[], 100, t0).unwrap();
+        t.runtimes[1].circuit = Circuit::Open {
+            until: at(t0, 5.0),
+            backoff: Duration::from_secs(5),
+        };
+        assert_eq!(
+            t.admit(&c, &[0, 1], &[], 10, at(t0, 1.0)),
+            Err(Blocked::RateLimited {
+                until: at(t0, 60.0)
+            })
+        );
+        assert_eq!(
+            t.admit(&c, &[0, 1], &[0], 10, at(t0, 1.0)),
+            Err(Blocked::Down { until: at(t0, 5.0) })
+        );
+        assert_eq!(
+            t.admit(&c, &[0, 1], &[0, 1], 10, at(t0, 1.0)),
+            Err(Blocked::Down { until: at(t0, 1.0) })
+        );
+    }
+
+    #[test]
+    fn upstream_remaining_headers_fill_the_local_window() {
+        let c = two(", max_tpm: 1000, max_rpm: 10", "");
+        let mut t = Table::new(2);
+        let t0 = Instant::now();
+        let adm = t.admit(&c, &[0], &[], 10, t0).unwrap();
+        t.finish(
+            &c,
+            adm,
+            Report::Healthy {
+                remaining_tokens: Some(5),
+                remaining_requests: Some(3),
+            },
+            t0,
+        );
+        assert_eq!(
+            t.admit(&c, &[0], &[], 10, t0),
+            Err(Blocked::RateLimited {
+                until: at(t0, 60.0)
+            })
+        );
+        assert!(
+            t.admit(&c, &[0], &[], 5, t0).is_ok(),
+            "exactly the remaining 5 fit"
+        );
+    }
+
+    #[test]
+    fn rpm_limits_requests() {
+        let c = two(", max_rpm: 2", "");
+        let mut t = Table::new(2);
+        let t0 = Instant::now();
+        assert!(t.admit(&c, &[0], &[], 1, t0).is_ok());
+        assert!(t.admit(&c, &[0], &[], 1, at(t0, 1.0)).is_ok());
+        assert_eq!(
+            t.admit(&c, &[0], &[], 1, at(t0, 2.0)),
+            Err(Blocked::RateLimited {
+                until: at(t0, 60.0)
+            })
+        );
+    }
+}

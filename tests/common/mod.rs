@@ -165,6 +165,7 @@ fn serve_conn(
     aborted: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
 ) {
+    let _ = conn.set_nodelay(true);
     let mut reader = BufReader::new(conn.try_clone().unwrap());
     let mut out = conn;
     while let Some(req) = read_request(&mut reader) {
@@ -184,11 +185,8 @@ fn serve_conn(
                     head.push_str(&format!("{k}: {v}\r\n"));
                 }
                 head.push_str("\r\n");
-                if out
-                    .write_all(head.as_bytes())
-                    .and_then(|_| out.write_all(body.as_bytes()))
-                    .is_err()
-                {
+                head.push_str(&body);
+                if out.write_all(head.as_bytes()).is_err() {
                     return;
                 }
             }

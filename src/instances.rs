@@ -19,9 +19,11 @@ enum Circuit {
         until: Instant,
         backoff: Duration,
     },
-    /// One trial request is out; its outcome closes or reopens the circuit.
+    /// One trial request is out; its outcome closes or reopens the circuit. A trial
+    /// that never reports back (its worker died) stops counting at `expires`.
     Trial {
         backoff: Duration,
+        expires: Instant,
     },
 }
 
@@ -118,10 +120,8 @@ impl Table {
         match rt.circuit {
             Circuit::Open { until, .. } if until > now => return Err(Blocked::Down { until }),
             // A trial is out; the instance is down until it reports back.
-            Circuit::Trial { .. } => {
-                return Err(Blocked::Down {
-                    until: now + Duration::from_secs(1),
-                })
+            Circuit::Trial { expires, .. } if expires > now => {
+                return Err(Blocked::Down { until: expires })
             }
             _ => {}
         }
@@ -184,8 +184,11 @@ impl Table {
         rt.tokens.add(now, need);
         rt.requests.add(now, 1);
         rt.last_used = Some(now);
-        if let Circuit::Open { backoff, .. } = rt.circuit {
-            rt.circuit = Circuit::Trial { backoff };
+        if let Circuit::Open { backoff, .. } | Circuit::Trial { backoff, .. } = rt.circuit {
+            // The trial's outcome is known once its response headers arrive.
+            let routing = &config.routing;
+            let expires = now + secs(routing.connect_timeout + routing.timeout + 1.0);
+            rt.circuit = Circuit::Trial { backoff, expires };
         }
         Ok(Admission {
             index,
@@ -245,7 +248,7 @@ impl Table {
                 rt.last_failure = Some(now);
                 rt.last_error = Some(why);
                 rt.circuit = match rt.circuit {
-                    Circuit::Trial { backoff } => {
+                    Circuit::Trial { backoff, .. } => {
                         let backoff = (backoff * 2).min(secs(routing.circuit_max_open_seconds));
                         Circuit::Open {
                             until: now + backoff,
@@ -486,6 +489,29 @@ mod tests {
         t.finish(&c, trial, healthy(), at(t0, 28.2));
         assert!(t.admit(&c, &[0], &[], 1, at(t0, 28.3)).is_ok());
         assert_eq!(t.runtimes[0].circuit, Circuit::Closed);
+    }
+
+    #[test]
+    fn a_trial_that_never_reports_back_expires() {
+        let c = two("", "");
+        let mut t = Table::new(2);
+        let t0 = Instant::now();
+        t.runtimes[0].circuit = Circuit::Open {
+            until: t0,
+            backoff: Duration::from_secs(5),
+        };
+        t.admit(&c, &[0], &[], 1, t0).unwrap();
+        // Default timeouts: 10 s connect + 60 s response + 1 s.
+        assert_eq!(
+            t.admit(&c, &[0], &[], 1, at(t0, 70.0)),
+            Err(Blocked::Down {
+                until: at(t0, 71.0)
+            })
+        );
+        assert!(
+            t.admit(&c, &[0], &[], 1, at(t0, 71.0)).is_ok(),
+            "a new trial"
+        );
     }
 
     #[test]

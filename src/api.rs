@@ -9,6 +9,7 @@ use crate::instances::{Admission, Blocked, Report};
 use crate::ratelimit::{self, estimate_text};
 use crate::router;
 use crate::server::State;
+use crate::stats::{Attempt, AttemptEnd};
 use crate::upstream::{self, Outcome, Usage};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -16,12 +17,15 @@ use std::borrow::Cow;
 use std::io::Read;
 use std::time::{Duration, Instant, SystemTime};
 
-/// What the access log says about a request.
+/// What the access log and the statistics learn about a request.
 #[derive(Debug, Default)]
 pub struct Trace {
+    /// A forwarding endpoint was called (the statistics count only these).
+    pub api: bool,
     pub model: Option<String>,
+    /// The instance that gave the final answer, or was tried last.
     pub instance: Option<String>,
-    pub attempts: u32,
+    pub attempts: Vec<Attempt>,
     pub usage: Option<Usage>,
 }
 
@@ -283,12 +287,7 @@ fn header_u64(headers: &ureq::http::HeaderMap, name: &str) -> Option<u64> {
 
 /// Sends `out` to instance `i` and says what happened: the report for the instance
 /// table, and either the reply to give the client or the failure to fall back on.
-fn attempt(
-    state: &State,
-    i: usize,
-    out: &Outgoing,
-    trace: &Trace,
-) -> (Report, Result<Reply, Failed>) {
+fn attempt(state: &State, i: usize, out: &Outgoing) -> (Report, Result<Reply, Failed>) {
     let inst = &state.config.instances[i];
     let deployment = inst.deployment(out.model);
     let rename = inst.provider_type == Provider::Openai && out.body_model != Some(deployment);
@@ -353,12 +352,6 @@ fn attempt(
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("text/event-stream"));
-    let trace = Trace {
-        model: trace.model.clone(),
-        instance: Some(inst.name.clone()),
-        attempts: trace.attempts,
-        usage: None,
-    };
     if outcome == Outcome::Success && out.stream && is_sse {
         let body = Body::Stream {
             upstream: response.into_body(),
@@ -370,7 +363,7 @@ fn attempt(
                 status,
                 headers,
                 body,
-                trace,
+                trace: Trace::default(),
             }),
         );
     }
@@ -409,7 +402,10 @@ fn attempt(
         status,
         headers,
         body: Body::Full(bytes),
-        trace: Trace { usage, ..trace },
+        trace: Trace {
+            usage,
+            ..Trace::default()
+        },
     };
     if outcome.retry_elsewhere() {
         log::warn!(
@@ -554,20 +550,33 @@ pub fn forward(
             Err(_) => break,
         };
         tried.push(admission.index);
-        trace.attempts += 1;
-        trace.instance = Some(config.instances[admission.index].name.clone());
-        let (report, result) = attempt(state, admission.index, &out, &trace);
+        let name = &config.instances[admission.index].name;
+        trace.instance = Some(name.clone());
+        let (report, result) = attempt(state, admission.index, &out);
+        let end = match &result {
+            Ok(reply) | Err(Failed::Answer(reply)) => AttemptEnd::Status(reply.status),
+            Err(Failed::Timeout) => AttemptEnd::Timeout,
+            Err(Failed::Unreachable) => AttemptEnd::Unreachable,
+        };
+        trace.attempts.push(Attempt {
+            instance: name.clone(),
+            end,
+        });
         state
             .table
             .lock()
             .finish(config, admission, report, Instant::now());
         match result {
-            Ok(reply) => return reply,
+            Ok(mut reply) => {
+                trace.usage = reply.trace.usage;
+                reply.trace = trace;
+                return reply;
+            }
             Err(failed) => last = Some(failed),
         }
     }
 
-    let tried = trace.attempts;
+    let tried = trace.attempts.len();
     let mut reply: Reply = match last {
         Some(Failed::Answer(r)) => r,
         Some(Failed::Timeout) => ApiError::new(

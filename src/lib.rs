@@ -9,6 +9,7 @@ pub mod instances;
 pub mod ratelimit;
 pub mod router;
 pub mod server;
+pub mod stats;
 pub mod stream;
 pub mod upstream;
 

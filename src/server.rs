@@ -8,14 +8,16 @@ use crate::auth;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::instances::Table;
+use crate::stats::{Record, Stats};
 use crate::stream::{self, ClientStream, End};
 use crate::upstream;
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tiny_http::{Header, Method, Request, Response};
 
 /// What every worker shares.
@@ -24,6 +26,10 @@ pub struct State {
     pub agent: ureq::Agent,
     /// Runtime state of every instance, by index into `config.instances`.
     pub table: parking_lot::Mutex<Table>,
+    pub stats: parking_lot::Mutex<Stats>,
+    /// Every model some instance names: statistics label only these.
+    pub model_names: HashSet<String>,
+    pub started: Instant,
     next_id: AtomicU64,
 }
 
@@ -34,15 +40,30 @@ type Handler = fn(&State, &mut Request, &Method, &str) -> Reply;
 pub struct Proxy {
     server: Arc<tiny_http::Server>,
     workers: Vec<JoinHandle<()>>,
+    rotator: JoinHandle<()>,
+    stop_tx: crossbeam_channel::Sender<()>,
     stopping: Arc<AtomicBool>,
     addr: SocketAddr,
 }
 
 impl State {
+    /// The statistics clock: whole seconds since start.
+    pub fn uptime_secs(&self) -> u64 {
+        self.started.elapsed().as_secs()
+    }
+
     fn new(config: Config) -> State {
         State {
             agent: upstream::agent(&config.routing, config.server.workers),
             table: parking_lot::Mutex::new(Table::new(config.instances.len())),
+            stats: parking_lot::Mutex::new(Stats::new()),
+            model_names: config
+                .instances
+                .iter()
+                .flat_map(|i| i.models())
+                .map(str::to_string)
+                .collect(),
+            started: Instant::now(),
             config: Arc::new(config),
             next_id: AtomicU64::new(1),
         }
@@ -71,9 +92,26 @@ impl Proxy {
                     .map_err(|e| format!("cannot start worker thread: {e}"))
             })
             .collect::<Result<_, _>>()?;
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+        let rotator = {
+            let state = state.clone();
+            std::thread::Builder::new()
+                .name("stats-rotation".into())
+                .spawn(move || {
+                    // Wakes each second; ends when `stop` drops the sender.
+                    while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+                        stop_rx.recv_timeout(Duration::from_secs(1))
+                    {
+                        state.stats.lock().rotate(state.uptime_secs());
+                    }
+                })
+                .map_err(|e| format!("cannot start the stats thread: {e}"))?
+        };
         Ok(Proxy {
             server,
             workers,
+            rotator,
+            stop_tx,
             stopping,
             addr,
         })
@@ -96,7 +134,11 @@ impl Proxy {
         for _ in &self.workers {
             self.server.unblock();
         }
-        self.wait();
+        drop(self.stop_tx);
+        let _ = self.rotator.join();
+        for w in self.workers {
+            let _ = w.join();
+        }
     }
 }
 
@@ -172,13 +214,28 @@ fn serve(state: &State, slot: &mut Option<Request>, handler: Handler) {
         usage.prompt_tokens,
         usage.completion_tokens,
         started.elapsed().as_millis(),
-        trace.attempts,
+        trace.attempts.len(),
         match end {
             None | Some(End::Completed) => String::new(),
             Some(End::ClientGone) => " stream=client_gone".into(),
             Some(End::UpstreamFailed(why)) => format!(" stream=failed ({why})"),
         }
     );
+    if trace.api {
+        let model = trace
+            .model
+            .as_deref()
+            .filter(|m| state.model_names.contains(*m));
+        let record = Record {
+            model,
+            instance: trace.instance.as_deref(),
+            status,
+            latency: started.elapsed(),
+            usage: trace.usage,
+            attempts: &trace.attempts,
+        };
+        state.stats.lock().record(state.uptime_secs(), &record);
+    }
 }
 
 fn route(state: &State, request: &mut Request, method: &Method, path: &str) -> Reply {
@@ -188,7 +245,11 @@ fn route(state: &State, request: &mut Request, method: &Method, path: &str) -> R
         }
     }
     let post_only = |request: &mut Request, op: &str, model: Option<String>| match method {
-        Method::Post => api::forward(state, request, op, model),
+        Method::Post => {
+            let mut reply = api::forward(state, request, op, model);
+            reply.trace.api = true;
+            reply
+        }
         _ => ApiError::method_not_allowed(method.as_str(), path, "POST").into(),
     };
     if let Some(op) = path

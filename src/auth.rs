@@ -4,11 +4,8 @@
 use crate::config::Secret;
 use crate::error::ApiError;
 
-/// Checks the request's key against the configured ones; no keys configured means open.
-pub fn check_client(keys: &[Secret], request: &tiny_http::Request) -> Result<(), ApiError> {
-    if keys.is_empty() {
-        return Ok(());
-    }
+/// The key a request presents: `Authorization: Bearer <key>` or `api-key: <key>`.
+fn presented_key(request: &tiny_http::Request) -> Option<&str> {
     let header = |name: &'static str| {
         request
             .headers()
@@ -16,25 +13,53 @@ pub fn check_client(keys: &[Secret], request: &tiny_http::Request) -> Result<(),
             .find(|h| h.field.equiv(name))
             .map(|h| h.value.as_str().trim())
     };
-    let presented = header("authorization")
+    header("authorization")
         .and_then(|v| {
             v.strip_prefix("Bearer ")
                 .or_else(|| v.strip_prefix("bearer "))
         })
-        .or_else(|| header("api-key"));
-    let Some(presented) = presented else {
-        return Err(unauthorized(
-            "Missing API key: send it as `Authorization: Bearer <key>` or `api-key: <key>`.",
-        ));
-    };
-    // Every configured key is compared, so timing does not tell which one nearly matched.
-    let matched = keys.iter().fold(false, |any, k| {
+        .or_else(|| header("api-key"))
+}
+
+/// Whether `presented` is one of `keys`. Every key is compared, so the timing does
+/// not tell which one nearly matched.
+fn matches_any<'a>(keys: impl IntoIterator<Item = &'a Secret>, presented: &str) -> bool {
+    keys.into_iter().fold(false, |any, k| {
         constant_time_eq(k.expose().as_bytes(), presented.as_bytes()) | any
-    });
-    if matched {
-        Ok(())
-    } else {
-        Err(unauthorized("Incorrect API key provided."))
+    })
+}
+
+/// Checks the request's key against the configured ones; no keys configured means open.
+pub fn check_client(keys: &[Secret], request: &tiny_http::Request) -> Result<(), ApiError> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    match presented_key(request) {
+        None => Err(unauthorized(
+            "Missing API key: send it as `Authorization: Bearer <key>` or `api-key: <key>`.",
+        )),
+        Some(k) if matches_any(keys, k) => Ok(()),
+        Some(_) => Err(unauthorized("Incorrect API key provided.")),
+    }
+}
+
+/// Admin endpoints need `auth.admin_key` when it is set, and otherwise a loopback client.
+pub fn check_admin(
+    admin_key: Option<&Secret>,
+    request: &tiny_http::Request,
+) -> Result<(), ApiError> {
+    match admin_key {
+        Some(key) => match presented_key(request) {
+            Some(k) if matches_any([key], k) => Ok(()),
+            _ => Err(unauthorized("This admin endpoint needs auth.admin_key.")),
+        },
+        None if request.remote_addr().is_some_and(|a| a.ip().is_loopback()) => Ok(()),
+        None => Err(ApiError::new(
+            403,
+            "invalid_request_error",
+            "Admin endpoints answer only loopback clients while auth.admin_key is not set.",
+        )
+        .code("forbidden")),
     }
 }
 

@@ -269,6 +269,100 @@ impl Table {
     }
 }
 
+/// An instance's state as operators see it (`/stats/instances`, `/health`, `/metrics`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Healthy,
+    /// Cooling down after a 429, or its TPM/RPM window is full.
+    RateLimited,
+    /// Failed within the last minute, but still taking requests.
+    Error,
+    /// Taken out after repeated failures, until its trial request.
+    CircuitOpen,
+}
+
+impl Health {
+    pub const ALL: [Health; 4] = [
+        Health::Healthy,
+        Health::RateLimited,
+        Health::Error,
+        Health::CircuitOpen,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Healthy => "healthy",
+            Health::RateLimited => "rate_limited",
+            Health::Error => "error",
+            Health::CircuitOpen => "circuit_open",
+        }
+    }
+}
+
+/// A snapshot of one instance's runtime state.
+#[derive(Debug, Clone)]
+pub struct View {
+    pub health: Health,
+    pub current_tpm: u64,
+    pub current_rpm: u64,
+    /// When a cooldown ends or a full window has room again.
+    pub rate_limited_until: Option<Instant>,
+    pub circuit_open_until: Option<Instant>,
+    pub last_used: Option<Instant>,
+    pub last_error: Option<String>,
+}
+
+impl Table {
+    pub fn view(&mut self, config: &Config, now: Instant) -> Vec<View> {
+        config
+            .instances
+            .iter()
+            .zip(&mut self.runtimes)
+            .map(|(inst, rt)| {
+                let circuit_open_until = match rt.circuit {
+                    Circuit::Open { until, .. } if until > now => Some(until),
+                    Circuit::Trial { expires, .. } if expires > now => Some(expires),
+                    _ => None,
+                };
+                let current_tpm = rt.tokens.used(now);
+                let current_rpm = rt.requests.used(now);
+                let mut full_until = rt.cooldown_until.filter(|c| *c > now);
+                for (window, max) in [
+                    (&mut rt.tokens, inst.max_tpm),
+                    (&mut rt.requests, inst.max_rpm),
+                ] {
+                    if let Some(max) = max.filter(|m| window.used(now) >= *m) {
+                        let room = window.room_at(now, 1, max);
+                        full_until = Some(full_until.map_or(room, |u| u.max(room)));
+                    }
+                }
+                let failing = rt.failures > 0
+                    && rt
+                        .last_failure
+                        .is_some_and(|t| now.saturating_duration_since(t) < WINDOW);
+                let health = if circuit_open_until.is_some() {
+                    Health::CircuitOpen
+                } else if full_until.is_some() {
+                    Health::RateLimited
+                } else if failing {
+                    Health::Error
+                } else {
+                    Health::Healthy
+                };
+                View {
+                    health,
+                    current_tpm,
+                    current_rpm,
+                    rate_limited_until: full_until,
+                    circuit_open_until,
+                    last_used: rt.last_used,
+                    last_error: rt.last_error.clone(),
+                }
+            })
+            .collect()
+    }
+}
+
 fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s)
 }
@@ -584,6 +678,58 @@ mod tests {
         assert!(
             t.admit(&c, &[0], &[], 5, t0).is_ok(),
             "exactly the remaining 5 fit"
+        );
+    }
+
+    #[test]
+    fn views_name_each_state() {
+        let c = two(", max_tpm: 100", "");
+        let mut t = Table::new(2);
+        let t0 = Instant::now();
+        let health =
+            |t: &mut Table, now| t.view(&c, now).iter().map(|v| v.health).collect::<Vec<_>>();
+        assert_eq!(health(&mut t, t0), [Health::Healthy, Health::Healthy]);
+        let adm = t.admit(&c, &[0], &[], 100, t0).unwrap();
+        t.finish(&c, adm, healthy(), t0);
+        let adm = t.admit(&c, &[1], &[], 1, t0).unwrap();
+        t.finish(
+            &c,
+            adm,
+            Report::Failed {
+                why: "HTTP 500".into(),
+                refused: false,
+            },
+            t0,
+        );
+        assert_eq!(health(&mut t, t0), [Health::RateLimited, Health::Error]);
+        let v = &t.view(&c, t0)[0];
+        assert_eq!(
+            (v.current_tpm, v.current_rpm, v.rate_limited_until),
+            (100, 1, Some(at(t0, 60.0)))
+        );
+        let adm = t.admit(&c, &[1], &[], 1, t0).unwrap();
+        t.finish(
+            &c,
+            adm,
+            Report::Failed {
+                why: "HTTP 500".into(),
+                refused: false,
+            },
+            t0,
+        );
+        assert_eq!(
+            health(&mut t, at(t0, 1.0)),
+            [Health::RateLimited, Health::CircuitOpen]
+        );
+        assert_eq!(t.view(&c, t0)[1].last_error.as_deref(), Some("HTTP 500"));
+        assert_eq!(
+            health(&mut t, at(t0, 6.0)),
+            [Health::RateLimited, Health::Error],
+            "circuit time over, failures under a minute old"
+        );
+        assert_eq!(
+            health(&mut t, at(t0, 61.0)),
+            [Health::Healthy, Health::Healthy]
         );
     }
 

@@ -1,11 +1,13 @@
 //! azure-openai-proxy: OpenAI-style calls in, Azure OpenAI (or OpenAI-compatible)
 //! deployments out. See ARCHITECTURE.md for the map of modules and a request's path.
 
+pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod config;
 pub mod error;
 pub mod instances;
+pub mod metrics;
 pub mod ratelimit;
 pub mod router;
 pub mod server;

@@ -11,6 +11,7 @@ use crate::instances::Table;
 use crate::stats::{Record, Stats};
 use crate::stream::{self, ClientStream, End};
 use crate::upstream;
+use crate::{admin, metrics};
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -244,27 +245,55 @@ fn route(state: &State, request: &mut Request, method: &Method, path: &str) -> R
             return e.into();
         }
     }
-    let post_only = |request: &mut Request, op: &str, model: Option<String>| match method {
-        Method::Post => {
+    let forward = |request: &mut Request, op: &str, model: Option<String>| {
+        only(method, "POST", path, || {
             let mut reply = api::forward(state, request, op, model);
             reply.trace.api = true;
             reply
-        }
-        _ => ApiError::method_not_allowed(method.as_str(), path, "POST").into(),
+        })
     };
     if let Some(op) = path
         .strip_prefix("/v1/")
         .filter(|op| upstream::OPERATIONS.contains(op))
     {
-        return post_only(request, op, None);
+        return forward(request, op, None);
     }
     if let Some((model, op)) = azure_path(path) {
-        return post_only(request, op, Some(model));
+        return forward(request, op, Some(model));
     }
-    match (path, method) {
-        ("/v1/models", Method::Get) => api::models(state),
-        ("/v1/models", _) => ApiError::method_not_allowed(method.as_str(), path, "GET").into(),
+    let get = |f: fn(&State) -> Reply| only(method, "GET", path, || f(state));
+    match path {
+        "/v1/models" => get(api::models),
+        "/health" => get(admin::health),
+        "/metrics" => get(metrics::metrics),
+        "/stats" => {
+            let query = request
+                .url()
+                .split_once('?')
+                .map_or("", |(_, q)| q)
+                .to_string();
+            only(method, "GET", path, || admin::stats(state, &query))
+        }
+        "/stats/windows" => get(admin::stats_windows),
+        "/stats/instances" => get(admin::stats_instances),
+        "/stats/health" => get(admin::stats_health),
+        "/stats/status" => get(admin::stats_status),
+        "/stats/reset" => only(method, "POST", path, || {
+            match auth::check_admin(state.config.auth.admin_key.as_ref(), request) {
+                Ok(()) => admin::stats_reset(state),
+                Err(e) => e.into(),
+            }
+        }),
         _ => ApiError::not_found(method.as_str(), path).into(),
+    }
+}
+
+/// Runs `f` if the method is `allowed`, else answers 405 naming it.
+fn only(method: &Method, allowed: &'static str, path: &str, f: impl FnOnce() -> Reply) -> Reply {
+    if method.as_str() == allowed {
+        f()
+    } else {
+        ApiError::method_not_allowed(method.as_str(), path, allowed).into()
     }
 }
 

@@ -128,6 +128,8 @@ pub struct Counts {
     pub status_other_error: u64,
     pub upstream_attempts: u64,
     pub upstream_errors: u64,
+    /// Attempts after a request's first.
+    pub retries: u64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub latency: Histogram,
@@ -145,6 +147,7 @@ impl Counts {
             _ => self.status_other_error += 1,
         }
         self.upstream_attempts += r.attempts.len() as u64;
+        self.retries += r.attempts.len().saturating_sub(1) as u64;
         self.upstream_errors += r.attempts.iter().filter(|a| a.end.is_error()).count() as u64;
         if let Some(u) = r.usage {
             self.prompt_tokens += u.prompt_tokens;
@@ -166,6 +169,7 @@ impl Counts {
         self.status_other_error += other.status_other_error;
         self.upstream_attempts += other.upstream_attempts;
         self.upstream_errors += other.upstream_errors;
+        self.retries += other.retries;
         self.prompt_tokens += other.prompt_tokens;
         self.completion_tokens += other.completion_tokens;
         self.latency.add(&other.latency);
@@ -434,6 +438,7 @@ mod tests {
         assert_eq!(s.instances["c"].latency.count(), 1);
         assert_eq!(s.totals.upstream_attempts, 3);
         assert_eq!(s.totals.upstream_errors, 2);
+        assert_eq!(s.totals.retries, 2);
         assert_eq!(s.totals.by_model["other"], 1);
         assert_eq!(s.requests_by_key[&("none".into(), "other".into(), 404)], 1);
         assert_eq!(s.requests_by_key[&("c".into(), "m".into(), 200)], 1);

@@ -1,0 +1,294 @@
+//! The operator's endpoints (DESIGN §9): `/stats*` with the field names dashboards
+//! built for the earlier Python proxy read, `/health` for load balancers, and the
+//! admin-only `/stats/reset`. `/metrics` is in `metrics.rs`.
+
+use crate::api::Reply;
+use crate::error::ApiError;
+use crate::instances::{Health, View};
+use crate::server::State;
+use crate::stats::{Counts, Histogram};
+use serde_json::{json, Map, Value};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+fn percent(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        round2(part as f64 * 100.0 / whole as f64)
+    }
+}
+
+fn latency(h: &Histogram) -> Value {
+    let p = |q| h.percentile(q).map(round2);
+    let avg = (h.count() > 0).then(|| round2(h.sum_ms as f64 / h.count() as f64));
+    json!({"p50": p(0.5), "p95": p(0.95), "p99": p(0.99), "avg": avg})
+}
+
+/// The `metrics` object of `/stats` for one window, with the totals since start.
+fn window_metrics(w: &Counts, minutes: u32, totals: &Counts) -> Value {
+    let per_minute = |n: u64| round2(n as f64 / f64::from(minutes));
+    json!({
+        "window_minutes": minutes,
+        "requests_per_minute": per_minute(w.requests),
+        "tokens_per_minute": per_minute(w.tokens()),
+        "success_rate": percent(w.successes, w.requests),
+        "error_rate": percent(w.failures(), w.requests),
+        "upstream_error_rate": percent(w.upstream_errors, w.upstream_attempts),
+        "total_requests_in_window": w.requests,
+        "successful_requests_in_window": w.successes,
+        "failed_requests_in_window": w.failures(),
+        "total_tokens_in_window": w.tokens(),
+        "prompt_tokens_in_window": w.prompt_tokens,
+        "completion_tokens_in_window": w.completion_tokens,
+        "client_errors_500": w.status_500,
+        "client_errors_503": w.status_503,
+        "client_errors_other": w.status_other_error,
+        "upstream_errors_in_window": w.upstream_errors,
+        "upstream_attempts_in_window": w.upstream_attempts,
+        "retries_in_window": w.retries,
+        "latency_ms": latency(&w.latency),
+        "models": w.by_model,
+        "status_codes": w.by_status.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<Map<_, _>>(),
+        "total_requests": totals.requests,
+        "total_successful_requests": totals.successes,
+        "total_client_errors": totals.failures(),
+        "total_upstream_errors": totals.upstream_errors,
+        "total_tokens_served": totals.tokens(),
+    })
+}
+
+fn success(key: &str, value: Value) -> Reply {
+    Reply::json(200, &json!({"status": "success", key: value}))
+}
+
+/// `GET /stats?window=N` (minutes, 1–60; default `monitoring.stats_window_minutes`).
+pub fn stats(state: &State, query: &str) -> Reply {
+    let minutes = match query.split('&').find_map(|kv| kv.strip_prefix("window=")) {
+        None => state.config.monitoring.stats_window_minutes,
+        Some(n) => match n.parse::<u32>() {
+            Ok(m @ 1..=60) => m,
+            _ => {
+                return ApiError::invalid_request(format!(
+                    "window must be whole minutes from 1 to 60, not {n:?}"
+                ))
+                .param("window")
+                .into()
+            }
+        },
+    };
+    let now = state.uptime_secs();
+    let stats = state.stats.lock();
+    success(
+        "metrics",
+        window_metrics(&stats.window(now, minutes), minutes, &stats.totals),
+    )
+}
+
+/// The configured windows: `stats_window_minutes` and `additional_windows`, once each.
+fn windows(state: &State) -> Vec<u32> {
+    let m = &state.config.monitoring;
+    let mut all: Vec<u32> = std::iter::once(m.stats_window_minutes)
+        .chain(m.additional_windows.iter().copied())
+        .collect();
+    all.sort_unstable();
+    all.dedup();
+    all
+}
+
+/// `GET /stats/windows`.
+pub fn stats_windows(state: &State) -> Reply {
+    let now = state.uptime_secs();
+    let stats = state.stats.lock();
+    let all: Map<String, Value> = windows(state)
+        .into_iter()
+        .map(|m| {
+            (
+                format!("{m}min"),
+                window_metrics(&stats.window(now, m), m, &stats.totals),
+            )
+        })
+        .collect();
+    success("windows", Value::Object(all))
+}
+
+/// RFC 3339 UTC with milliseconds (`2026-11-24T15:00:00.000Z`).
+pub fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let (days, secs) = ((d.as_secs() / 86_400) as i64, d.as_secs() % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60,
+        d.subsec_millis()
+    )
+}
+
+/// Wall-clock form of a monotonic instant, for display.
+fn wall(t: Instant, now: Instant, wall_now: SystemTime) -> String {
+    let at = if t >= now {
+        wall_now + (t - now)
+    } else {
+        wall_now.checked_sub(now - t).unwrap_or(UNIX_EPOCH)
+    };
+    rfc3339(at)
+}
+
+fn views(state: &State) -> (Vec<View>, Instant) {
+    let now = Instant::now();
+    (state.table.lock().view(&state.config, now), now)
+}
+
+/// `GET /stats/instances`.
+pub fn stats_instances(state: &State) -> Reply {
+    let (views, now) = views(state);
+    let wall_now = SystemTime::now();
+    let stats = state.stats.lock();
+    let list: Vec<Value> = state
+        .config
+        .instances
+        .iter()
+        .zip(&views)
+        .map(|(inst, v)| {
+            let counts = stats.instances.get(&inst.name).cloned().unwrap_or_default();
+            json!({
+                "name": inst.name,
+                "provider_type": inst.provider_type,
+                "status": v.health.as_str(),
+                "current_tpm": v.current_tpm,
+                "current_rpm": v.current_rpm,
+                "max_tpm": inst.max_tpm,
+                "max_rpm": inst.max_rpm,
+                "tpm_usage_percent": inst.max_tpm.map(|m| percent(v.current_tpm, m)),
+                "total_tokens_served": counts.prompt_tokens + counts.completion_tokens,
+                "prompt_tokens_served": counts.prompt_tokens,
+                "completion_tokens_served": counts.completion_tokens,
+                "total_requests": counts.attempts,
+                "error_count": counts.errors,
+                "errors_by_status": counts.errors_by_kind,
+                "rate_limited_count": counts.rate_limited,
+                "last_error": v.last_error,
+                "rate_limited_until": v.rate_limited_until.map(|t| wall(t, now, wall_now)),
+                "circuit_open_until": v.circuit_open_until.map(|t| wall(t, now, wall_now)),
+                "priority": inst.priority,
+                "weight": inst.weight,
+                "last_used": v.last_used.map(|t| wall(t, now, wall_now)),
+                "supported_models": inst.models().collect::<Vec<_>>(),
+                "model_deployments": inst.model_deployments,
+                "latency_ms": latency(&counts.latency),
+            })
+        })
+        .collect();
+    success("instances", Value::Array(list))
+}
+
+fn count(views: &[View], h: Health) -> usize {
+    views.iter().filter(|v| v.health == h).count()
+}
+
+/// `GET /stats/health`.
+pub fn stats_health(state: &State) -> Reply {
+    let (views, _) = views(state);
+    let total = views.len();
+    let healthy = count(&views, Health::Healthy);
+    let available = total - count(&views, Health::CircuitOpen);
+    success(
+        "health_status",
+        json!({
+            "total_instances": total,
+            "healthy_instances": healthy,
+            "rate_limited_instances": count(&views, Health::RateLimited),
+            "error_instances": count(&views, Health::Error),
+            "circuit_open_instances": count(&views, Health::CircuitOpen),
+            "available_instances": available,
+            "health_percentage": percent(healthy as u64, total as u64),
+            "has_available_capacity": views.iter().any(|v| matches!(v.health, Health::Healthy | Health::Error)),
+        }),
+    )
+}
+
+/// `GET /stats/status`: one line per instance.
+pub fn stats_status(state: &State) -> Reply {
+    let (views, _) = views(state);
+    let list: Vec<Value> = state
+        .config
+        .instances
+        .iter()
+        .zip(&views)
+        .map(|(inst, v)| {
+            json!({"name": inst.name, "status": v.health.as_str(), "current_tpm": v.current_tpm,
+                   "max_tpm": inst.max_tpm, "last_error": v.last_error})
+        })
+        .collect();
+    success("instances", Value::Array(list))
+}
+
+/// `POST /stats/reset` (admin): clears every counter; instance state is kept.
+pub fn stats_reset(state: &State) -> Reply {
+    state.stats.lock().reset();
+    log::info!("statistics reset");
+    Reply::json(
+        200,
+        &json!({"status": "success", "message": "statistics reset"}),
+    )
+}
+
+/// `GET /health`: 200 while at least one instance can take requests (its circuit is
+/// not open), 503 otherwise.
+pub fn health(state: &State) -> Reply {
+    let (views, _) = views(state);
+    let available = views
+        .iter()
+        .filter(|v| v.health != Health::CircuitOpen)
+        .count();
+    let ok = available > 0;
+    Reply::json(
+        if ok { 200 } else { 503 },
+        &json!({
+            "status": if ok { "healthy" } else { "unhealthy" },
+            "available_instances": available,
+            "total_instances": views.len(),
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_seconds": state.started.elapsed().as_secs(),
+        }),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_millis(1_795_532_400_250)),
+            "2026-11-24T15:00:00.250Z"
+        );
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400)),
+            "2000-02-29T00:00:00.000Z"
+        );
+    }
+
+    #[test]
+    fn rates_round_to_two_places() {
+        assert_eq!(percent(1, 3), 33.33);
+        assert_eq!(percent(0, 0), 0.0);
+    }
+}

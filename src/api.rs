@@ -473,6 +473,41 @@ fn blocked_reply(blocked: Blocked, model: &str, need: u64) -> Reply {
     reply
 }
 
+/// Raises the alerts an attempt calls for: an instance that rejects the proxy's key or
+/// lacks the deployment, and a circuit that just opened.
+fn alert_on(
+    state: &State,
+    i: usize,
+    model: &str,
+    attempt: Option<&Attempt>,
+    opened: Option<Duration>,
+) {
+    let name = &state.config.instances[i].name;
+    match attempt.map(|a| &a.end) {
+        Some(AttemptEnd::Status(s @ (401 | 403))) => state.alerts.error(
+            &format!("auth:{name}"),
+            &format!("instance {name} rejected the proxy's API key (HTTP {s}); check its api_key"),
+        ),
+        Some(AttemptEnd::Status(404)) => state.alerts.error(
+            &format!("deployment:{name}:{model}"),
+            &format!(
+                "instance {name} has no deployment {} for model {model} (HTTP 404); check model_deployments and api_version",
+                state.config.instances[i].deployment(model)
+            ),
+        ),
+        _ => {}
+    }
+    if let Some(out_for) = opened {
+        state.alerts.error(
+            &format!("circuit:{name}"),
+            &format!(
+                "instance {name} keeps failing; it is taken out for {} s",
+                out_for.as_secs_f64()
+            ),
+        );
+    }
+}
+
 /// `POST /v1/{op}` and `POST /openai/deployments/{model}/{op}`.
 pub fn forward(
     state: &State,
@@ -546,7 +581,15 @@ pub fn forward(
         };
         let admission = match admit(state, &candidates, &tried, need, wait_until) {
             Ok(a) => a,
-            Err(blocked) if tried.is_empty() => return blocked_reply(blocked, &model, need),
+            Err(blocked) if tried.is_empty() => {
+                if let Blocked::Down { .. } = blocked {
+                    state.alerts.error(
+                        &format!("all_down:{model}"),
+                        &format!("every instance serving {model} is down; clients get 503"),
+                    );
+                }
+                return blocked_reply(blocked, &model, need);
+            }
             Err(_) => break,
         };
         tried.push(admission.index);
@@ -562,10 +605,17 @@ pub fn forward(
             instance: name.clone(),
             end,
         });
-        state
+        let opened = state
             .table
             .lock()
             .finish(config, admission, report, Instant::now());
+        alert_on(
+            state,
+            admission.index,
+            &model,
+            trace.attempts.last(),
+            opened,
+        );
         match result {
             Ok(mut reply) => {
                 trace.usage = reply.trace.usage;

@@ -205,7 +205,15 @@ impl Table {
         }
     }
 
-    pub fn finish(&mut self, config: &Config, admission: Admission, report: Report, now: Instant) {
+    /// Applies an attempt's outcome to its instance. Returns how long the instance is
+    /// now out if this outcome opened its circuit (an event worth an alert).
+    pub fn finish(
+        &mut self,
+        config: &Config,
+        admission: Admission,
+        report: Report,
+        now: Instant,
+    ) -> Option<Duration> {
         let inst = &config.instances[admission.index];
         let routing = &config.routing;
         let rt = &mut self.runtimes[admission.index];
@@ -213,6 +221,7 @@ impl Table {
             rt.tokens.release(admission.at, admission.tokens);
             rt.requests.release(admission.at, 1);
         };
+        let was_open = matches!(rt.circuit, Circuit::Open { .. });
         match report {
             Report::Healthy {
                 remaining_tokens,
@@ -265,6 +274,10 @@ impl Table {
                     other => other,
                 };
             }
+        }
+        match rt.circuit {
+            Circuit::Open { backoff, .. } if !was_open => Some(backoff),
+            _ => None,
         }
     }
 }

@@ -2,11 +2,13 @@
 //! deployments out. See ARCHITECTURE.md for the map of modules and a request's path.
 
 pub mod admin;
+pub mod alerts;
 pub mod api;
 pub mod auth;
 pub mod config;
 pub mod error;
 pub mod instances;
+pub mod logging;
 pub mod metrics;
 pub mod ratelimit;
 pub mod router;

@@ -1,7 +1,8 @@
 //! The command line: parse flags, load and validate the configuration, set up logging,
 //! and run the proxy.
 
-use azure_openai_proxy::config::{self, Config, Env};
+use azure_openai_proxy::config::{self, Env};
+use azure_openai_proxy::logging;
 use azure_openai_proxy::Proxy;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -54,19 +55,6 @@ fn parse_args() -> Result<Option<Args>, String> {
     Ok(Some(args))
 }
 
-fn init_logging(config: &Config) {
-    use simplelog::{ColorChoice, ConfigBuilder, LevelFilter, TermLogger, TerminalMode};
-    let level = config.logging.level.parse().unwrap_or(LevelFilter::Info);
-    let log_config = ConfigBuilder::new()
-        // Client libraries log connection details at debug level; they are not ours to show.
-        .add_filter_ignore_str("ureq")
-        .add_filter_ignore_str("rustls")
-        .add_filter_ignore_str("tiny_http")
-        .build();
-    let _ = TermLogger::init(level, log_config, TerminalMode::Stderr, ColorChoice::Auto);
-    std::panic::set_hook(Box::new(|info| log::error!("panic: {info}")));
-}
-
 fn main() -> ExitCode {
     let args = match parse_args() {
         Ok(Some(a)) => a,
@@ -108,7 +96,10 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
 
-    init_logging(&config);
+    if let Err(e) = logging::init(&config) {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     log::info!(
         "configuration from {sources}; instances: {}",
         names.join(", ")
@@ -119,9 +110,6 @@ fn main() -> ExitCode {
             config.host,
             config.port
         );
-    }
-    if config.logging.file.is_some() {
-        log::warn!("logging.file is not supported yet; logging to the console only");
     }
     let workers = config.server.workers;
     match Proxy::start(config) {

@@ -3,6 +3,7 @@
 //! handling one request is contained to that request: it gets a 500 and the worker
 //! lives on.
 
+use crate::alerts::Alerts;
 use crate::api::{self, Body, Reply};
 use crate::auth;
 use crate::config::Config;
@@ -31,6 +32,7 @@ pub struct State {
     /// Every model some instance names: statistics label only these.
     pub model_names: HashSet<String>,
     pub started: Instant,
+    pub alerts: Alerts,
     next_id: AtomicU64,
 }
 
@@ -65,6 +67,10 @@ impl State {
                 .map(str::to_string)
                 .collect(),
             started: Instant::now(),
+            alerts: match &config.logging.feishu_webhook {
+                Some(hook) => Alerts::to_webhook(hook, &config.name),
+                None => Alerts::disabled(&config.name),
+            },
             config: Arc::new(config),
             next_id: AtomicU64::new(1),
         }

@@ -152,3 +152,82 @@ fn the_example_config_starts_with_placeholder_keys_and_serves_models() {
         "{log}"
     );
 }
+
+#[test]
+fn the_log_file_has_one_access_line_per_request_and_no_secret_or_prompt() {
+    let upstream = common::Mock::start(common::azure_like("sk-upstream-secret-9"));
+    let dir = TempDir::new();
+    let log = dir.0.join("logs/app.log");
+    dir.write(
+        "base.yaml",
+        &format!(
+            "host: 127.0.0.1\nport: 0\nserver: {{workers: 2}}\nauth: {{api_keys: [client-secret-7]}}\n\
+             logging: {{level: debug, file: '{}', max_size: 1MB, backup_count: 2}}\n\
+             instances:\n  - {{name: east, api_key: sk-upstream-secret-9, api_base: '{}', api_version: 2024-10-21, supported_models: [m]}}\n",
+            log.display(),
+            upstream.url
+        ),
+    );
+    let mut child = proxy_cmd()
+        .arg("--config-dir")
+        .arg(&dir.0)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut lines = stderr.lines().map_while(Result::ok);
+    let addr = lines
+        .find_map(|l| {
+            l.split("listening on http://")
+                .nth(1)
+                .map(|r| r.split_whitespace().next().unwrap().to_string())
+        })
+        .expect("no 'listening on' line");
+    std::thread::spawn(move || lines.for_each(drop));
+    let auth = [
+        ("authorization", "Bearer client-secret-7"),
+        ("content-type", "application/json"),
+    ];
+    let body = br#"{"model":"m","messages":[{"role":"user","content":"PROMPT-MARKER-4242"}]}"#;
+    for _ in 0..2 {
+        let a = send(
+            "POST",
+            &format!("http://{addr}/v1/chat/completions"),
+            &auth,
+            Some(body),
+        );
+        assert_eq!(a.status, 200);
+    }
+    let unauthorised = send(
+        "POST",
+        &format!("http://{addr}/v1/chat/completions"),
+        &[],
+        Some(body),
+    );
+    assert_eq!(unauthorised.status, 401);
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    let done = common::wait_until(Duration::from_secs(10), || read().contains("request=3 "));
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = read();
+    assert!(done, "{text}");
+    let access: Vec<&str> = text.lines().filter(|l| l.contains("request=")).collect();
+    assert_eq!(access.len(), 3, "{text}");
+    for (line, status) in access.iter().zip(["200", "200", "401"]) {
+        assert!(line.contains(&format!("status={status}")), "{line}");
+    }
+    assert!(
+        access[0].contains("model=m instance=east")
+            && access[0].contains("tokens=11/3")
+            && access[0].contains("attempts=1"),
+        "{}",
+        access[0]
+    );
+    for secret in [
+        "sk-upstream-secret-9",
+        "client-secret-7",
+        "PROMPT-MARKER-4242",
+    ] {
+        assert!(!text.contains(secret), "{secret} in the log:\n{text}");
+    }
+}

@@ -1,0 +1,153 @@
+//! Alerts (DESIGN §10): ERROR events go to `logging.feishu_webhook` as
+//! `{"msg_type":"text","content":{"text":...}}`. Each event has a key (`auth:east`,
+//! `circuit:east`, `all_down:gpt-4o`); a key alerts at most once per
+//! `DEDUP_WINDOW`, so an outage sends a few alerts, not one per request. Sending
+//! happens on a background thread behind a bounded queue with a timeout, so a dead
+//! webhook never slows a request.
+
+use crate::config::Secret;
+use crossbeam_channel::Sender;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+pub const DEDUP_WINDOW: Duration = Duration::from_secs(300);
+const QUEUE: usize = 32;
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+struct Inner {
+    tx: Sender<String>,
+    /// Per key: when it last alerted, and how many repeats were held back since.
+    seen: Mutex<HashMap<String, (Instant, u64)>>,
+}
+
+pub struct Alerts {
+    inner: Option<Inner>,
+    proxy: String,
+}
+
+impl Alerts {
+    /// Alerts that only log (no webhook configured).
+    pub fn disabled(proxy: &str) -> Alerts {
+        Alerts {
+            inner: None,
+            proxy: proxy.into(),
+        }
+    }
+
+    pub fn to_webhook(webhook: &Secret, proxy: &str) -> Alerts {
+        let (tx, rx) = crossbeam_channel::bounded::<String>(QUEUE);
+        let url = webhook.expose().to_string();
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(SEND_TIMEOUT))
+            .max_redirects(0)
+            .build()
+            .into();
+        let spawned = std::thread::Builder::new()
+            .name("alerts".into())
+            .spawn(move || {
+                for text in rx {
+                    let body = serde_json::json!({"msg_type": "text", "content": {"text": text}});
+                    let sent = agent
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .send(body.to_string());
+                    match sent {
+                        Ok(r) if r.status().is_success() => {}
+                        // The URL holds the webhook's token: never log it, or ureq's error text.
+                        Ok(r) => log::warn!("alert webhook answered {}", r.status().as_u16()),
+                        Err(ureq::Error::Timeout(_)) => log::warn!("alert webhook timed out"),
+                        Err(_) => log::warn!("alert webhook could not be reached"),
+                    }
+                }
+            });
+        match spawned {
+            Ok(_) => Alerts {
+                inner: Some(Inner {
+                    tx,
+                    seen: Mutex::new(HashMap::new()),
+                }),
+                proxy: proxy.into(),
+            },
+            Err(e) => {
+                log::error!("alerts are off: cannot start their thread: {e}");
+                Alerts::disabled(proxy)
+            }
+        }
+    }
+
+    /// Logs the event at ERROR and, unless `key` alerted within the last
+    /// `DEDUP_WINDOW`, queues it for the webhook (dropping it if the queue is full).
+    pub fn error(&self, key: &str, message: &str) {
+        self.error_at(key, message, Instant::now());
+    }
+
+    fn error_at(&self, key: &str, message: &str, now: Instant) {
+        let Some(inner) = &self.inner else {
+            log::error!("{message}");
+            return;
+        };
+        let held_back = {
+            let mut seen = inner.seen.lock();
+            match seen.get_mut(key) {
+                Some((last, repeats)) if now.saturating_duration_since(*last) < DEDUP_WINDOW => {
+                    *repeats += 1;
+                    return;
+                }
+                Some(entry) => std::mem::replace(entry, (now, 0)).1,
+                None => {
+                    seen.insert(key.to_string(), (now, 0));
+                    0
+                }
+            }
+        };
+        log::error!("{message}");
+        let mut text = format!("[{}] ERROR: {message}", self.proxy);
+        if held_back > 0 {
+            text.push_str(&format!(" ({held_back} more since the last alert)"));
+        }
+        if inner.tx.try_send(text).is_err() {
+            log::warn!("alert queue full; an alert was dropped");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_alerts_once_per_window_and_counts_what_it_held_back() {
+        let (tx, rx) = crossbeam_channel::bounded(QUEUE);
+        let alerts = Alerts {
+            inner: Some(Inner {
+                tx,
+                seen: Mutex::new(HashMap::new()),
+            }),
+            proxy: "p".into(),
+        };
+        let t0 = Instant::now();
+        for i in 0..100 {
+            alerts.error_at(
+                "auth:east",
+                "instance east rejected the key",
+                t0 + Duration::from_millis(i),
+            );
+        }
+        alerts.error_at("circuit:east", "circuit opened", t0);
+        alerts.error_at(
+            "auth:east",
+            "instance east rejected the key",
+            t0 + DEDUP_WINDOW,
+        );
+        let sent: Vec<String> = rx.try_iter().collect();
+        assert_eq!(
+            sent,
+            [
+                "[p] ERROR: instance east rejected the key",
+                "[p] ERROR: circuit opened",
+                "[p] ERROR: instance east rejected the key (99 more since the last alert)",
+            ]
+        );
+    }
+}

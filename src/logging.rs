@@ -1,0 +1,241 @@
+//! Logging (DESIGN §10): the console, and optionally `logging.file` with size rotation
+//! (`app.log`, `app.log.1` … `app.log.N`, the oldest dropped). File writes happen on a
+//! background thread fed by a bounded channel, so a slow disk never holds a request;
+//! if the channel is full, lines are dropped and counted.
+
+use crate::config::Config;
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// A log file that rotates when the next line would take it past `max_size`.
+pub struct RotatingFile {
+    path: PathBuf,
+    max_size: u64,
+    backups: u32,
+    file: File,
+    size: u64,
+}
+
+impl RotatingFile {
+    pub fn open(path: &Path, max_size: u64, backups: u32) -> io::Result<RotatingFile> {
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let size = file.metadata()?.len();
+        Ok(RotatingFile {
+            path: path.to_path_buf(),
+            max_size,
+            backups,
+            file,
+            size,
+        })
+    }
+
+    fn numbered(&self, n: u32) -> PathBuf {
+        let mut name = self.path.clone().into_os_string();
+        name.push(format!(".{n}"));
+        name.into()
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        if self.backups == 0 {
+            self.file = File::create(&self.path)?;
+        } else {
+            let _ = std::fs::remove_file(self.numbered(self.backups));
+            for n in (1..self.backups).rev() {
+                let _ = std::fs::rename(self.numbered(n), self.numbered(n + 1));
+            }
+            std::fs::rename(&self.path, self.numbered(1))?;
+            self.file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)?;
+        }
+        self.size = 0;
+        Ok(())
+    }
+
+    pub fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
+        if self.size > 0 && self.size + line.len() as u64 > self.max_size {
+            self.rotate()?;
+        }
+        self.file.write_all(line)?;
+        self.size += line.len() as u64;
+        Ok(())
+    }
+}
+
+/// The `Write` end given to the logger: assembles whole lines and queues them for the
+/// writer thread.
+pub struct FileSink {
+    tx: Sender<Vec<u8>>,
+    partial: Vec<u8>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Write for FileSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.partial.extend_from_slice(buf);
+        while let Some(end) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=end).collect();
+            if let Err(TrySendError::Full(_)) = self.tx.try_send(line) {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Lines the writer may hold before new ones are dropped.
+const QUEUE_LINES: usize = 16 * 1024;
+
+/// Opens the file (so a bad path fails at start) and starts its writer thread, which
+/// ends when the sink is dropped, after writing what was queued.
+pub fn file_sink(
+    path: &Path,
+    max_size: u64,
+    backups: u32,
+) -> io::Result<(FileSink, JoinHandle<()>)> {
+    let mut file = RotatingFile::open(path, max_size, backups)?;
+    let (tx, rx): (Sender<Vec<u8>>, Receiver<Vec<u8>>) = crossbeam_channel::bounded(QUEUE_LINES);
+    let dropped = Arc::new(AtomicU64::new(0));
+    let seen = dropped.clone();
+    let writer = std::thread::Builder::new()
+        .name("log-writer".into())
+        .spawn(move || {
+            let mut reported = 0;
+            for line in rx {
+                let lost = seen.load(Ordering::Relaxed);
+                if lost > reported {
+                    let _ = file.write_line(
+                        format!(
+                            "[log] {} lines dropped: the writer fell behind\n",
+                            lost - reported
+                        )
+                        .as_bytes(),
+                    );
+                    reported = lost;
+                }
+                if let Err(e) = file.write_line(&line) {
+                    eprintln!("log file: {e}");
+                }
+            }
+        })?;
+    Ok((
+        FileSink {
+            tx,
+            partial: Vec::new(),
+            dropped,
+        },
+        writer,
+    ))
+}
+
+/// Sets up the global logger from `logging`: console always, the file when set.
+pub fn init(config: &Config) -> Result<(), String> {
+    use simplelog::{
+        ColorChoice, CombinedLogger, ConfigBuilder, LevelFilter, SharedLogger, TermLogger,
+        TerminalMode, WriteLogger,
+    };
+    let level: LevelFilter = config.logging.level.parse().unwrap_or(LevelFilter::Info);
+    let log_config = ConfigBuilder::new()
+        // Client libraries log connection details at debug level; they are not ours to show.
+        .add_filter_ignore_str("ureq")
+        .add_filter_ignore_str("rustls")
+        .add_filter_ignore_str("tiny_http")
+        .build();
+    let mut loggers: Vec<Box<dyn SharedLogger>> = vec![TermLogger::new(
+        level,
+        log_config.clone(),
+        TerminalMode::Stderr,
+        ColorChoice::Auto,
+    )];
+    if let Some(path) = &config.logging.file {
+        let path = Path::new(path);
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("logging.file: cannot create {}: {e}", dir.display()))?;
+        }
+        let (sink, _writer) = file_sink(path, config.logging.max_size, config.logging.backup_count)
+            .map_err(|e| format!("logging.file: cannot open {}: {e}", path.display()))?;
+        loggers.push(WriteLogger::new(level, log_config, sink));
+    }
+    CombinedLogger::init(loggers).map_err(|e| format!("cannot set up logging: {e}"))?;
+    std::panic::set_hook(Box::new(|info| log::error!("panic: {info}")));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Dir(PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn dir(tag: &str) -> Dir {
+        let d = std::env::temp_dir().join(format!("aop-log-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Dir(d)
+    }
+
+    fn line(i: usize) -> String {
+        format!("line {i:04} {}\n", "x".repeat(89)) // 100 bytes
+    }
+
+    #[test]
+    fn rotation_keeps_backup_count_files_each_within_max_size() {
+        let d = dir("rotate");
+        let path = d.0.join("app.log");
+        let mut f = RotatingFile::open(&path, 1000, 3).unwrap();
+        for i in 0..55 {
+            f.write_line(line(i).as_bytes()).unwrap();
+        }
+        let mut names: Vec<String> = std::fs::read_dir(&d.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["app.log", "app.log.1", "app.log.2", "app.log.3"]);
+        let read = |n: &str| std::fs::read_to_string(d.0.join(n)).unwrap();
+        for n in &names {
+            assert!(read(n).len() <= 1000, "{n}: {}", read(n).len());
+        }
+        // 55 lines, 10 per file: app.log has 50..54, .1 has 40..49, .3 has 20..29; 0..19 dropped.
+        assert_eq!(read("app.log").lines().count(), 5);
+        assert!(read("app.log").starts_with("line 0050"));
+        assert!(read("app.log.1").starts_with("line 0040"));
+        assert!(read("app.log.3").starts_with("line 0020"));
+    }
+
+    #[test]
+    fn the_sink_writes_whole_lines_through_its_thread() {
+        let d = dir("sink");
+        let path = d.0.join("app.log");
+        let (mut sink, writer) = file_sink(&path, 250, 1).unwrap();
+        for i in 0..5 {
+            // The logger writes a record in pieces; lines must not be split across files.
+            let l = line(i);
+            let (a, b) = l.split_at(40);
+            sink.write_all(a.as_bytes()).unwrap();
+            sink.write_all(b.as_bytes()).unwrap();
+        }
+        drop(sink);
+        writer.join().unwrap();
+        let current = std::fs::read_to_string(&path).unwrap();
+        let backup = std::fs::read_to_string(d.0.join("app.log.1")).unwrap();
+        assert_eq!(current, line(4));
+        assert_eq!(backup, format!("{}{}", line(2), line(3)));
+    }
+}

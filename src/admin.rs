@@ -24,7 +24,7 @@ fn percent(part: u64, whole: u64) -> f64 {
 
 fn latency(h: &Histogram) -> Value {
     let p = |q| h.percentile(q).map(round2);
-    let avg = (h.count() > 0).then(|| round2(h.sum_ms as f64 / h.count() as f64));
+    let avg = h.mean_ms().map(round2);
     json!({"p50": p(0.5), "p95": p(0.95), "p99": p(0.99), "avg": avg})
 }
 

@@ -44,7 +44,7 @@ impl Exposition {
             with_le.push(("le", &le));
             self.sample(&format!("{name}_bucket"), &with_le, cumulative);
         }
-        self.sample(&format!("{name}_sum"), labels, h.sum_ms as f64 / 1000.0);
+        self.sample(&format!("{name}_sum"), labels, h.sum_us as f64 / 1e6);
         self.sample(&format!("{name}_count"), labels, h.count());
     }
 }

@@ -13,8 +13,8 @@ pub const BUCKET_SECS: u64 = 10;
 /// Buckets kept: 60 minutes.
 pub const BUCKETS: u64 = 360;
 /// Upper bounds (ms) of the latency histogram; one more bin counts everything above.
-pub const LATENCY_BOUNDS_MS: [u64; 14] = [
-    10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 30_000, 60_000, 120_000, 300_000,
+pub const LATENCY_BOUNDS_MS: [u64; 17] = [
+    1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 30_000, 60_000, 120_000, 300_000,
 ];
 pub const LATENCY_BINS: usize = LATENCY_BOUNDS_MS.len() + 1;
 
@@ -22,25 +22,30 @@ pub const LATENCY_BINS: usize = LATENCY_BOUNDS_MS.len() + 1;
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Histogram {
     pub bins: [u64; LATENCY_BINS],
-    pub sum_ms: u64,
+    pub sum_us: u64,
 }
 
 impl Histogram {
     pub fn record(&mut self, latency: Duration) {
-        let ms = latency.as_millis() as u64;
+        let us = latency.as_micros() as u64;
         let bin = LATENCY_BOUNDS_MS
             .iter()
-            .position(|b| ms <= *b)
+            .position(|b| us <= b * 1000)
             .unwrap_or(LATENCY_BOUNDS_MS.len());
         self.bins[bin] += 1;
-        self.sum_ms += ms;
+        self.sum_us += us;
+    }
+
+    pub fn mean_ms(&self) -> Option<f64> {
+        let n = self.count();
+        (n > 0).then(|| self.sum_us as f64 / 1000.0 / n as f64)
     }
 
     pub fn add(&mut self, other: &Histogram) {
         for (a, b) in self.bins.iter_mut().zip(other.bins) {
             *a += b;
         }
-        self.sum_ms += other.sum_ms;
+        self.sum_us += other.sum_us;
     }
 
     pub fn count(&self) -> u64 {
@@ -378,12 +383,13 @@ mod tests {
         let mut h = Histogram::default();
         assert_eq!(h.percentile(0.5), None);
         for _ in 0..90 {
-            h.record(Duration::from_millis(8)); // bin (0, 10]
+            h.record(Duration::from_micros(8_500)); // bin (5, 10]
         }
         for _ in 0..10 {
             h.record(Duration::from_millis(400)); // bin (250, 500]
         }
-        assert_eq!(h.percentile(0.5), Some(0.0 + 10.0 * 50.0 / 90.0));
+        assert_eq!(h.percentile(0.5), Some(5.0 + 5.0 * 50.0 / 90.0));
+        assert_eq!(h.mean_ms(), Some((90.0 * 8.5 + 10.0 * 400.0) / 100.0));
         assert_eq!(h.percentile(0.95), Some(250.0 + 250.0 * 5.0 / 10.0));
         assert_eq!(h.percentile(0.99), Some(250.0 + 250.0 * 9.0 / 10.0));
         h.record(Duration::from_secs(1000));

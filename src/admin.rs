@@ -5,7 +5,7 @@
 use crate::api::Reply;
 use crate::error::ApiError;
 use crate::instances::{Health, View};
-use crate::server::State;
+use crate::server::{Generation, State};
 use crate::stats::{Counts, Histogram};
 use serde_json::{json, Map, Value};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -66,9 +66,9 @@ fn success(key: &str, value: Value) -> Reply {
 }
 
 /// `GET /stats?window=N` (minutes, 1–60; default `monitoring.stats_window_minutes`).
-pub fn stats(state: &State, query: &str) -> Reply {
+pub fn stats(state: &State, g: &Generation, query: &str) -> Reply {
     let minutes = match query.split('&').find_map(|kv| kv.strip_prefix("window=")) {
-        None => state.config.monitoring.stats_window_minutes,
+        None => g.config.monitoring.stats_window_minutes,
         Some(n) => match n.parse::<u32>() {
             Ok(m @ 1..=60) => m,
             _ => {
@@ -89,8 +89,8 @@ pub fn stats(state: &State, query: &str) -> Reply {
 }
 
 /// The configured windows: `stats_window_minutes` and `additional_windows`, once each.
-fn windows(state: &State) -> Vec<u32> {
-    let m = &state.config.monitoring;
+fn windows(g: &Generation) -> Vec<u32> {
+    let m = &g.config.monitoring;
     let mut all: Vec<u32> = std::iter::once(m.stats_window_minutes)
         .chain(m.additional_windows.iter().copied())
         .collect();
@@ -100,10 +100,10 @@ fn windows(state: &State) -> Vec<u32> {
 }
 
 /// `GET /stats/windows`.
-pub fn stats_windows(state: &State) -> Reply {
+pub fn stats_windows(state: &State, g: &Generation) -> Reply {
     let now = state.uptime_secs();
     let stats = state.stats.lock();
-    let all: Map<String, Value> = windows(state)
+    let all: Map<String, Value> = windows(g)
         .into_iter()
         .map(|m| {
             (
@@ -148,17 +148,17 @@ fn wall(t: Instant, now: Instant, wall_now: SystemTime) -> String {
     rfc3339(at)
 }
 
-fn views(state: &State) -> (Vec<View>, Instant) {
+fn views(state: &State, g: &Generation) -> (Vec<View>, Instant) {
     let now = Instant::now();
-    (state.table.lock().view(&state.config, now), now)
+    (state.table.lock().view(&g.config, now), now)
 }
 
 /// `GET /stats/instances`.
-pub fn stats_instances(state: &State) -> Reply {
-    let (views, now) = views(state);
+pub fn stats_instances(state: &State, g: &Generation) -> Reply {
+    let (views, now) = views(state, g);
     let wall_now = SystemTime::now();
     let stats = state.stats.lock();
-    let list: Vec<Value> = state
+    let list: Vec<Value> = g
         .config
         .instances
         .iter()
@@ -201,8 +201,8 @@ fn count(views: &[View], h: Health) -> usize {
 }
 
 /// `GET /stats/health`.
-pub fn stats_health(state: &State) -> Reply {
-    let (views, _) = views(state);
+pub fn stats_health(state: &State, g: &Generation) -> Reply {
+    let (views, _) = views(state, g);
     let total = views.len();
     let healthy = count(&views, Health::Healthy);
     let available = total - count(&views, Health::CircuitOpen);
@@ -222,9 +222,9 @@ pub fn stats_health(state: &State) -> Reply {
 }
 
 /// `GET /stats/status`: one line per instance.
-pub fn stats_status(state: &State) -> Reply {
-    let (views, _) = views(state);
-    let list: Vec<Value> = state
+pub fn stats_status(state: &State, g: &Generation) -> Reply {
+    let (views, _) = views(state, g);
+    let list: Vec<Value> = g
         .config
         .instances
         .iter()
@@ -249,8 +249,8 @@ pub fn stats_reset(state: &State) -> Reply {
 
 /// `GET /health`: 200 while at least one instance can take requests (its circuit is
 /// not open), 503 otherwise.
-pub fn health(state: &State) -> Reply {
-    let (views, _) = views(state);
+pub fn health(state: &State, g: &Generation) -> Reply {
+    let (views, _) = views(state, g);
     let available = views
         .iter()
         .filter(|v| v.health != Health::CircuitOpen)
@@ -266,6 +266,27 @@ pub fn health(state: &State) -> Reply {
             "uptime_seconds": state.started.elapsed().as_secs(),
         }),
     )
+}
+
+/// `GET /config` (admin): the effective configuration, every secret masked by
+/// `Secret`'s serialisation.
+pub fn config(g: &Generation) -> Reply {
+    Reply::json(200, &json!({"status": "success", "config": *g.config}))
+}
+
+/// `POST /config/reload` (admin): 200 with what was loaded, or 400 with the validation
+/// message while the running configuration stays.
+pub fn reload(state: &State) -> Reply {
+    match state.reload() {
+        Ok(done) => Reply::json(
+            200,
+            &json!({"status": "success", "message": "configuration reloaded",
+                    "instances": done.instances, "restart_needed": done.restart_needed}),
+        ),
+        Err(e) => ApiError::invalid_request(format!("The configuration was not reloaded: {e}"))
+            .code("invalid_config")
+            .into(),
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use crate::error::ApiError;
 use crate::instances::{Admission, Blocked, Report};
 use crate::ratelimit::{self, estimate_text};
 use crate::router;
-use crate::server::State;
+use crate::server::{Generation, State};
 use crate::stats::{Attempt, AttemptEnd};
 use crate::upstream::{self, Outcome, Usage};
 use serde::Deserialize;
@@ -79,8 +79,8 @@ fn served_models(config: &Config) -> Vec<&str> {
 }
 
 /// `GET /v1/models`: every model at least one instance names, in OpenAI's list shape.
-pub fn models(state: &State) -> Reply {
-    let data: Vec<Value> = served_models(&state.config)
+pub fn models(g: &Generation) -> Reply {
+    let data: Vec<Value> = served_models(&g.config)
         .iter()
         .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "azure-openai-proxy"}))
         .collect();
@@ -287,12 +287,12 @@ fn header_u64(headers: &ureq::http::HeaderMap, name: &str) -> Option<u64> {
 
 /// Sends `out` to instance `i` and says what happened: the report for the instance
 /// table, and either the reply to give the client or the failure to fall back on.
-fn attempt(state: &State, i: usize, out: &Outgoing) -> (Report, Result<Reply, Failed>) {
-    let inst = &state.config.instances[i];
+fn attempt(g: &Generation, i: usize, out: &Outgoing) -> (Report, Result<Reply, Failed>) {
+    let inst = &g.config.instances[i];
     let deployment = inst.deployment(out.model);
     let rename = inst.provider_type == Provider::Openai && out.body_model != Some(deployment);
     let payload = upstream_body(out.body, out.ask_usage, rename.then_some(deployment));
-    let mut call = state.agent.post(upstream::url(inst, deployment, out.op));
+    let mut call = g.agent.post(upstream::url(inst, deployment, out.op));
     for (name, value) in &out.headers {
         call = call.header(name, value);
     }
@@ -424,6 +424,7 @@ fn attempt(state: &State, i: usize, out: &Outgoing) -> (Report, Result<Reply, Fa
 /// will come by then. Refusals that cannot end by the deadline return at once.
 fn admit(
     state: &State,
+    g: &Generation,
     candidates: &[usize],
     tried: &[usize],
     need: u64,
@@ -434,7 +435,7 @@ fn admit(
         let result = state
             .table
             .lock()
-            .admit(&state.config, candidates, tried, need, now);
+            .admit(&g.config, candidates, tried, need, now);
         match result {
             Err(Blocked::RateLimited { until }) if until <= deadline => {
                 std::thread::sleep(until.saturating_duration_since(now));
@@ -476,29 +477,29 @@ fn blocked_reply(blocked: Blocked, model: &str, need: u64) -> Reply {
 /// Raises the alerts an attempt calls for: an instance that rejects the proxy's key or
 /// lacks the deployment, and a circuit that just opened.
 fn alert_on(
-    state: &State,
+    g: &Generation,
     i: usize,
     model: &str,
     attempt: Option<&Attempt>,
     opened: Option<Duration>,
 ) {
-    let name = &state.config.instances[i].name;
+    let name = &g.config.instances[i].name;
     match attempt.map(|a| &a.end) {
-        Some(AttemptEnd::Status(s @ (401 | 403))) => state.alerts.error(
+        Some(AttemptEnd::Status(s @ (401 | 403))) => g.alerts.error(
             &format!("auth:{name}"),
             &format!("instance {name} rejected the proxy's API key (HTTP {s}); check its api_key"),
         ),
-        Some(AttemptEnd::Status(404)) => state.alerts.error(
+        Some(AttemptEnd::Status(404)) => g.alerts.error(
             &format!("deployment:{name}:{model}"),
             &format!(
                 "instance {name} has no deployment {} for model {model} (HTTP 404); check model_deployments and api_version",
-                state.config.instances[i].deployment(model)
+                g.config.instances[i].deployment(model)
             ),
         ),
         _ => {}
     }
     if let Some(out_for) = opened {
-        state.alerts.error(
+        g.alerts.error(
             &format!("circuit:{name}"),
             &format!(
                 "instance {name} keeps failing; it is taken out for {} s",
@@ -511,11 +512,12 @@ fn alert_on(
 /// `POST /v1/{op}` and `POST /openai/deployments/{model}/{op}`.
 pub fn forward(
     state: &State,
+    g: &Generation,
     req: &mut tiny_http::Request,
     op: &str,
     path_model: Option<String>,
 ) -> Reply {
-    let config = &state.config;
+    let config = &g.config;
     let body = match read_body(req, config.server.max_body_bytes) {
         Ok(b) => b,
         Err(e) => return e.into(),
@@ -579,11 +581,11 @@ pub fn forward(
         } else {
             Instant::now()
         };
-        let admission = match admit(state, &candidates, &tried, need, wait_until) {
+        let admission = match admit(state, g, &candidates, &tried, need, wait_until) {
             Ok(a) => a,
             Err(blocked) if tried.is_empty() => {
                 if let Blocked::Down { .. } = blocked {
-                    state.alerts.error(
+                    g.alerts.error(
                         &format!("all_down:{model}"),
                         &format!("every instance serving {model} is down; clients get 503"),
                     );
@@ -595,7 +597,7 @@ pub fn forward(
         tried.push(admission.index);
         let name = &config.instances[admission.index].name;
         trace.instance = Some(name.clone());
-        let (report, result) = attempt(state, admission.index, &out);
+        let (report, result) = attempt(g, admission.index, &out);
         let end = match &result {
             Ok(reply) | Err(Failed::Answer(reply)) => AttemptEnd::Status(reply.status),
             Err(Failed::Timeout) => AttemptEnd::Timeout,
@@ -609,13 +611,7 @@ pub fn forward(
             .table
             .lock()
             .finish(config, admission, report, Instant::now());
-        alert_on(
-            state,
-            admission.index,
-            &model,
-            trace.attempts.last(),
-            opened,
-        );
+        alert_on(g, admission.index, &model, trace.attempts.last(), opened);
         match result {
             Ok(mut reply) => {
                 trace.usage = reply.trace.usage;

@@ -6,6 +6,7 @@
 use crate::config::{Config, Instance, Strategy};
 use crate::ratelimit::{Window, WINDOW};
 use crate::router;
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// How long a 429 keeps an instance out when the upstream does not say.
@@ -88,19 +89,26 @@ pub enum Report {
 }
 
 pub struct Table {
-    pub runtimes: Vec<Runtime>,
+    /// By instance name, so state carries over a reload that keeps the name.
+    runtimes: HashMap<String, Runtime>,
     last_pick: Option<usize>,
     rng: u64,
 }
 
+impl Default for Table {
+    fn default() -> Self {
+        Table::new()
+    }
+}
+
 impl Table {
-    pub fn new(instances: usize) -> Table {
+    pub fn new() -> Table {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1);
         Table {
-            runtimes: (0..instances).map(|_| Runtime::new()).collect(),
+            runtimes: HashMap::new(),
             last_pick: None,
             rng: seed | 1,
         }
@@ -114,9 +122,22 @@ impl Table {
         self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 
+    fn runtime(&mut self, name: &str) -> &mut Runtime {
+        if !self.runtimes.contains_key(name) {
+            self.runtimes.insert(name.to_string(), Runtime::new());
+        }
+        self.runtimes.get_mut(name).expect("inserted above")
+    }
+
+    /// Keeps the state of instances `config` still names and forgets the others.
+    pub fn retain(&mut self, config: &Config) {
+        self.runtimes
+            .retain(|name, _| config.instances.iter().any(|i| &i.name == name));
+    }
+
     /// When instance `i` could take `need` tokens: `Ok(())` now, or why not and until when.
-    fn check(&mut self, inst: &Instance, i: usize, need: u64, now: Instant) -> Result<(), Blocked> {
-        let rt = &mut self.runtimes[i];
+    fn check(&mut self, inst: &Instance, need: u64, now: Instant) -> Result<(), Blocked> {
+        let rt = self.runtime(&inst.name);
         match rt.circuit {
             Circuit::Open { until, .. } if until > now => return Err(Blocked::Down { until }),
             // A trial is out; the instance is down until it reports back.
@@ -155,7 +176,7 @@ impl Table {
         let mut eligible = Vec::with_capacity(candidates.len());
         let mut blocked: Option<Blocked> = None;
         for &i in candidates.iter().filter(|i| !tried.contains(i)) {
-            match self.check(&config.instances[i], i, need, now) {
+            match self.check(&config.instances[i], need, now) {
                 Ok(()) => eligible.push(i),
                 Err(b) => blocked = Some(soonest(blocked, b)),
             }
@@ -174,13 +195,13 @@ impl Table {
             Strategy::LeastLoaded => {
                 let load: Vec<f64> = eligible
                     .iter()
-                    .map(|&i| self.utilisation(&config.instances[i], i, now))
+                    .map(|&i| self.utilisation(&config.instances[i], now))
                     .collect();
                 router::least_loaded(&config.instances, &eligible, &load, self.last_pick)
             }
         };
         self.last_pick = Some(index);
-        let rt = &mut self.runtimes[index];
+        let rt = self.runtime(&config.instances[index].name);
         rt.tokens.add(now, need);
         rt.requests.add(now, 1);
         rt.last_used = Some(now);
@@ -198,9 +219,9 @@ impl Table {
     }
 
     /// TPM used / max_tpm; an instance without a limit counts as empty.
-    pub fn utilisation(&mut self, inst: &Instance, i: usize, now: Instant) -> f64 {
+    pub fn utilisation(&mut self, inst: &Instance, now: Instant) -> f64 {
         match inst.max_tpm {
-            Some(max) => self.runtimes[i].tokens.used(now) as f64 / max as f64,
+            Some(max) => self.runtime(&inst.name).tokens.used(now) as f64 / max as f64,
             None => 0.0,
         }
     }
@@ -216,7 +237,7 @@ impl Table {
     ) -> Option<Duration> {
         let inst = &config.instances[admission.index];
         let routing = &config.routing;
-        let rt = &mut self.runtimes[admission.index];
+        let rt = self.runtime(&inst.name);
         let release = |rt: &mut Runtime| {
             rt.tokens.release(admission.at, admission.tokens);
             rt.requests.release(admission.at, 1);
@@ -330,8 +351,11 @@ impl Table {
         config
             .instances
             .iter()
-            .zip(&mut self.runtimes)
-            .map(|(inst, rt)| {
+            .map(|inst| {
+                let rt = self
+                    .runtimes
+                    .entry(inst.name.clone())
+                    .or_insert_with(Runtime::new);
                 let circuit_open_until = match rt.circuit {
                     Circuit::Open { until, .. } if until > now => Some(until),
                     Circuit::Trial { expires, .. } if expires > now => Some(expires),
@@ -429,7 +453,7 @@ mod tests {
     #[test]
     fn tpm_full_spills_to_the_next_and_then_blocks_until_room() {
         let c = two(", max_tpm: 1000", ", max_tpm: 500");
-        let mut t = Table::new(2);
+        let mut t = Table::new();
         let t0 = Instant::now();
         let all = [0, 1];
         assert_eq!(t.admit(&c, &all, &[], 600, t0).unwrap().index, 0);
@@ -452,7 +476,7 @@ mod tests {
     #[test]
     fn a_refused_request_gives_its_reservation_back() {
         let c = two(", max_tpm: 1000", ", max_tpm: 1000");
-        let mut t = Table::new(2);
+        let mut t = Table::new();
         let t0 = Instant::now();
         let adm = t.admit(&c, &[0], &[], 900, t0).unwrap();
         t.finish(
@@ -488,7 +512,7 @@ mod tests {
     #[test]
     fn cooldown_follows_retry_after_and_only_extends() {
         let c = two("", "");
-        let mut t = Table::new(2);
+        let mut t = Table::new();
         let t0 = Instant::now();
         let adm = t.admit(&c, &[0], &[], 1, t0).unwrap();
         t.finish(
@@ -499,7 +523,7 @@ mod tests {
         );
         assert_eq!(t.admit(&c, &[0, 1], &[], 1, at(t0, 1.0)).unwrap().index, 1);
         // A later 429 with a shorter wait does not shorten the cooldown.
-        let mut t2 = Table::new(2);
+        let mut t2 = Table::new();
         let adm = t2.admit(&c, &[0], &[], 1, t0).unwrap();
         t2.finish(
             &c,
@@ -507,7 +531,7 @@ mod tests {
             Report::RateLimited(Some(Duration::from_secs(30))),
             t0,
         );
-        t2.runtimes[0].circuit = Circuit::Closed;
+        t2.runtime("a").circuit = Circuit::Closed;
         let fake = Admission {
             index: 0,
             at: at(t0, 1.0),
@@ -545,7 +569,7 @@ mod tests {
     #[test]
     fn circuit_opens_on_repeated_failures_and_a_trial_decides() {
         let c = two("", "");
-        let mut t = Table::new(2);
+        let mut t = Table::new();
         let t0 = Instant::now();
         let fail = |t: &mut Table, now| {
             let adm = t.admit(&c, &[0], &[], 1, now).unwrap();
@@ -564,7 +588,7 @@ mod tests {
             t.admit(&c, &[0], &[], 1, t0).is_ok(),
             "one stray failure does not take it out"
         );
-        let mut t = Table::new(2);
+        let mut t = Table::new();
         fail(&mut t, t0);
         fail(&mut t, at(t0, 1.0));
         assert_eq!(
@@ -595,15 +619,15 @@ mod tests {
         ));
         t.finish(&c, trial, healthy(), at(t0, 28.2));
         assert!(t.admit(&c, &[0], &[], 1, at(t0, 28.3)).is_ok());
-        assert_eq!(t.runtimes[0].circuit, Circuit::Closed);
+        assert_eq!(t.runtime("a").circuit, Circuit::Closed);
     }
 
     #[test]
     fn a_trial_that_never_reports_back_expires() {
         let c = two("", "");
-        let mut t = Table::new(2);
+        let mut t = Table::new();
         let t0 = Instant::now();
-        t.runtimes[0].circuit = Circuit::Open {
+        t.runtime("a").circuit = Circuit::Open {
             until: t0,
             backoff: Duration::from_secs(5),
         };
@@ -624,7 +648,7 @@ mod tests {
     #[test]
     fn failures_far_apart_do_not_add_up() {
         let c = two("", "");
-        let mut t = Table::new(2);
+        let mut t = Table::new();
         let t0 = Instant::now();
         for s in [0.0, 61.0, 122.0] {
             let adm = t.admit(&c, &[0], &[], 1, at(t0, s)).unwrap();
@@ -644,10 +668,10 @@ mod tests {
     #[test]
     fn rate_limited_is_reported_over_down_and_tried_instances_are_skipped() {
         let c = two(", max_tpm: 100", "");
-        let mut t = Table::new(2);
+        let mut t = Table::new();
         let t0 = Instant::now();
         t.admit(&c, &[0], &[], 100, t0).unwrap();
-        t.runtimes[1].circuit = Circuit::Open {
+        t.runtime("b").circuit = Circuit::Open {
             until: at(t0, 5.0),
             backoff: Duration::from_secs(5),
         };
@@ -670,7 +694,7 @@ mod tests {
     #[test]
     fn upstream_remaining_headers_fill_the_local_window() {
         let c = two(", max_tpm: 1000, max_rpm: 10", "");
-        let mut t = Table::new(2);
+        let mut t = Table::new();
         let t0 = Instant::now();
         let adm = t.admit(&c, &[0], &[], 10, t0).unwrap();
         t.finish(
@@ -695,9 +719,39 @@ mod tests {
     }
 
     #[test]
+    fn state_follows_the_name_across_a_new_config() {
+        let c = two(", max_tpm: 1000", "");
+        let mut t = Table::new();
+        let t0 = Instant::now();
+        t.admit(&c, &[0], &[], 1000, t0).unwrap();
+        // The reloaded config lists b first and a second, and drops nothing.
+        let swapped = config(
+            "failover",
+            "  - {name: b, api_key: k, api_base: 'http://b', supported_models: [m]}\n  - {name: a, api_key: k, api_base: 'http://a', max_tpm: 1000, supported_models: [m]}\n",
+        );
+        t.retain(&swapped);
+        assert_eq!(
+            t.admit(&swapped, &[1], &[], 1, t0),
+            Err(Blocked::RateLimited {
+                until: at(t0, 60.0)
+            }),
+            "a's window came along"
+        );
+        let only_b = config(
+            "failover",
+            "  - {name: b, api_key: k, api_base: 'http://b', supported_models: [m]}\n",
+        );
+        t.retain(&only_b);
+        assert!(
+            t.admit(&swapped, &[1], &[], 1, t0).is_ok(),
+            "a removed and re-added starts afresh"
+        );
+    }
+
+    #[test]
     fn views_name_each_state() {
         let c = two(", max_tpm: 100", "");
-        let mut t = Table::new(2);
+        let mut t = Table::new();
         let t0 = Instant::now();
         let health =
             |t: &mut Table, now| t.view(&c, now).iter().map(|v| v.health).collect::<Vec<_>>();
@@ -749,7 +803,7 @@ mod tests {
     #[test]
     fn rpm_limits_requests() {
         let c = two(", max_rpm: 2", "");
-        let mut t = Table::new(2);
+        let mut t = Table::new();
         let t0 = Instant::now();
         assert!(t.admit(&c, &[0], &[], 1, t0).is_ok());
         assert!(t.admit(&c, &[0], &[], 1, at(t0, 1.0)).is_ok());

@@ -1,11 +1,14 @@
 //! The command line: parse flags, load and validate the configuration, set up logging,
 //! and run the proxy.
 
-use azure_openai_proxy::config::{self, Env};
+use azure_openai_proxy::config::{self, Env, Source};
 use azure_openai_proxy::logging;
 use azure_openai_proxy::Proxy;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 const USAGE: &str = "\
 azure-openai-proxy: an OpenAI-compatible proxy in front of Azure OpenAI instances
@@ -112,19 +115,48 @@ fn main() -> ExitCode {
         );
     }
     let workers = config.server.workers;
-    match Proxy::start(config) {
-        Ok(proxy) => {
-            log::info!(
-                "listening on http://{} with {workers} workers",
-                proxy.addr()
-            );
-            proxy.wait();
-            ExitCode::SUCCESS
-        }
+    let grace = Duration::from_secs_f64(config.server.shutdown_grace_seconds);
+    let source = Source {
+        dir: args.config_dir,
+        env,
+    };
+    let proxy = match Proxy::start(config, source) {
+        Ok(p) => p,
         Err(e) => {
             log::error!("{e}");
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
+        }
+    };
+    log::info!(
+        "listening on http://{} with {workers} workers",
+        proxy.addr()
+    );
+    let mut signals = match Signals::new([SIGHUP, SIGTERM, SIGINT]) {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("cannot handle signals ({e}); running until killed");
+            proxy.wait();
+            return ExitCode::SUCCESS;
+        }
+    };
+    for signal in signals.forever() {
+        if signal != SIGHUP {
+            break;
+        }
+        match proxy.reload() {
+            Ok(done) => log::info!("SIGHUP: reloaded; instances: {}", done.instances.join(", ")),
+            Err(e) => log::error!("SIGHUP: reload failed, keeping the running configuration: {e}"),
         }
     }
+    log::info!(
+        "shutting down: waiting up to {} s for requests under way",
+        grace.as_secs_f64()
+    );
+    if proxy.shutdown(grace) {
+        log::info!("all requests finished; bye");
+    } else {
+        log::warn!("grace period over; requests still under way are cut");
+    }
+    ExitCode::SUCCESS
 }

@@ -3,7 +3,7 @@
 
 use crate::api::{Body, Reply};
 use crate::instances::Health;
-use crate::server::State;
+use crate::server::{Generation, State};
 use crate::stats::{Histogram, LATENCY_BOUNDS_MS};
 use std::fmt::Write;
 use std::time::Instant;
@@ -55,8 +55,8 @@ fn escape(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-pub fn metrics(state: &State) -> Reply {
-    let views = state.table.lock().view(&state.config, Instant::now());
+pub fn metrics(state: &State, g: &Generation) -> Reply {
+    let views = state.table.lock().view(&g.config, Instant::now());
     let stats = state.stats.lock();
     let mut out = Exposition(String::with_capacity(8 * 1024));
 
@@ -145,7 +145,7 @@ pub fn metrics(state: &State) -> Reply {
         );
     }
 
-    let instances = state.config.instances.iter().zip(&views);
+    let instances = g.config.instances.iter().zip(&views);
     out.family(
         "instance_tpm_used",
         "gauge",

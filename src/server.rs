@@ -6,7 +6,7 @@
 use crate::alerts::Alerts;
 use crate::api::{self, Body, Reply};
 use crate::auth;
-use crate::config::Config;
+use crate::config::{Config, Source};
 use crate::error::ApiError;
 use crate::instances::Table;
 use crate::stats::{Record, Stats};
@@ -22,26 +22,53 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tiny_http::{Header, Method, Request, Response};
 
-/// What every worker shares.
-pub struct State {
+/// What one configuration brings: replaced whole by a reload, while requests that
+/// started on the old one finish with it.
+pub struct Generation {
     pub config: Arc<Config>,
     pub agent: ureq::Agent,
-    /// Runtime state of every instance, by index into `config.instances`.
-    pub table: parking_lot::Mutex<Table>,
-    pub stats: parking_lot::Mutex<Stats>,
     /// Every model some instance names: statistics label only these.
     pub model_names: HashSet<String>,
-    pub started: Instant,
     pub alerts: Alerts,
+}
+
+impl Generation {
+    fn new(config: Config) -> Generation {
+        Generation {
+            agent: upstream::agent(&config.routing, config.server.workers),
+            model_names: config
+                .instances
+                .iter()
+                .flat_map(|i| i.models())
+                .map(str::to_string)
+                .collect(),
+            alerts: match &config.logging.feishu_webhook {
+                Some(hook) => Alerts::to_webhook(hook, &config.name),
+                None => Alerts::disabled(&config.name),
+            },
+            config: Arc::new(config),
+        }
+    }
+}
+
+/// What outlives a reload and every worker shares.
+pub struct State {
+    current: parking_lot::RwLock<Arc<Generation>>,
+    /// Runtime state of every instance, by name.
+    pub table: parking_lot::Mutex<Table>,
+    pub stats: parking_lot::Mutex<Stats>,
+    pub started: Instant,
+    source: Source,
     next_id: AtomicU64,
 }
 
 /// Turns one request into a reply; `route` in production, a stand-in in tests.
-type Handler = fn(&State, &mut Request, &Method, &str) -> Reply;
+type Handler = fn(&State, &Generation, &mut Request, &Method, &str) -> Reply;
 
 /// A running proxy: its listener and worker threads.
 pub struct Proxy {
     server: Arc<tiny_http::Server>,
+    state: Arc<State>,
     workers: Vec<JoinHandle<()>>,
     rotator: JoinHandle<()>,
     stop_tx: crossbeam_channel::Sender<()>,
@@ -50,36 +77,77 @@ pub struct Proxy {
 }
 
 impl State {
+    fn new(config: Config, source: Source) -> State {
+        State {
+            current: parking_lot::RwLock::new(Arc::new(Generation::new(config))),
+            table: parking_lot::Mutex::new(Table::new()),
+            stats: parking_lot::Mutex::new(Stats::new()),
+            started: Instant::now(),
+            source,
+            next_id: AtomicU64::new(1),
+        }
+    }
+
     /// The statistics clock: whole seconds since start.
     pub fn uptime_secs(&self) -> u64 {
         self.started.elapsed().as_secs()
     }
 
-    fn new(config: Config) -> State {
-        State {
-            agent: upstream::agent(&config.routing, config.server.workers),
-            table: parking_lot::Mutex::new(Table::new(config.instances.len())),
-            stats: parking_lot::Mutex::new(Stats::new()),
-            model_names: config
-                .instances
-                .iter()
-                .flat_map(|i| i.models())
-                .map(str::to_string)
-                .collect(),
-            started: Instant::now(),
-            alerts: match &config.logging.feishu_webhook {
-                Some(hook) => Alerts::to_webhook(hook, &config.name),
-                None => Alerts::disabled(&config.name),
-            },
-            config: Arc::new(config),
-            next_id: AtomicU64::new(1),
-        }
+    /// The configuration generation new requests use.
+    pub fn current(&self) -> Arc<Generation> {
+        self.current.read().clone()
     }
+
+    /// Reads the configuration again and, if it is valid, swaps it in: requests under
+    /// way finish on the old one; instance state carries over by name. Settings that
+    /// only apply at start (listen address, worker count) are reported, not applied.
+    pub fn reload(&self) -> Result<Reloaded, String> {
+        let old = self.current();
+        let loaded = match self.source.load() {
+            Ok(l) => l,
+            Err(e) => {
+                let message = format!("configuration reload failed, keeping the running one: {e}");
+                old.alerts.error("reload", &message);
+                return Err(e.to_string());
+            }
+        };
+        let new = loaded.config;
+        let mut restart_needed = Vec::new();
+        if (new.host.as_str(), new.port) != (old.config.host.as_str(), old.config.port) {
+            restart_needed.push("host/port");
+        }
+        if new.server.workers != old.config.server.workers {
+            restart_needed.push("server.workers");
+        }
+        let instances = new.instances.iter().map(|i| i.name.clone()).collect();
+        let generation = Generation::new(new);
+        self.table.lock().retain(&generation.config);
+        *self.current.write() = Arc::new(generation);
+        log::info!("configuration reloaded from {}", self.source.dir.display());
+        if !restart_needed.is_empty() {
+            log::warn!(
+                "reload: {} changed; that takes a restart",
+                restart_needed.join(", ")
+            );
+        }
+        Ok(Reloaded {
+            instances,
+            restart_needed,
+        })
+    }
+}
+
+/// What a successful reload did.
+#[derive(Debug)]
+pub struct Reloaded {
+    pub instances: Vec<String>,
+    /// Changed settings that apply only at start.
+    pub restart_needed: Vec<&'static str>,
 }
 
 impl Proxy {
     /// Binds `host:port` (port 0 picks a free one) and starts `server.workers` workers.
-    pub fn start(config: Config) -> Result<Proxy, String> {
+    pub fn start(config: Config, source: Source) -> Result<Proxy, String> {
         let bind = format!("{}:{}", config.host, config.port);
         let server =
             tiny_http::Server::http(&bind).map_err(|e| format!("cannot listen on {bind}: {e}"))?;
@@ -88,9 +156,10 @@ impl Proxy {
             .to_ip()
             .ok_or_else(|| format!("{bind} is not an IP address"))?;
         let server = Arc::new(server);
-        let state = Arc::new(State::new(config));
+        let workers_wanted = config.server.workers;
+        let state = Arc::new(State::new(config, source));
         let stopping = Arc::new(AtomicBool::new(false));
-        let workers = (0..state.config.server.workers)
+        let workers = (0..workers_wanted)
             .map(|n| {
                 let (server, state, stopping) = (server.clone(), state.clone(), stopping.clone());
                 std::thread::Builder::new()
@@ -116,6 +185,7 @@ impl Proxy {
         };
         Ok(Proxy {
             server,
+            state,
             workers,
             rotator,
             stop_tx,
@@ -133,6 +203,22 @@ impl Proxy {
         for w in self.workers {
             let _ = w.join();
         }
+    }
+
+    /// Re-reads the configuration (see `State::reload`).
+    pub fn reload(&self) -> Result<Reloaded, String> {
+        self.state.reload()
+    }
+
+    /// Stops taking requests and waits up to `grace` for those under way (streams
+    /// included) to finish. Returns whether they all did.
+    pub fn shutdown(self, grace: Duration) -> bool {
+        let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(1);
+        std::thread::spawn(move || {
+            self.stop();
+            let _ = done_tx.send(());
+        });
+        done_rx.recv_timeout(grace).is_ok()
     }
 
     /// Stops taking requests; each worker ends after its current request.
@@ -179,7 +265,9 @@ fn serve(state: &State, slot: &mut Option<Request>, handler: Handler) {
     let Some(request) = slot.as_mut() else { return };
     let method = request.method().clone();
     let path = request.url().split('?').next().unwrap_or("").to_string();
-    let mut reply = handler(state, request, &method, &path);
+    // One generation for the whole request, even if a reload swaps it meanwhile.
+    let g = state.current();
+    let mut reply = handler(state, &g, request, &method, &path);
     reply
         .headers
         .push(("x-proxy-request-id".into(), id.to_string()));
@@ -232,7 +320,7 @@ fn serve(state: &State, slot: &mut Option<Request>, handler: Handler) {
         let model = trace
             .model
             .as_deref()
-            .filter(|m| state.model_names.contains(*m));
+            .filter(|m| g.model_names.contains(*m));
         let record = Record {
             model,
             instance: trace.instance.as_deref(),
@@ -245,15 +333,22 @@ fn serve(state: &State, slot: &mut Option<Request>, handler: Handler) {
     }
 }
 
-fn route(state: &State, request: &mut Request, method: &Method, path: &str) -> Reply {
+fn route(
+    state: &State,
+    g: &Generation,
+    request: &mut Request,
+    method: &Method,
+    path: &str,
+) -> Reply {
+    let auth = &g.config.auth;
     if path.starts_with("/v1/") || path.starts_with("/openai/") {
-        if let Err(e) = auth::check_client(&state.config.auth.api_keys, request) {
+        if let Err(e) = auth::check_client(&auth.api_keys, request) {
             return e.into();
         }
     }
     let forward = |request: &mut Request, op: &str, model: Option<String>| {
         only(method, "POST", path, || {
-            let mut reply = api::forward(state, request, op, model);
+            let mut reply = api::forward(state, g, request, op, model);
             reply.trace.api = true;
             reply
         })
@@ -267,29 +362,36 @@ fn route(state: &State, request: &mut Request, method: &Method, path: &str) -> R
     if let Some((model, op)) = azure_path(path) {
         return forward(request, op, Some(model));
     }
-    let get = |f: fn(&State) -> Reply| only(method, "GET", path, || f(state));
+    let get = |f: &dyn Fn() -> Reply| only(method, "GET", path, f);
     match path {
-        "/v1/models" => get(api::models),
-        "/health" => get(admin::health),
-        "/metrics" => get(metrics::metrics),
+        "/v1/models" => get(&|| api::models(g)),
+        "/health" => get(&|| admin::health(state, g)),
+        "/metrics" => get(&|| metrics::metrics(state, g)),
         "/stats" => {
             let query = request
                 .url()
                 .split_once('?')
                 .map_or("", |(_, q)| q)
                 .to_string();
-            only(method, "GET", path, || admin::stats(state, &query))
+            get(&|| admin::stats(state, g, &query))
         }
-        "/stats/windows" => get(admin::stats_windows),
-        "/stats/instances" => get(admin::stats_instances),
-        "/stats/health" => get(admin::stats_health),
-        "/stats/status" => get(admin::stats_status),
-        "/stats/reset" => only(method, "POST", path, || {
-            match auth::check_admin(state.config.auth.admin_key.as_ref(), request) {
-                Ok(()) => admin::stats_reset(state),
-                Err(e) => e.into(),
-            }
-        }),
+        "/stats/windows" => get(&|| admin::stats_windows(state, g)),
+        "/stats/instances" => get(&|| admin::stats_instances(state, g)),
+        "/stats/health" => get(&|| admin::stats_health(state, g)),
+        "/stats/status" => get(&|| admin::stats_status(state, g)),
+        "/stats/reset" | "/config" | "/config/reload" => {
+            let allowed = if path == "/config" { "GET" } else { "POST" };
+            only(method, allowed, path, || {
+                if let Err(e) = auth::check_admin(auth.admin_key.as_ref(), request) {
+                    return e.into();
+                }
+                match path {
+                    "/stats/reset" => admin::stats_reset(state),
+                    "/config" => admin::config(g),
+                    _ => admin::reload(state),
+                }
+            })
+        }
         _ => ApiError::not_found(method.as_str(), path).into(),
     }
 }
@@ -349,7 +451,13 @@ fn respond_full(request: Request, reply: Reply) {
 mod tests {
     use super::*;
 
-    fn panics_on_request(_: &State, _: &mut Request, _: &Method, path: &str) -> Reply {
+    fn panics_on_request(
+        _: &State,
+        _: &Generation,
+        _: &mut Request,
+        _: &Method,
+        path: &str,
+    ) -> Reply {
         assert_ne!(path, "/panic", "handler bug");
         Reply::json(200, &serde_json::json!({"ok": true}))
     }
@@ -362,7 +470,11 @@ mod tests {
         .unwrap();
         let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
         let url = format!("http://{}", server.server_addr().to_ip().unwrap());
-        let state = Arc::new(State::new(config));
+        let source = Source {
+            dir: "unused".into(),
+            env: Default::default(),
+        };
+        let state = Arc::new(State::new(config, source));
         let stopping = Arc::new(AtomicBool::new(false));
         let (srv, st, stop) = (server.clone(), state.clone(), stopping.clone());
         // One worker: if the panic killed it, the second request would never be answered.

@@ -47,6 +47,19 @@ pub struct Loaded {
     pub sources: Vec<PathBuf>,
 }
 
+/// Where the configuration comes from, kept so it can be read again on reload.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub dir: PathBuf,
+    pub env: Env,
+}
+
+impl Source {
+    pub fn load(&self) -> Result<Loaded, ConfigError> {
+        load(&self.dir, &self.env)
+    }
+}
+
 /// Which source set each key path (`routing.strategy`, `instances[1].api_key`).
 #[derive(Default)]
 struct Provenance(HashMap<String, String>);

@@ -4,5 +4,5 @@
 mod load;
 mod schema;
 
-pub use load::{load, ConfigError, Env, Loaded};
+pub use load::{load, ConfigError, Env, Loaded, Source};
 pub use schema::*;

@@ -272,6 +272,9 @@ pub struct Server {
     pub workers: usize,
     #[serde(deserialize_with = "byte_size")]
     pub max_body_bytes: u64,
+    /// Seconds SIGTERM/SIGINT waits for requests under way (streams included).
+    #[serde(deserialize_with = "lenient")]
+    pub shutdown_grace_seconds: f64,
 }
 
 impl Default for Server {
@@ -279,6 +282,7 @@ impl Default for Server {
         Server {
             workers: 256,
             max_body_bytes: 32 * 1024 * 1024,
+            shutdown_grace_seconds: 30.0,
         }
     }
 }
@@ -423,6 +427,13 @@ impl Config {
         }
         if self.server.workers == 0 {
             return Err(invalid("server.workers", "must be at least 1"));
+        }
+        let grace = self.server.shutdown_grace_seconds;
+        if !(grace.is_finite() && grace >= 0.0) {
+            return Err(invalid(
+                "server.shutdown_grace_seconds",
+                "must be seconds, 0 or more",
+            ));
         }
         if self.server.max_body_bytes == 0 {
             return Err(invalid("server.max_body_bytes", "must be above 0"));

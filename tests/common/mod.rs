@@ -3,7 +3,7 @@
 //! temp dir, and a proxy started in-process on port 0.
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
-use azure_openai_proxy::config::{self, Env};
+use azure_openai_proxy::config::{Env, Source};
 use azure_openai_proxy::Proxy;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -392,22 +392,40 @@ impl Drop for TempDir {
 pub struct TestProxy {
     pub url: String,
     proxy: Option<Proxy>,
-    _dir: TempDir,
+    dir: TempDir,
 }
 
 impl TestProxy {
     /// Starts the proxy on 127.0.0.1:0 with `yaml` as its base.yaml.
     pub fn start(yaml: &str) -> TestProxy {
         let dir = TempDir::new();
-        dir.write("base.yaml", &format!("host: 127.0.0.1\nport: 0\n{yaml}"));
-        let loaded = config::load(&dir.0, &Env::new()).unwrap_or_else(|e| panic!("{e}"));
-        let proxy = Proxy::start(loaded.config).unwrap();
+        let source = Source {
+            dir: dir.0.clone(),
+            env: Env::new(),
+        };
+        dir.write("base.yaml", &Self::base(yaml));
+        let loaded = source.load().unwrap_or_else(|e| panic!("{e}"));
+        let proxy = Proxy::start(loaded.config, source).unwrap();
         let url = format!("http://{}", proxy.addr());
         TestProxy {
             url,
             proxy: Some(proxy),
-            _dir: dir,
+            dir,
         }
+    }
+
+    fn base(yaml: &str) -> String {
+        format!("host: 127.0.0.1\nport: 0\n{yaml}")
+    }
+
+    /// Replaces base.yaml (for a reload).
+    pub fn rewrite(&self, yaml: &str) {
+        self.dir.write("base.yaml", &Self::base(yaml));
+    }
+
+    /// Takes the running proxy, e.g. to shut it down in a test.
+    pub fn take(&mut self) -> Proxy {
+        self.proxy.take().expect("already taken")
     }
 }
 

@@ -393,6 +393,13 @@ fn attempt(g: &Generation, i: usize, out: &Outgoing) -> (Report, Result<Reply, F
             );
         }
     };
+    // An error body could echo what it was sent; the instance's key must never reach
+    // the client.
+    let bytes = if outcome == Outcome::Success {
+        bytes
+    } else {
+        scrub(bytes, inst.api_key.expose())
+    };
     let usage = if outcome == Outcome::Success {
         upstream::usage_of(&bytes)
     } else {
@@ -418,6 +425,26 @@ fn attempt(g: &Generation, i: usize, out: &Outgoing) -> (Report, Result<Reply, F
     } else {
         (report, Ok(reply))
     }
+}
+
+/// `body` with every occurrence of `secret` replaced by the mask.
+fn scrub(body: Vec<u8>, secret: &str) -> Vec<u8> {
+    let secret = secret.as_bytes();
+    if secret.is_empty() || !body.windows(secret.len()).any(|w| w == secret) {
+        return body;
+    }
+    let mut out = Vec::with_capacity(body.len());
+    let mut i = 0;
+    while i < body.len() {
+        if body[i..].starts_with(secret) {
+            out.extend_from_slice(crate::config::MASK.as_bytes());
+            i += secret.len();
+        } else {
+            out.push(body[i]);
+            i += 1;
+        }
+    }
+    out
 }
 
 /// Admits the request to an instance, waiting (until `deadline`) for window room that
@@ -662,6 +689,16 @@ mod tests {
             json!({"other": 1, "include_usage": true})
         );
         assert_eq!(asked["model"], "dep");
+    }
+
+    #[test]
+    fn scrub_masks_every_occurrence() {
+        let out = scrub(b"key k3y and k3y again".to_vec(), "k3y");
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "key ***redacted*** and ***redacted*** again"
+        );
+        assert_eq!(scrub(b"clean".to_vec(), "k3y"), b"clean");
     }
 
     #[test]

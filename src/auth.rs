@@ -76,7 +76,60 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::*;
+    use tiny_http::{Header, TestRequest};
+
+    fn request(from: &str, header: Option<(&str, &str)>) -> tiny_http::Request {
+        let mut r = TestRequest::new().with_remote_addr(from.parse().unwrap());
+        if let Some((k, v)) = header {
+            r = r.with_header(Header::from_bytes(k.as_bytes(), v.as_bytes()).unwrap());
+        }
+        r.into()
+    }
+
+    #[test]
+    fn admin_rules() {
+        let key = Secret::new("adm");
+        let status = |key: Option<&Secret>, from: &str, header| {
+            check_admin(key, &request(from, header)).map_err(|e| e.status)
+        };
+        // No admin key: loopback only (IPv4 and IPv6).
+        assert_eq!(status(None, "127.0.0.1:5000", None), Ok(()));
+        assert_eq!(status(None, "[::1]:5000", None), Ok(()));
+        assert_eq!(status(None, "10.1.2.3:5000", None), Err(403));
+        assert_eq!(
+            status(None, "10.1.2.3:5000", Some(("api-key", "adm"))),
+            Err(403)
+        );
+        // With an admin key: the key, from anywhere; loopback alone is not enough.
+        assert_eq!(
+            status(
+                Some(&key),
+                "10.1.2.3:5000",
+                Some(("authorization", "Bearer adm"))
+            ),
+            Ok(())
+        );
+        assert_eq!(status(Some(&key), "127.0.0.1:5000", None), Err(401));
+        assert_eq!(
+            status(Some(&key), "127.0.0.1:5000", Some(("api-key", "adm2"))),
+            Err(401)
+        );
+    }
+
+    #[test]
+    fn client_keys_by_either_header() {
+        let keys = [Secret::new("c1"), Secret::new("c2")];
+        let ok = |h| check_client(&keys, &request("10.0.0.1:1", h)).is_ok();
+        assert!(ok(Some(("authorization", "Bearer c2"))));
+        assert!(ok(Some(("api-key", "c1"))));
+        assert!(!ok(Some(("authorization", "Basic c1"))));
+        assert!(!ok(None));
+        assert!(
+            check_client(&[], &request("10.0.0.1:1", None)).is_ok(),
+            "no keys: open"
+        );
+    }
 
     #[test]
     fn equal_only_when_bytes_and_length_match() {

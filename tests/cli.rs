@@ -4,7 +4,8 @@ mod common;
 use common::{send, TempDir};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_azure-openai-proxy");
@@ -86,6 +87,79 @@ fn check_config_accepts_the_example_and_names_what_is_wrong() {
     assert!(!err.contains("sk-hidden-value"), "{err}");
 }
 
+/// The binary running in the background, its stderr collected line by line.
+struct Running {
+    child: Child,
+    addr: String,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Running {
+    /// Spawns `cmd` and waits for its "listening on" line.
+    fn start(cmd: &mut Command) -> Running {
+        let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut seen = Vec::new();
+        let addr = loop {
+            let line = lines
+                .recv_timeout(Duration::from_secs(20))
+                .expect("no 'listening on' line");
+            seen.push(line.clone());
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_string();
+            }
+        };
+        Running {
+            child,
+            addr,
+            lines,
+            seen,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn signal(&self, name: &str) {
+        let sent = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    }
+
+    /// Everything the process printed to stderr so far.
+    fn stderr(&mut self) -> String {
+        self.seen.extend(self.lines.try_iter());
+        self.seen.join("\n")
+    }
+
+    fn exit_within(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let mut status = None;
+        common::wait_until(within, || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        });
+        status
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[test]
 fn the_example_config_starts_with_placeholder_keys_and_serves_models() {
     let dir = TempDir::new();
@@ -97,42 +171,20 @@ fn the_example_config_starts_with_placeholder_keys_and_serves_models() {
         "test.yaml",
         "host: 127.0.0.1\nport: 0\nserver: {workers: 4}\n",
     );
-    let mut child = proxy_cmd()
-        .arg("--config-dir")
-        .arg(&dir.0)
-        .env("ENVIRONMENT", "test")
-        .env("AZURE_OPENAI_KEY_WEST", "sk-west-secret-123")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let mut log = Vec::new();
-    let addr = loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("no 'listening on' line");
-        log.push(line.clone());
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
-    let models = send("GET", &format!("http://{addr}/v1/models"), &[], None);
+    let mut proxy = Running::start(
+        proxy_cmd()
+            .arg("--config-dir")
+            .arg(&dir.0)
+            .env("ENVIRONMENT", "test")
+            .env("AZURE_OPENAI_KEY_WEST", "sk-west-secret-123"),
+    );
+    let models = send("GET", &proxy.url("/v1/models"), &[], None);
     let unknown = send(
         "POST",
-        &format!("http://{addr}/v1/chat/completions"),
+        &proxy.url("/v1/chat/completions"),
         &[],
         Some(b"{\"model\":\"x\"}"),
     );
-    let _ = child.kill();
-    let _ = child.wait();
-    log.extend(rx.try_iter());
-
     assert_eq!(models.status, 200);
     let ids: Vec<String> = models.json()["data"]
         .as_array()
@@ -142,10 +194,17 @@ fn the_example_config_starts_with_placeholder_keys_and_serves_models() {
         .collect();
     assert_eq!(ids, ["gpt-4o", "gpt-4o-mini", "text-embedding-3-small"]);
     assert_eq!(unknown.status, 404);
-    let log = log.join("\n");
+    assert!(common::wait_until(Duration::from_secs(5), || proxy
+        .stderr()
+        .contains("status=404")));
+    let log = proxy.stderr();
     assert!(
         log.contains("GET /v1/models"),
         "one access line per request: {log}"
+    );
+    assert!(
+        log.contains("auth.api_keys is not set"),
+        "an open proxy says so: {log}"
     );
     assert!(
         !log.contains("sk-west-secret-123") && !log.contains("replace-me-east"),
@@ -161,29 +220,14 @@ fn the_log_file_has_one_access_line_per_request_and_no_secret_or_prompt() {
     dir.write(
         "base.yaml",
         &format!(
-            "host: 127.0.0.1\nport: 0\nserver: {{workers: 2}}\nauth: {{api_keys: [client-secret-7]}}\n\
-             logging: {{level: debug, file: '{}', max_size: 1MB, backup_count: 2}}\n\
+            "host: 127.0.0.1\nport: 0\nserver: {{workers: 2}}\nauth: {{api_keys: [client-secret-7], admin_key: admin-secret-5}}\n\
+             logging: {{level: debug, file: '{}', max_size: 1MB, backup_count: 2, feishu_webhook: 'http://127.0.0.1:9/hook/token-secret-3'}}\n\
              instances:\n  - {{name: east, api_key: sk-upstream-secret-9, api_base: '{}', api_version: 2024-10-21, supported_models: [m]}}\n",
             log.display(),
             upstream.url
         ),
     );
-    let mut child = proxy_cmd()
-        .arg("--config-dir")
-        .arg(&dir.0)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut lines = stderr.lines().map_while(Result::ok);
-    let addr = lines
-        .find_map(|l| {
-            l.split("listening on http://")
-                .nth(1)
-                .map(|r| r.split_whitespace().next().unwrap().to_string())
-        })
-        .expect("no 'listening on' line");
-    std::thread::spawn(move || lines.for_each(drop));
+    let mut proxy = Running::start(proxy_cmd().arg("--config-dir").arg(&dir.0));
     let auth = [
         ("authorization", "Bearer client-secret-7"),
         ("content-type", "application/json"),
@@ -192,23 +236,16 @@ fn the_log_file_has_one_access_line_per_request_and_no_secret_or_prompt() {
     for _ in 0..2 {
         let a = send(
             "POST",
-            &format!("http://{addr}/v1/chat/completions"),
+            &proxy.url("/v1/chat/completions"),
             &auth,
             Some(body),
         );
         assert_eq!(a.status, 200);
     }
-    let unauthorised = send(
-        "POST",
-        &format!("http://{addr}/v1/chat/completions"),
-        &[],
-        Some(body),
-    );
+    let unauthorised = send("POST", &proxy.url("/v1/chat/completions"), &[], Some(body));
     assert_eq!(unauthorised.status, 401);
     let read = || std::fs::read_to_string(&log).unwrap_or_default();
     let done = common::wait_until(Duration::from_secs(10), || read().contains("request=3 "));
-    let _ = child.kill();
-    let _ = child.wait();
     let text = read();
     assert!(done, "{text}");
     let access: Vec<&str> = text.lines().filter(|l| l.contains("request=")).collect();
@@ -230,4 +267,98 @@ fn the_log_file_has_one_access_line_per_request_and_no_secret_or_prompt() {
     ] {
         assert!(!text.contains(secret), "{secret} in the log:\n{text}");
     }
+}
+
+fn write_instances(dir: &TempDir, upstream: &str, models: &str) {
+    dir.write(
+        "base.yaml",
+        &format!(
+            "host: 127.0.0.1\nport: 0\nserver: {{workers: 4, shutdown_grace_seconds: 10}}\n\
+             instances:\n  - {{name: east, api_key: k, api_base: '{upstream}', api_version: 2024-10-21, supported_models: [{models}]}}\n"
+        ),
+    );
+}
+
+fn model_ids(proxy: &Running) -> Vec<String> {
+    send("GET", &proxy.url("/v1/models"), &[], None).json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn sighup_reloads_and_a_broken_file_keeps_the_running_config() {
+    let upstream = common::Mock::start(common::azure_like("k"));
+    let dir = TempDir::new();
+    write_instances(&dir, &upstream.url, "m");
+    let mut proxy = Running::start(proxy_cmd().arg("--config-dir").arg(&dir.0));
+    assert_eq!(model_ids(&proxy), ["m"]);
+
+    write_instances(&dir, &upstream.url, "m, m2");
+    proxy.signal("HUP");
+    assert!(common::wait_until(Duration::from_secs(5), || model_ids(
+        &proxy
+    ) == [
+        "m", "m2"
+    ]));
+
+    dir.write("base.yaml", "instances: [{name: east, api_key: k}]\n");
+    proxy.signal("HUP");
+    assert!(common::wait_until(Duration::from_secs(5), || proxy
+        .stderr()
+        .contains("reload failed")));
+    assert!(
+        proxy.stderr().contains("api_base"),
+        "the message names what is missing: {}",
+        proxy.stderr()
+    );
+    assert_eq!(
+        model_ids(&proxy),
+        ["m", "m2"],
+        "still on the last good config"
+    );
+    assert_eq!(proxy.child.try_wait().unwrap(), None, "still running");
+}
+
+#[test]
+fn sigterm_lets_a_stream_in_flight_finish_then_exits_0() {
+    use std::io::Read;
+    let upstream = common::Mock::start(std::sync::Arc::new(|_: &common::Recorded| {
+        common::MockReply::Sse {
+            events: common::chat_events("d", &["a", "b", "c", "d", "e", "f", "g", "h"], true),
+            gap: Duration::from_millis(150),
+            end: common::SseEnd::Done,
+        }
+    }));
+    let dir = TempDir::new();
+    write_instances(&dir, &upstream.url, "m");
+    let mut proxy = Running::start(proxy_cmd().arg("--config-dir").arg(&dir.0));
+    let response = common::client()
+        .post(proxy.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .send(r#"{"model":"m","stream":true}"#)
+        .unwrap();
+    let mut reader = response.into_body().into_reader();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("\"a\"") {
+        let n = reader.read(&mut buf).unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    proxy.signal("TERM");
+    reader.read_to_end(&mut got).unwrap();
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.contains("\"h\"") && text.trim_end().ends_with("data: [DONE]"),
+        "the stream finished: {text}"
+    );
+    let status = proxy
+        .exit_within(Duration::from_secs(10))
+        .expect("did not exit");
+    assert_eq!(status.code(), Some(0));
+    let log = proxy.stderr();
+    assert!(log.contains("all requests finished"), "{log}");
 }

@@ -149,8 +149,8 @@ impl Proxy {
     /// Binds `host:port` (port 0 picks a free one) and starts `server.workers` workers.
     pub fn start(config: Config, source: Source) -> Result<Proxy, String> {
         let bind = format!("{}:{}", config.host, config.port);
-        let server =
-            tiny_http::Server::http(&bind).map_err(|e| format!("cannot listen on {bind}: {e}"))?;
+        let server = listen(&bind, Duration::from_secs_f64(config.server.client_timeout))
+            .map_err(|e| format!("cannot listen on {bind}: {e}"))?;
         let addr = server
             .server_addr()
             .to_ip()
@@ -233,6 +233,20 @@ impl Proxy {
             let _ = w.join();
         }
     }
+}
+
+/// Binds `bind` with read and write timeouts that every accepted connection inherits.
+/// tiny_http has none of its own: without them a client that stalls holds one of its
+/// connection threads forever, and new connections can wait behind such threads.
+fn listen(
+    bind: &str,
+    client_timeout: Duration,
+) -> Result<tiny_http::Server, Box<dyn std::error::Error + Send + Sync>> {
+    let listener = std::net::TcpListener::bind(bind)?;
+    let socket = socket2::SockRef::from(&listener);
+    socket.set_read_timeout(Some(client_timeout))?;
+    socket.set_write_timeout(Some(client_timeout))?;
+    tiny_http::Server::from_listener(listener, None)
 }
 
 fn work(server: &tiny_http::Server, state: &State, stopping: &AtomicBool, handler: Handler) {

@@ -260,12 +260,19 @@ fn the_log_file_has_one_access_line_per_request_and_no_secret_or_prompt() {
         "{}",
         access[0]
     );
+    let console = proxy.stderr();
     for secret in [
         "sk-upstream-secret-9",
         "client-secret-7",
+        "admin-secret-5",
+        "token-secret-3",
         "PROMPT-MARKER-4242",
     ] {
-        assert!(!text.contains(secret), "{secret} in the log:\n{text}");
+        assert!(!text.contains(secret), "{secret} in the log file:\n{text}");
+        assert!(
+            !console.contains(secret),
+            "{secret} on the console:\n{console}"
+        );
     }
 }
 

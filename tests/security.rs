@@ -241,7 +241,7 @@ fn slow_and_half_closed_clients_do_not_stop_others() {
     let a = Mock::start(azure_like(KEY_A));
     let b = Mock::start(azure_like(KEY_B));
     let proxy = TestProxy::start(&format!(
-        "server: {{workers: 4}}\n{}",
+        "server: {{workers: 4, client_timeout: 1}}\n{}",
         instances(&a, &b, 1, 2)
     ));
     let addr = proxy.url.trim_start_matches("http://").to_string();
@@ -265,6 +265,17 @@ fn slow_and_half_closed_clients_do_not_stop_others() {
     for _ in 0..20 {
         assert_eq!(chat(&proxy).status, 200);
     }
+    // A client stalled mid-head is dropped after `client_timeout` (1 s here), which frees
+    // the thread tiny_http gave it.
+    let stalled_head = &mut stalled[0];
+    stalled_head
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut rest = Vec::new();
+    assert!(
+        stalled_head.read_to_end(&mut rest).is_ok(),
+        "closed by the proxy, not timed out here"
+    );
     // Each half-closed client is answered or dropped at once, never left hanging.
     for (i, c) in stalled.iter_mut().enumerate().skip(50) {
         c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();

@@ -275,6 +275,10 @@ pub struct Server {
     /// Seconds SIGTERM/SIGINT waits for requests under way (streams included).
     #[serde(deserialize_with = "lenient")]
     pub shutdown_grace_seconds: f64,
+    /// Seconds a client connection may stall while its request is read or its answer
+    /// written; idle keep-alive connections close after it too.
+    #[serde(deserialize_with = "lenient")]
+    pub client_timeout: f64,
 }
 
 impl Default for Server {
@@ -283,6 +287,7 @@ impl Default for Server {
             workers: 256,
             max_body_bytes: 32 * 1024 * 1024,
             shutdown_grace_seconds: 30.0,
+            client_timeout: 30.0,
         }
     }
 }
@@ -433,6 +438,13 @@ impl Config {
             return Err(invalid(
                 "server.shutdown_grace_seconds",
                 "must be seconds, 0 or more",
+            ));
+        }
+        let ct = self.server.client_timeout;
+        if !(ct.is_finite() && ct > 0.0) {
+            return Err(invalid(
+                "server.client_timeout",
+                "must be a number of seconds above 0",
             ));
         }
         if self.server.max_body_bytes == 0 {

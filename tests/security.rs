@@ -427,3 +427,50 @@ fn fuzzed_requests_get_only_openai_shaped_answers() {
         "alive: {by_status:?}"
     );
 }
+
+/// Sends `head` (and keeps sending `more` bytes of the same header line if given), then
+/// returns what the proxy answered before it closed the connection.
+fn raw_exchange(addr: &str, head: &[u8], more: usize) -> String {
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(head).unwrap();
+    let chunk = vec![b'a'; 64 * 1024];
+    let mut sent = 0;
+    // The proxy closes the connection once the limit is passed; writes then fail.
+    while sent < more && c.write_all(&chunk).is_ok() {
+        sent += chunk.len();
+    }
+    let mut answer = Vec::new();
+    let _ = c.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[test]
+fn oversized_request_heads_are_refused_with_431() {
+    let (a, b) = (
+        Mock::start(azure_like(KEY_A)),
+        Mock::start(azure_like(KEY_B)),
+    );
+    let proxy = TestProxy::start(&instances(&a, &b, 1, 2));
+    let addr = proxy.url.trim_start_matches("http://").to_string();
+
+    let fine = format!(
+        "GET /health HTTP/1.1\r\nHost: x\r\nX-Long: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(8 * 1024)
+    );
+    assert!(raw_exchange(&addr, fine.as_bytes(), 0).starts_with("HTTP/1.1 200"));
+
+    // One endless header line: refused once it passes 16 KiB, not buffered to the end.
+    let endless = raw_exchange(
+        &addr,
+        b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ",
+        64 * 1024 * 1024,
+    );
+    assert!(endless.starts_with("HTTP/1.1 431"), "{endless:?}");
+
+    let many: String = (0..200).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let many = format!("GET /health HTTP/1.1\r\nHost: x\r\n{many}\r\n");
+    assert!(raw_exchange(&addr, many.as_bytes(), 0).starts_with("HTTP/1.1 431"));
+
+    assert_eq!(chat(&proxy).status, 200, "still serving");
+}

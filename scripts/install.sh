@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Installs the proxy as a systemd service on a Linux host, or removes it.
+#
+#   scripts/install.sh [--binary PATH] [--prefix DIR] [--destdir DIR] [--user NAME]
+#   scripts/install.sh --uninstall [--prefix DIR] [--destdir DIR]
+#
+# Installs:
+#   PREFIX/bin/azure-openai-proxy                  the binary (default PREFIX /usr/local)
+#   /etc/azure-openai-proxy/{base,production}.yaml the config (kept if already there)
+#   /etc/azure-openai-proxy/env                    secrets for systemd's EnvironmentFile (0600, kept)
+#   /etc/systemd/system/azure-openai-proxy.service the unit: restart on failure, an
+#                                                  unprivileged user, SIGHUP to reload
+# Running it again upgrades the binary and the unit and leaves config and secrets alone.
+# --uninstall removes the binary and the unit; the config directory stays (it holds keys).
+# --destdir installs under another root (for packaging or a test) and then touches no
+# user account and no systemd.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+name=azure-openai-proxy
+prefix=/usr/local
+destdir=""
+user=$name
+binary=""
+uninstall=false
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --binary) binary=$2; shift 2 ;;
+    --prefix) prefix=$2; shift 2 ;;
+    --destdir) destdir=${2%/}; shift 2 ;;
+    --user) user=$2; shift 2 ;;
+    --uninstall) uninstall=true; shift ;;
+    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+bin_path=$prefix/bin/$name
+etc=/etc/$name
+unit_path=/etc/systemd/system/$name.service
+real_root=$([ -z "$destdir" ] && echo true || echo false)
+has_systemd=$($real_root && command -v systemctl >/dev/null && [ -d /run/systemd/system ] && echo true || echo false)
+
+if $uninstall; then
+  if $has_systemd; then systemctl disable --now "$name" 2>/dev/null || true; fi
+  rm -f "$destdir$bin_path" "$destdir$unit_path"
+  if $has_systemd; then systemctl daemon-reload; fi
+  echo "removed $destdir$bin_path and $destdir$unit_path; $destdir$etc is kept (it holds your keys)"
+  exit 0
+fi
+
+if [ -z "$binary" ]; then
+  for candidate in target/x86_64-unknown-linux-musl/release/$name target/release/$name; do
+    [ -x "$candidate" ] && { binary=$candidate; break; }
+  done
+fi
+[ -n "$binary" ] && [ -x "$binary" ] || { echo "no binary: build with scripts/build-static.sh or pass --binary" >&2; exit 1; }
+
+if $real_root && ! id "$user" >/dev/null 2>&1; then
+  useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$user"
+fi
+
+install -d "$destdir$prefix/bin" "$destdir$etc" "$destdir$(dirname "$unit_path")"
+install -m 0755 "$binary" "$destdir$bin_path.new"
+mv -f "$destdir$bin_path.new" "$destdir$bin_path"
+
+for f in base.yaml production.yaml; do
+  [ -e "$destdir$etc/$f" ] || install -m 0644 "config/$f" "$destdir$etc/$f"
+done
+if [ ! -e "$destdir$etc/env" ]; then
+  (umask 077 && cat >"$destdir$etc/env" <<ENV
+# Secrets for $name, read by systemd (EnvironmentFile) and referenced as \${VAR} in
+# $etc/production.yaml. Readable by root only.
+AZURE_OPENAI_KEY_EAST=
+AZURE_OPENAI_BASE_EAST=
+AZURE_OPENAI_KEY_WEST=
+AZURE_OPENAI_BASE_WEST=
+# FEISHU_WEBHOOK=
+ENV
+  )
+fi
+
+cat >"$destdir$unit_path" <<UNIT
+[Unit]
+Description=azure-openai-proxy: OpenAI-compatible proxy for Azure OpenAI instances
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=simple
+User=$user
+Group=$user
+Environment=ENVIRONMENT=production
+EnvironmentFile=$etc/env
+ExecStartPre=$bin_path --check-config --config-dir $etc
+ExecStart=$bin_path --config-dir $etc
+ExecReload=/bin/kill -HUP \$MAINPID
+Restart=on-failure
+RestartSec=2
+# server.shutdown_grace_seconds (30 by default) plus a margin.
+TimeoutStopSec=40
+LimitNOFILE=65536
+NoNewPrivileges=true
+ProtectSystem=strict
+ProtectHome=true
+PrivateTmp=true
+LogsDirectory=$name
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+
+if $has_systemd; then
+  systemctl daemon-reload
+  systemctl enable "$name" >/dev/null
+  echo "installed; put your keys in $etc/env, then: systemctl start $name"
+else
+  echo "installed under ${destdir:-/} (no systemd actions taken)"
+fi

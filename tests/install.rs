@@ -1,0 +1,147 @@
+//! `scripts/install.sh` run into a temporary root (`--destdir`): what it installs, that a
+//! second run keeps the operator's config and secrets, and `--uninstall`.
+
+mod common;
+use common::TempDir;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_azure-openai-proxy");
+
+fn install(root: &Path, extra: &[&str]) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/install.sh");
+    let out = Command::new("bash")
+        .arg(script)
+        .arg("--destdir")
+        .arg(root)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn installs_a_service_idempotently_and_uninstalls() {
+    let root = TempDir::new();
+    let r = |p: &str| root.0.join(p.trim_start_matches('/'));
+    let out = install(
+        &root.0,
+        &[
+            "--binary",
+            BIN,
+            "--prefix",
+            "/opt/aop",
+            "--user",
+            "proxyuser",
+        ],
+    );
+    assert!(out.contains("no systemd actions taken"), "{out}");
+
+    let bin = r("/opt/aop/bin/azure-openai-proxy");
+    assert_eq!(mode(&bin), 0o755);
+    let version = Command::new(&bin).arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&version.stdout).starts_with("azure-openai-proxy "));
+    assert_eq!(
+        mode(&r("/etc/azure-openai-proxy/env")),
+        0o600,
+        "secrets are root-only"
+    );
+    let base = std::fs::read_to_string(r("/etc/azure-openai-proxy/base.yaml")).unwrap();
+    assert_eq!(
+        base,
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/base.yaml")).unwrap()
+    );
+
+    let unit =
+        std::fs::read_to_string(r("/etc/systemd/system/azure-openai-proxy.service")).unwrap();
+    for line in [
+        "ExecStart=/opt/aop/bin/azure-openai-proxy --config-dir /etc/azure-openai-proxy",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "EnvironmentFile=/etc/azure-openai-proxy/env",
+        "Environment=ENVIRONMENT=production",
+        "Restart=on-failure",
+        "User=proxyuser",
+        "NoNewPrivileges=true",
+        "WantedBy=multi-user.target",
+    ] {
+        assert!(
+            unit.lines().any(|l| l == line),
+            "missing {line:?} in\n{unit}"
+        );
+    }
+    assert!(
+        !unit.contains(root.0.to_str().unwrap()),
+        "the unit names real paths, not the staging root"
+    );
+
+    // The installed config validates with the secrets the env file would give it.
+    let check = Command::new(&bin)
+        .args(["--check-config", "--config-dir"])
+        .arg(r("/etc/azure-openai-proxy"))
+        .env_clear()
+        .envs([
+            ("ENVIRONMENT", "production"),
+            ("AZURE_OPENAI_KEY_EAST", "k1"),
+            ("AZURE_OPENAI_BASE_EAST", "https://east.example.com"),
+            ("AZURE_OPENAI_KEY_WEST", "k2"),
+            ("AZURE_OPENAI_BASE_WEST", "https://west.example.com"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    // Operator edits survive a second run; the binary and unit are refreshed.
+    std::fs::write(r("/etc/azure-openai-proxy/base.yaml"), "# edited\n").unwrap();
+    std::fs::write(
+        r("/etc/azure-openai-proxy/env"),
+        "AZURE_OPENAI_KEY_EAST=secret\n",
+    )
+    .unwrap();
+    std::fs::write(&bin, "stale").unwrap();
+    install(
+        &root.0,
+        &[
+            "--binary",
+            BIN,
+            "--prefix",
+            "/opt/aop",
+            "--user",
+            "proxyuser",
+        ],
+    );
+    assert_eq!(
+        std::fs::read_to_string(r("/etc/azure-openai-proxy/base.yaml")).unwrap(),
+        "# edited\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(r("/etc/azure-openai-proxy/env")).unwrap(),
+        "AZURE_OPENAI_KEY_EAST=secret\n"
+    );
+    assert_eq!(
+        std::fs::metadata(&bin).unwrap().len(),
+        std::fs::metadata(BIN).unwrap().len()
+    );
+
+    let out = install(&root.0, &["--uninstall", "--prefix", "/opt/aop"]);
+    assert!(out.contains("is kept"), "{out}");
+    assert!(!bin.exists() && !r("/etc/systemd/system/azure-openai-proxy.service").exists());
+    assert!(
+        r("/etc/azure-openai-proxy/env").exists(),
+        "keys are not deleted"
+    );
+    install(&root.0, &["--uninstall", "--prefix", "/opt/aop"]); // twice is fine
+}

@@ -474,3 +474,20 @@ fn oversized_request_heads_are_refused_with_431() {
 
     assert_eq!(chat(&proxy).status, 200, "still serving");
 }
+
+#[test]
+fn still_accepts_after_idling_longer_than_client_timeout() {
+    let a = Mock::start(azure_like(KEY_A));
+    let b = Mock::start(azure_like(KEY_B));
+    let proxy = TestProxy::start(&format!(
+        "server: {{workers: 2, client_timeout: 0.2}}\n{}",
+        instances(&a, &b, 1, 2)
+    ));
+    assert_eq!(chat(&proxy).status, 200);
+    // Accepted sockets take their timeouts from the listener, so accept() itself times
+    // out on an idle listener. Idling is the behaviour under test: nothing to await.
+    std::thread::sleep(Duration::from_millis(700));
+    for _ in 0..3 {
+        assert_eq!(chat(&proxy).status, 200, "the proxy stopped accepting");
+    }
+}

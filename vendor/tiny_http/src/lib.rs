@@ -341,11 +341,20 @@ impl Server {
                         }));
                     }
 
-                    Err(e) => {
-                        log::error!("Error accepting new client: {}", e);
-                        inside_messages.push(e.into());
-                        break;
-                    }
+                    // azure-openai-proxy patch: upstream ends this thread on any accept
+                    // error, and the server silently stops accepting. A receive timeout
+                    // on the listener (which accepted sockets inherit) makes accept()
+                    // fail with WouldBlock after every idle period, and running out of
+                    // file descriptors is transient too: keep accepting.
+                    Err(_) if inside_close_trigger.load(Relaxed) => break,
+                    Err(e) => match e.kind() {
+                        IoErrorKind::WouldBlock | IoErrorKind::TimedOut | IoErrorKind::Interrupted => {}
+                        _ => {
+                            log::warn!("accepting a connection failed: {}", e);
+                            // Not a busy loop while the error lasts (EMFILE, say).
+                            thread::sleep(Duration::from_millis(50));
+                        }
+                    },
                 }
             }
             log::debug!("Terminating accept thread");

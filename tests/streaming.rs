@@ -249,3 +249,57 @@ fn an_upstream_error_on_a_stream_request_is_a_plain_json_error() {
     assert_eq!(a.status, 400);
     assert_eq!(a.json()["error"]["code"], "context_length_exceeded");
 }
+
+#[test]
+fn a_burst_of_new_streams_all_start_while_earlier_ones_are_held() {
+    // tiny_http gives each connection a thread from a pool for the connection's life. A
+    // burst of new connections must each get a thread, not queue behind busy ones.
+    let mock = Mock::start(slow_stream(Duration::from_millis(1), &["a"], || {
+        SseEnd::Stall(Duration::from_secs(20))
+    }));
+    let proxy = proxy_for(&mock, "server: {workers: 128}\nrouting: {timeout: 4}\n");
+    // Served once first, so that the pool's threads are idle and waiting for the burst.
+    assert_eq!(
+        send("GET", &format!("{}/health", proxy.url), &[], None).status,
+        200
+    );
+    let addr = proxy.url.trim_start_matches("http://");
+    let burst = 100;
+    let started = Instant::now();
+    let go = Arc::new(std::sync::Barrier::new(burst));
+    let (tx, rx) = std::sync::mpsc::channel();
+    for _ in 0..burst {
+        let (tx, go, addr) = (tx.clone(), go.clone(), addr.to_string());
+        std::thread::spawn(move || {
+            go.wait();
+            let first_event = || -> std::io::Result<()> {
+                let mut c = std::net::TcpStream::connect(&addr)?;
+                c.set_read_timeout(Some(Duration::from_secs(10)))?;
+                let body = r#"{"model":"gpt-4o","stream":true}"#;
+                write!(c, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())?;
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !seen.windows(5).any(|w| w == b"data:") {
+                    match c.read(&mut buf)? {
+                        0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                        n => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                Ok(())
+            };
+            let _ = tx.send(first_event().map(|()| started.elapsed()));
+        });
+    }
+    // Every stream is held by the upstream until `routing.timeout` (4 s) cuts it, so a
+    // connection queued behind another would only start after that.
+    for i in 0..burst {
+        let took = rx
+            .recv_timeout(Duration::from_secs(15))
+            .expect("client thread");
+        let took = took.unwrap_or_else(|e| panic!("stream {i}: {e}"));
+        assert!(
+            took < Duration::from_millis(3500),
+            "stream {i} started after {took:?}"
+        );
+    }
+}

@@ -69,7 +69,12 @@ impl TaskPool {
     pub fn spawn(&self, code: Box<dyn FnMut() + Send>) {
         let mut queue = self.sharing.todo.lock().unwrap();
 
-        if self.sharing.waiting_tasks.load(Ordering::Acquire) == 0 {
+        // azure-openai-proxy patch: upstream queues the task whenever any thread is
+        // waiting. A woken thread counts as waiting until it takes the lock again, so a
+        // burst of connections could queue more tasks than there were idle threads, and
+        // those connections waited behind long-lived ones (streams) for their thread.
+        // Queue only when an idle thread is left over for this task.
+        if self.sharing.waiting_tasks.load(Ordering::Acquire) <= queue.len() {
             self.add_thread(Some(code));
         } else {
             queue.push_back(code);

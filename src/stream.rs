@@ -152,8 +152,10 @@ pub fn relay(
     client: &mut ClientStream,
     strip_usage_chunk: bool,
 ) -> Summary {
-    let mut pending: Vec<u8> = Vec::with_capacity(16 * 1024);
-    let mut buf = vec![0u8; 16 * 1024];
+    // Small on purpose: a held stream keeps these for its whole life, and events are
+    // far smaller (the pending buffer grows if one is not).
+    let mut pending: Vec<u8> = Vec::with_capacity(4 * 1024);
+    let mut buf = vec![0u8; 4 * 1024];
     let mut usage = None;
     let mut done = false;
     let failure = loop {

@@ -17,10 +17,11 @@ pub fn agent(routing: &Routing, workers: usize) -> ureq::Agent {
         // Bounds each gap between reads of a (streamed) body, not the whole body.
         .timeout_per_read(Some(Duration::from_secs_f64(routing.timeout)))
         // ureq fills 128 KiB input and output buffers per connection by default: 256 KiB
-        // of RSS for each stream held open. A response head must fit the input buffer.
-        .input_buffer_size(16 * 1024)
-        .max_response_header_size(16 * 1024)
-        .output_buffer_size(8 * 1024)
+        // of RSS for each stream held open. A response head must fit the input buffer;
+        // 8 KiB is also nginx's default limit for an upstream's response head.
+        .input_buffer_size(8 * 1024)
+        .max_response_header_size(8 * 1024)
+        .output_buffer_size(4 * 1024)
         .max_idle_connections(workers.max(16))
         .max_idle_connections_per_host(workers.max(16))
         .user_agent(concat!("azure-openai-proxy/", env!("CARGO_PKG_VERSION")))

@@ -506,3 +506,45 @@ fn configured_client_keys_are_required_on_api_endpoints() {
         );
     }
 }
+
+#[test]
+fn upstream_response_heads_up_to_the_limit_pass_and_larger_ones_get_a_502() {
+    // The proxy keeps its per-connection buffers small (8 KiB response head, as nginx).
+    let mock = Mock::start(std::sync::Arc::new(|req: &Recorded| {
+        let filler = if req.target.contains("big-dep") {
+            9000
+        } else {
+            6000
+        };
+        MockReply::Json {
+            status: 200,
+            headers: vec![("x-filler".into(), "f".repeat(filler))],
+            body: json!({"object": "list", "data": []}),
+        }
+    }));
+    let instance = |name: &str, dep: &str| {
+        azure_instance(
+            name,
+            &mock.url,
+            KEY,
+            1,
+            &format!("supported_models: [{name}], model_deployments: {{{name}: {dep}}}"),
+        )
+    };
+    let proxy = TestProxy::start(&format!(
+        "routing: {{retries: 0}}\ninstances:\n{}{}",
+        instance("small", "small-dep"),
+        instance("large", "big-dep")
+    ));
+    let ask = |model: &str| {
+        post_json(
+            &format!("{}/v1/embeddings", proxy.url),
+            &json!({"model": model, "input": "x"}),
+        )
+    };
+    assert_eq!(ask("small").status, 200);
+    let a = ask("large");
+    assert_eq!(a.status, 502, "{:?}", String::from_utf8_lossy(&a.body));
+    let message = a.openai_error()["message"].as_str().unwrap().to_string();
+    assert!(message.contains("large"), "{message}");
+}

@@ -285,6 +285,17 @@ fn header_u64(headers: &ureq::http::HeaderMap, name: &str) -> Option<u64> {
     headers.get(name)?.to_str().ok()?.trim().parse().ok()
 }
 
+/// A request that failed below HTTP; `refused`: the upstream never saw it.
+fn transport_failure(e: &ureq::Error, refused: bool) -> (Report, Result<Reply, Failed>) {
+    let failed = if matches!(e, ureq::Error::Timeout(_)) {
+        Failed::Timeout
+    } else {
+        Failed::Unreachable
+    };
+    let why = e.to_string();
+    (Report::Failed { why, refused }, Err(failed))
+}
+
 /// Sends `out` to instance `i` and says what happened: the report for the instance
 /// table, and either the reply to give the client or the failure to fall back on.
 fn attempt(g: &Generation, i: usize, out: &Outgoing) -> (Report, Result<Reply, Failed>) {
@@ -306,18 +317,7 @@ fn attempt(g: &Generation, i: usize, out: &Outgoing) -> (Report, Result<Reply, F
                 out.op,
                 out.model
             );
-            let failed = if matches!(e, ureq::Error::Timeout(_)) {
-                Failed::Timeout
-            } else {
-                Failed::Unreachable
-            };
-            return (
-                Report::Failed {
-                    why: e.to_string(),
-                    refused: never_arrived(&e),
-                },
-                Err(failed),
-            );
+            return transport_failure(&e, never_arrived(&e));
         }
     };
     let status = response.status().as_u16();
@@ -379,18 +379,7 @@ fn attempt(g: &Generation, i: usize, out: &Outgoing) -> (Report, Result<Reply, F
                 "instance {}: reading the {status} response failed: {e}",
                 inst.name
             );
-            let failed = if matches!(e, ureq::Error::Timeout(_)) {
-                Failed::Timeout
-            } else {
-                Failed::Unreachable
-            };
-            return (
-                Report::Failed {
-                    why: e.to_string(),
-                    refused: false,
-                },
-                Err(failed),
-            );
+            return transport_failure(&e, false);
         }
     };
     // An error body could echo what it was sent; the instance's key must never reach

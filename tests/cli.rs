@@ -2,7 +2,7 @@
 
 mod common;
 use common::{send, TempDir};
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::Receiver;
@@ -368,4 +368,43 @@ fn sigterm_lets_a_stream_in_flight_finish_then_exits_0() {
     assert_eq!(status.code(), Some(0));
     let log = proxy.stderr();
     assert!(log.contains("all requests finished"), "{log}");
+}
+
+#[test]
+fn running_out_of_file_descriptors_does_not_stop_accepting() {
+    let dir = TempDir::new();
+    dir.write(
+        "base.yaml",
+        "host: 127.0.0.1\nport: 0\nserver: {workers: 2, client_timeout: 1}\ninstances:\n  - {name: a, api_key: k, api_base: 'http://127.0.0.1:9', api_version: v, supported_models: [m]}\n",
+    );
+    // A descriptor limit that the idle connections below use up.
+    let mut cmd = Command::new("prlimit");
+    cmd.args(["--nofile=64:64", BIN, "--config-dir"])
+        .arg(&dir.0)
+        .env_clear();
+    let mut proxy = Running::start(&mut cmd);
+    let held: Vec<_> = (0..100)
+        .filter_map(|_| std::net::TcpStream::connect(&proxy.addr).ok())
+        .collect();
+    assert!(
+        common::wait_until(Duration::from_secs(10), || proxy
+            .stderr()
+            .contains("accepting a connection failed")),
+        "the descriptors did not run out: {}",
+        proxy.stderr()
+    );
+    drop(held);
+    let models = || -> std::io::Result<String> {
+        let mut c = std::net::TcpStream::connect(&proxy.addr)?;
+        c.set_read_timeout(Some(Duration::from_secs(2)))?;
+        c.write_all(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+        let mut answer = String::new();
+        c.read_to_string(&mut answer)?;
+        Ok(answer)
+    };
+    assert!(
+        common::wait_until(Duration::from_secs(15), || models()
+            .is_ok_and(|a| a.starts_with("HTTP/1.1 200"))),
+        "the proxy stopped accepting"
+    );
 }

@@ -297,8 +297,8 @@ impl Server {
                 let new_client = match server.accept() {
                     Ok((sock, _)) => {
                         use util::RefinedTcpStream;
-                        let (read_closable, write_closable) = match ssl {
-                            None => RefinedTcpStream::new(sock),
+                        let halves = match ssl {
+                            None => RefinedTcpStream::try_new(sock),
                             #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
                             Some(ref ssl) => {
                                 // trying to apply SSL over the connection
@@ -308,13 +308,15 @@ impl Server {
                                     Err(_) => continue,
                                 };
 
-                                RefinedTcpStream::new(sock)
+                                Ok(RefinedTcpStream::new(sock))
                             }
                             #[cfg(not(any(feature = "ssl-openssl", feature = "ssl-rustls")))]
                             Some(ref _ssl) => unreachable!(),
                         };
 
-                        Ok(ClientConnection::new(write_closable, read_closable))
+                        halves.map(|(read_closable, write_closable)| {
+                            ClientConnection::new(write_closable, read_closable)
+                        })
                     }
                     Err(e) => Err(e),
                 };
@@ -350,7 +352,8 @@ impl Server {
                     Err(e) => match e.kind() {
                         IoErrorKind::WouldBlock | IoErrorKind::TimedOut | IoErrorKind::Interrupted => {}
                         _ => {
-                            log::warn!("accepting a connection failed: {}", e);
+                            // The proxy's own target: it ignores tiny_http's log lines.
+                            log::warn!(target: "azure_openai_proxy::accept", "accepting a connection failed: {}", e);
                             // Not a busy loop while the error lasts (EMFILE, say).
                             thread::sleep(Duration::from_millis(50));
                         }

@@ -96,7 +96,17 @@ impl RefinedTcpStream {
         let stream: Stream = stream.into();
 
         let (read, write) = (stream.clone(), stream);
+        Self::halves(read, write)
+    }
 
+    /// azure-openai-proxy patch: `new` unwraps cloning the socket, which fails when the
+    /// process is out of file descriptors; that panic ended the accept thread for good.
+    pub(crate) fn try_new(stream: Connection) -> IoResult<(RefinedTcpStream, RefinedTcpStream)> {
+        let read = Stream::Http(stream.try_clone()?);
+        Ok(Self::halves(read, Stream::Http(stream)))
+    }
+
+    fn halves(read: Stream, write: Stream) -> (RefinedTcpStream, RefinedTcpStream) {
         let read = RefinedTcpStream {
             stream: read,
             close_read: true,

@@ -15,6 +15,8 @@ pub mod router;
 pub mod server;
 pub mod stats;
 pub mod stream;
+#[cfg(test)]
+mod testutil;
 pub mod upstream;
 
 pub use server::Proxy;

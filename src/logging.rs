@@ -176,18 +176,10 @@ pub fn init(config: &Config) -> Result<(), String> {
 mod tests {
     use super::*;
 
-    struct Dir(PathBuf);
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::testutil::TempDir;
 
-    fn dir(tag: &str) -> Dir {
-        let d = std::env::temp_dir().join(format!("aop-log-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Dir(d)
+    fn dir(tag: &str) -> TempDir {
+        TempDir::new(&format!("log-{tag}"))
     }
 
     fn line(i: usize) -> String {

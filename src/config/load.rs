@@ -488,22 +488,14 @@ mod tests {
     use super::*;
     use crate::config::schema::Strategy;
 
-    struct Dir(PathBuf);
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::testutil::TempDir;
 
-    fn dir_with(files: &[(&str, &str)]) -> Dir {
-        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let d = std::env::temp_dir().join(format!("aop-load-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
+    fn dir_with(files: &[(&str, &str)]) -> TempDir {
+        let d = TempDir::new("load");
         for (name, text) in files {
-            std::fs::write(d.join(name), text).unwrap();
+            std::fs::write(d.0.join(name), text).unwrap();
         }
-        Dir(d)
+        d
     }
 
     fn env(pairs: &[(&str, &str)]) -> Env {

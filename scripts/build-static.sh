@@ -39,7 +39,7 @@ fi
 
 say "building release for $target ($libc)"
 cargo build --release --locked --target "$target" >&2
-bin="target/$target/release/azure-openai-proxy"
+bin="${CARGO_TARGET_DIR:-target}/$target/release/azure-openai-proxy"
 
 linkage=$(ldd "$bin" 2>&1 || true)
 case "$linkage" in

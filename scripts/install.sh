@@ -50,7 +50,8 @@ if $uninstall; then
 fi
 
 if [ -z "$binary" ]; then
-  for candidate in target/x86_64-unknown-linux-musl/release/$name target/release/$name; do
+  t=${CARGO_TARGET_DIR:-target}
+  for candidate in "$t/x86_64-unknown-linux-musl/release/$name" "$t/release/$name"; do
     [ -x "$candidate" ] && { binary=$candidate; break; }
   done
 fi

@@ -276,7 +276,12 @@ fn never_arrived(e: &ureq::Error) -> bool {
     match e {
         ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => true,
         ureq::Error::Timeout(t) => matches!(t, T::Resolve | T::Connect),
-        ureq::Error::Io(io) => io.kind() == std::io::ErrorKind::ConnectionRefused,
+        ureq::Error::Io(io) => {
+            io.kind() == std::io::ErrorKind::ConnectionRefused
+                // A failed name lookup comes from std as an uncategorised io::Error,
+                // recognisable only by its fixed message.
+                || io.to_string().starts_with("failed to lookup address information")
+        }
         _ => false,
     }
 }

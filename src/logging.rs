@@ -155,7 +155,12 @@ pub fn init(config: &Config) -> Result<(), String> {
         level,
         log_config.clone(),
         TerminalMode::Stderr,
-        ColorChoice::Auto,
+        // simplelog's Auto colours output that goes to a file or journald too.
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            ColorChoice::Auto
+        } else {
+            ColorChoice::Never
+        },
     )];
     if let Some(path) = &config.logging.file {
         let path = Path::new(path);

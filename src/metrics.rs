@@ -60,7 +60,7 @@ pub fn metrics(state: &State, g: &Generation) -> Reply {
     let stats = state.stats.lock();
     let mut out = Exposition(String::with_capacity(8 * 1024));
 
-    out.family("requests_total", "counter", "API requests answered, by the instance that answered (none: no instance did), model and status.");
+    out.family("requests_total", "counter", "API requests answered, by the last instance tried (none: the proxy tried none), model and status.");
     for ((instance, model, status), n) in &stats.requests_by_key {
         out.sample(
             "requests_total",

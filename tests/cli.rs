@@ -176,6 +176,8 @@ fn the_example_config_starts_with_placeholder_keys_and_serves_models() {
             .arg("--config-dir")
             .arg(&dir.0)
             .env("ENVIRONMENT", "test")
+            // A terminal type, as in an operator's shell, while stderr is a pipe.
+            .env("TERM", "xterm-256color")
             .env("AZURE_OPENAI_KEY_WEST", "sk-west-secret-123"),
     );
     let models = send("GET", &proxy.url("/v1/models"), &[], None);
@@ -201,6 +203,10 @@ fn the_example_config_starts_with_placeholder_keys_and_serves_models() {
     assert!(
         log.contains("GET /v1/models"),
         "one access line per request: {log}"
+    );
+    assert!(
+        !log.contains('\u{1b}'),
+        "no colour codes off a terminal: {log:?}"
     );
     assert!(
         log.contains("auth.api_keys is not set"),

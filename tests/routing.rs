@@ -406,3 +406,46 @@ fn concurrent_clients_lose_nothing_and_never_overfill_a_window() {
         "no window took more than it holds"
     );
 }
+
+#[test]
+fn requests_that_never_reached_an_upstream_give_their_reservation_back() {
+    let refused = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    // `.invalid` never resolves (RFC 2606).
+    let proxy = TestProxy::start(&format!(
+        "routing: {{retries: 1, circuit_failures: 100}}\ninstances:\n{}{}",
+        azure_instance(
+            "refused",
+            &refused,
+            KEY,
+            1,
+            "max_tpm: 100000, supported_models: [m]"
+        ),
+        azure_instance(
+            "unresolvable",
+            "http://no-such-host.invalid",
+            KEY,
+            2,
+            "max_tpm: 100000, supported_models: [m]"
+        ),
+    ));
+    for _ in 0..3 {
+        assert_eq!(chat(&proxy).status, 502);
+    }
+    let instances = send("GET", &format!("{}/stats/instances", proxy.url), &[], None).json();
+    let tpm: HashMap<String, u64> = instances["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["name"].as_str().unwrap().to_string(),
+                i["current_tpm"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(tpm["refused"], 0, "{instances}");
+    assert_eq!(tpm["unresolvable"], 0, "{instances}");
+}

@@ -116,5 +116,5 @@ if $has_systemd; then
   systemctl enable "$name" >/dev/null
   echo "installed; put your keys in $etc/env, then: systemctl start $name"
 else
-  echo "installed under ${destdir:-/} (no systemd actions taken)"
+  echo "installed under ${destdir:-/} (no systemd actions taken); put your keys in ${destdir}$etc/env"
 fi

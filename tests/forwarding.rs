@@ -198,10 +198,7 @@ fn a_5xx_or_dead_instance_is_retried_on_the_next_one() {
         )
     }));
     let closing = Mock::start(std::sync::Arc::new(|_: &Recorded| MockReply::Close));
-    let refused = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("http://{}", l.local_addr().unwrap())
-    };
+    let refused = refused_url();
     let models = "supported_models: [gpt-4o]";
     let proxy = TestProxy::start(&format!(
         "instances:\n{}{}{}{}",
@@ -262,10 +259,7 @@ fn retries_are_bounded_and_the_last_upstream_error_comes_back() {
 
 #[test]
 fn unreachable_instances_give_a_502_in_openai_shape() {
-    let refused = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("http://{}", l.local_addr().unwrap())
-    };
+    let refused = refused_url();
     let proxy = TestProxy::start(&format!(
         "instances:\n{}",
         azure_instance("gone", &refused, KEY, 1, "supported_models: [m]")

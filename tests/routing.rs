@@ -409,10 +409,7 @@ fn concurrent_clients_lose_nothing_and_never_overfill_a_window() {
 
 #[test]
 fn requests_that_never_reached_an_upstream_give_their_reservation_back() {
-    let refused = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("http://{}", l.local_addr().unwrap())
-    };
+    let refused = refused_url();
     // `.invalid` never resolves (RFC 2606).
     let proxy = TestProxy::start(&format!(
         "routing: {{retries: 1, circuit_failures: 100}}\ninstances:\n{}{}",

@@ -298,7 +298,7 @@ impl Server {
                     Ok((sock, _)) => {
                         use util::RefinedTcpStream;
                         let halves = match ssl {
-                            None => RefinedTcpStream::try_new(sock),
+                            None => RefinedTcpStream::new(sock),
                             #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
                             Some(ref ssl) => {
                                 // trying to apply SSL over the connection
@@ -308,7 +308,7 @@ impl Server {
                                     Err(_) => continue,
                                 };
 
-                                Ok(RefinedTcpStream::new(sock))
+                                RefinedTcpStream::new(sock)
                             }
                             #[cfg(not(any(feature = "ssl-openssl", feature = "ssl-rustls")))]
                             Some(ref _ssl) => unreachable!(),

@@ -12,13 +12,15 @@ pub(crate) enum Stream {
     Https(SslStream),
 }
 
-impl Clone for Stream {
-    fn clone(&self) -> Self {
-        match self {
-            Stream::Http(tcp_stream) => Stream::Http(tcp_stream.try_clone().unwrap()),
+impl Stream {
+    /// azure-openai-proxy patch: was `Clone`, which unwrapped `try_clone`. That fails when
+    /// the process is out of file descriptors, and the panic ended the accept thread.
+    fn try_clone(&self) -> IoResult<Self> {
+        Ok(match self {
+            Stream::Http(tcp_stream) => Stream::Http(tcp_stream.try_clone()?),
             #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
             Stream::Https(ssl_stream) => Stream::Https(ssl_stream.clone()),
-        }
+        })
     }
 }
 
@@ -89,24 +91,14 @@ pub struct RefinedTcpStream {
 }
 
 impl RefinedTcpStream {
-    pub(crate) fn new<S>(stream: S) -> (RefinedTcpStream, RefinedTcpStream)
+    pub(crate) fn new<S>(stream: S) -> IoResult<(RefinedTcpStream, RefinedTcpStream)>
     where
         S: Into<Stream>,
     {
         let stream: Stream = stream.into();
 
-        let (read, write) = (stream.clone(), stream);
-        Self::halves(read, write)
-    }
+        let (read, write) = (stream.try_clone()?, stream);
 
-    /// azure-openai-proxy patch: `new` unwraps cloning the socket, which fails when the
-    /// process is out of file descriptors; that panic ended the accept thread for good.
-    pub(crate) fn try_new(stream: Connection) -> IoResult<(RefinedTcpStream, RefinedTcpStream)> {
-        let read = Stream::Http(stream.try_clone()?);
-        Ok(Self::halves(read, Stream::Http(stream)))
-    }
-
-    fn halves(read: Stream, write: Stream) -> (RefinedTcpStream, RefinedTcpStream) {
         let read = RefinedTcpStream {
             stream: read,
             close_read: true,
@@ -119,7 +111,7 @@ impl RefinedTcpStream {
             close_write: true,
         };
 
-        (read, write)
+        Ok((read, write))
     }
 
     /// Returns true if this struct wraps around a secure connection.

@@ -170,6 +170,11 @@ ttfb() {  # median time_starttransfer (ms) of 200 streamed requests; $1 url, $2 
       -d '{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}'
   done | sort -n | awk '{a[NR]=$1} END{printf "%.3f", a[int((NR+1)/2)]*1000}'
 }
+for target in direct proxy; do  # the X-Stream header must reach nginx through the proxy
+  curl -s -o /dev/null -w '%{content_type}' -X POST "${url[$target]}" -H 'Content-Type: application/json' \
+    -H "X-Stream: 1" -d '{"model":"gpt-4o","stream":true,"messages":[]}' | grep -q '^text/event-stream' ||
+    { echo "$target: the streamed request did not get an event stream" >&2; exit 1; }
+done
 ttfb_direct=$(ttfb "${url[direct]}" "X-Stream: 1")
 ttfb_proxy=$(ttfb "${url[proxy]}" "X-Stream: 1")
 say "SSE TTFB: direct $ttfb_direct ms, proxy $ttfb_proxy ms"

@@ -248,18 +248,25 @@ pub fn stats_reset(state: &State) -> Reply {
 }
 
 /// `GET /health`: 200 while at least one instance can take requests (its circuit is
-/// not open), 503 otherwise.
+/// not open), 503 otherwise, and 503 from the moment the proxy starts shutting down,
+/// so that a load balancer stops sending before it goes.
 pub fn health(state: &State, g: &Generation) -> Reply {
     let (views, _) = views(state, g);
     let available = views
         .iter()
         .filter(|v| v.health != Health::CircuitOpen)
         .count();
-    let ok = available > 0;
+    let draining = state.draining.load(std::sync::atomic::Ordering::SeqCst);
+    let ok = available > 0 && !draining;
+    let status = match (draining, ok) {
+        (true, _) => "draining",
+        (false, true) => "healthy",
+        (false, false) => "unhealthy",
+    };
     Reply::json(
         if ok { 200 } else { 503 },
         &json!({
-            "status": if ok { "healthy" } else { "unhealthy" },
+            "status": status,
             "available_instances": available,
             "total_instances": views.len(),
             "version": env!("CARGO_PKG_VERSION"),

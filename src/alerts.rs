@@ -12,6 +12,9 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 pub const DEDUP_WINDOW: Duration = Duration::from_secs(300);
+/// Keys remembered at most. Some keys carry a model a client named (an instance that
+/// serves any model), so their number is bounded; past it, new keys share one.
+const MAX_KEYS: usize = 512;
 const QUEUE: usize = 32;
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -89,6 +92,13 @@ impl Alerts {
         };
         let held_back = {
             let mut seen = inner.seen.lock();
+            let mut key = key;
+            if seen.len() >= MAX_KEYS && !seen.contains_key(key) {
+                seen.retain(|_, (last, _)| now.saturating_duration_since(*last) < DEDUP_WINDOW);
+                if seen.len() >= MAX_KEYS {
+                    key = "*";
+                }
+            }
             match seen.get_mut(key) {
                 Some((last, repeats)) if now.saturating_duration_since(*last) < DEDUP_WINDOW => {
                     *repeats += 1;
@@ -149,5 +159,28 @@ mod tests {
                 "[p] ERROR: instance east rejected the key (99 more since the last alert)",
             ]
         );
+    }
+
+    #[test]
+    fn distinct_keys_past_the_bound_share_one() {
+        let (tx, rx) = crossbeam_channel::bounded(4 * MAX_KEYS);
+        let alerts = Alerts {
+            inner: Some(Inner {
+                tx,
+                seen: Mutex::new(HashMap::new()),
+            }),
+            proxy: "p".into(),
+        };
+        let t0 = Instant::now();
+        for i in 0..3 * MAX_KEYS {
+            alerts.error_at(&format!("deployment:x:m{i}"), "no deployment", t0);
+        }
+        assert_eq!(
+            rx.try_iter().count(),
+            MAX_KEYS + 1,
+            "one per key, then one for the rest"
+        );
+        let seen = alerts.inner.as_ref().unwrap().seen.lock().len();
+        assert_eq!(seen, MAX_KEYS + 1);
     }
 }

@@ -3,18 +3,19 @@
 //! instances not yet tried, and the answer when none can serve. Produces a `Reply`;
 //! the server writes it.
 
+use crate::body::{self, Meta};
 use crate::config::{Config, Provider};
 use crate::error::ApiError;
 use crate::instances::{Admission, Blocked, Report};
-use crate::ratelimit::{self, estimate_text};
+use crate::logging::Clean;
+use crate::permits::Permit;
+use crate::ratelimit;
 use crate::router;
 use crate::server::{Generation, State};
 use crate::stats::{Attempt, AttemptEnd};
 use crate::upstream::{self, Outcome, Usage};
-use serde::Deserialize;
-use serde_json::{json, Map, Value};
-use std::borrow::Cow;
-use std::io::Read;
+use serde_json::{json, Value};
+use std::io::{ErrorKind, Read};
 use std::time::{Duration, Instant, SystemTime};
 
 /// What the access log and the statistics learn about a request.
@@ -32,10 +33,11 @@ pub struct Trace {
 pub enum Body {
     Full(Vec<u8>),
     /// A 2xx SSE response still to be relayed; `strip_usage` when the proxy asked for
-    /// the usage chunk on the client's behalf.
+    /// the usage chunk on the client's behalf. It holds its permit until it ends.
     Stream {
         upstream: ureq::Body,
         strip_usage: bool,
+        permit: Option<Permit>,
     },
 }
 
@@ -47,6 +49,25 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// A 2xx event stream to relay; the request's permit is attached by `forward`.
+    fn stream(
+        status: u16,
+        headers: Vec<(String, String)>,
+        upstream: ureq::Body,
+        strip_usage: bool,
+    ) -> Reply {
+        Reply {
+            status,
+            headers,
+            body: Body::Stream {
+                upstream,
+                strip_usage,
+                permit: None,
+            },
+            trace: Trace::default(),
+        }
+    }
+
     pub fn json(status: u16, value: &Value) -> Reply {
         Reply {
             status,
@@ -87,103 +108,9 @@ pub fn models(g: &Generation) -> Reply {
     Reply::json(200, &json!({"object": "list", "data": data}))
 }
 
-/// The fields routing and the token estimate need; everything else in the body is
-/// skipped unparsed.
-#[derive(Deserialize)]
-struct Meta {
-    model: Option<String>,
-    stream: Option<bool>,
-    stream_options: Option<StreamOptions>,
-    messages: Option<Vec<Message>>,
-    prompt: Option<Text>,
-    input: Option<Text>,
-    max_tokens: Option<u64>,
-    max_completion_tokens: Option<u64>,
-    n: Option<u64>,
-    best_of: Option<u64>,
-}
-
-#[derive(Deserialize)]
-struct StreamOptions {
-    include_usage: Option<bool>,
-}
-
-#[derive(Deserialize)]
-struct Message {
-    content: Option<Text>,
-}
-
-/// A string, or a list of strings, token ids, token-id lists or content parts.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Text {
-    One(String),
-    Many(Vec<TextItem>),
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum TextItem {
-    Str(String),
-    Tokens(Vec<u64>),
-    /// A content part; only `text` parts count (an image's size is not in its bytes).
-    Part {
-        text: Option<String>,
-    },
-    /// A token id (anything else left over counts the same: one token).
-    Token(serde::de::IgnoredAny),
-}
-
-impl Text {
-    fn tokens(&self) -> u64 {
-        match self {
-            Text::One(s) => estimate_text(s),
-            Text::Many(items) => items
-                .iter()
-                .map(|item| match item {
-                    TextItem::Str(s) => estimate_text(s),
-                    TextItem::Token(_) => 1,
-                    TextItem::Tokens(t) => t.len() as u64,
-                    TextItem::Part { text } => text.as_deref().map_or(0, estimate_text),
-                })
-                .sum(),
-        }
-    }
-}
-
-/// Per-message and per-reply framing tokens of the chat format.
-const TOKENS_PER_MESSAGE: u64 = 4;
-const TOKENS_PER_REPLY: u64 = 3;
-
-impl Meta {
-    /// The most tokens this request can use, as Azure's limiter counts it (DESIGN §7):
-    /// prompt estimate + completion reserve × the number of completions.
-    fn estimate(&self, op: &str, default_completion: u64) -> u64 {
-        let messages = self.messages.as_deref().unwrap_or_default();
-        let prompt = messages
-            .iter()
-            .map(|m| TOKENS_PER_MESSAGE + m.content.as_ref().map_or(0, Text::tokens))
-            .sum::<u64>()
-            + if messages.is_empty() {
-                0
-            } else {
-                TOKENS_PER_REPLY
-            }
-            + self.prompt.as_ref().map_or(0, Text::tokens)
-            + self.input.as_ref().map_or(0, Text::tokens);
-        if op == "embeddings" {
-            return prompt;
-        }
-        let reserve = self
-            .max_completion_tokens
-            .or(self.max_tokens)
-            .unwrap_or(default_completion);
-        let copies = self.n.unwrap_or(1).max(self.best_of.unwrap_or(1)).max(1);
-        prompt + reserve * copies
-    }
-}
-
-fn read_body(req: &mut tiny_http::Request, limit: u64) -> Result<Vec<u8>, ApiError> {
+/// The request body, up to `limit` bytes, read within the body deadline. The buffer
+/// grows with what arrives; a declared length only decides a 413 up front.
+fn read_body(req: &mut tiny_http::Request<'_>, limit: u64) -> Result<Vec<u8>, ApiError> {
     let too_large = || {
         ApiError::new(
             413,
@@ -193,56 +120,26 @@ fn read_body(req: &mut tiny_http::Request, limit: u64) -> Result<Vec<u8>, ApiErr
         .code("request_too_large")
         .header("Connection", "close")
     };
-    let declared = req.body_length().map(|n| n as u64);
-    if declared.is_some_and(|n| n > limit) {
+    if req.body_length().is_some_and(|n| n > limit) {
         return Err(too_large());
     }
-    let mut body = Vec::with_capacity(declared.unwrap_or(0) as usize);
-    req.as_reader()
-        .take(limit + 1)
-        .read_to_end(&mut body)
-        .map_err(|e| ApiError::invalid_request(format!("Could not read the request body: {e}")))?;
+    let mut body = Vec::new();
+    if let Err(e) = req.take(limit + 1).read_to_end(&mut body) {
+        return Err(match e.kind() {
+            ErrorKind::TimedOut => ApiError::new(
+                408,
+                "invalid_request_error",
+                "The request body did not arrive within server.body_timeout.",
+            )
+            .code("request_timeout"),
+            _ => ApiError::invalid_request(format!("Could not read the request body: {e}")),
+        }
+        .header("Connection", "close"));
+    }
     if body.len() as u64 > limit {
         return Err(too_large());
     }
     Ok(body)
-}
-
-fn parse_meta(body: &[u8]) -> Result<Meta, ApiError> {
-    if body.trim_ascii_start().first() != Some(&b'{') {
-        return Err(ApiError::invalid_request(
-            "We could not parse the JSON body of your request: it must be a JSON object.",
-        ));
-    }
-    serde_json::from_slice(body).map_err(|e| {
-        ApiError::invalid_request(format!(
-            "We could not parse the JSON body of your request. ({e})"
-        ))
-    })
-}
-
-/// The body an instance receives: the client's bytes, unless the proxy must ask for
-/// stream usage or name the instance's deployment as the model (openai providers).
-fn upstream_body<'a>(body: &'a [u8], ask_usage: bool, set_model: Option<&str>) -> Cow<'a, [u8]> {
-    if !ask_usage && set_model.is_none() {
-        return Cow::Borrowed(body);
-    }
-    let Ok(mut obj) = serde_json::from_slice::<Map<String, Value>>(body) else {
-        return Cow::Borrowed(body);
-    };
-    if ask_usage {
-        let options = obj.entry("stream_options").or_insert_with(|| json!({}));
-        match options.as_object_mut() {
-            Some(o) => {
-                o.insert("include_usage".into(), Value::Bool(true));
-            }
-            None => *options = json!({"include_usage": true}),
-        }
-    }
-    if let Some(model) = set_model {
-        obj.insert("model".into(), Value::String(model.into()));
-    }
-    Cow::Owned(serde_json::to_vec(&obj).unwrap_or_else(|_| body.to_vec()))
 }
 
 /// Why an attempt produced no answer to pass on.
@@ -307,20 +204,34 @@ fn attempt(g: &Generation, i: usize, out: &Outgoing) -> (Report, Result<Reply, F
     let inst = &g.config.instances[i];
     let deployment = inst.deployment(out.model);
     let rename = inst.provider_type == Provider::Openai && out.body_model != Some(deployment);
-    let payload = upstream_body(out.body, out.ask_usage, rename.then_some(deployment));
+    let edited;
+    let payload = if out.ask_usage || rename {
+        edited = body::for_upstream(out.body, out.ask_usage, rename.then_some(deployment));
+        &edited[..]
+    } else {
+        out.body
+    };
     let mut call = g.agent.post(upstream::url(inst, deployment, out.op));
     for (name, value) in &out.headers {
         call = call.header(name, value);
     }
     let (name, value) = upstream::credential(inst);
-    let response = match call.header(name, value).send(&payload[..]) {
+    let response = match call.header(name, value).send(payload) {
         Ok(r) => r,
+        // The request itself could not be put on the wire (a header ureq refuses): no
+        // instance would take it, and none is to blame.
+        Err(e @ (ureq::Error::Http(_) | ureq::Error::BadUri(_))) => {
+            let reply =
+                ApiError::invalid_request(format!("The request could not be forwarded: {e}"))
+                    .into();
+            return (Report::NotSent, Ok(reply));
+        }
         Err(e) => {
             log::warn!(
                 "instance {}: {} for {} failed: {e}",
                 inst.name,
                 out.op,
-                out.model
+                Clean(out.model)
             );
             return transport_failure(&e, never_arrived(&e));
         }
@@ -347,10 +258,21 @@ fn attempt(g: &Generation, i: usize, out: &Outgoing) -> (Report, Result<Reply, F
             refused: true,
         },
     };
+    // Like an error body, a header could echo what it was sent (some gateways echo
+    // request ids built from it): the instance's key never reaches the client.
+    let key = inst.api_key.expose();
     let mut headers: Vec<(String, String)> = upstream_headers
         .iter()
         .filter(|(k, _)| upstream::return_response_header(k.as_str()))
-        .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+        .filter_map(|(k, v)| {
+            let v = v.to_str().ok()?;
+            let v = if !key.is_empty() && v.contains(key) {
+                v.replace(key, crate::config::MASK)
+            } else {
+                v.to_string()
+            };
+            Some((k.as_str().to_string(), v))
+        })
         .collect();
     headers.push(("x-proxy-instance".into(), inst.name.clone()));
     let is_sse = upstream_headers
@@ -358,18 +280,14 @@ fn attempt(g: &Generation, i: usize, out: &Outgoing) -> (Report, Result<Reply, F
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("text/event-stream"));
     if outcome == Outcome::Success && out.stream && is_sse {
-        let body = Body::Stream {
-            upstream: response.into_body(),
-            strip_usage: out.ask_usage,
-        };
         return (
             report,
-            Ok(Reply {
+            Ok(Reply::stream(
                 status,
                 headers,
-                body,
-                trace: Trace::default(),
-            }),
+                response.into_body(),
+                out.ask_usage,
+            )),
         );
     }
     let bytes = match response
@@ -413,7 +331,7 @@ fn attempt(g: &Generation, i: usize, out: &Outgoing) -> (Report, Result<Reply, F
             "instance {}: {} for {} answered {status} ({outcome:?})",
             inst.name,
             out.op,
-            out.model
+            Clean(out.model)
         );
         (report, Err(Failed::Answer(reply)))
     } else {
@@ -511,10 +429,11 @@ fn alert_on(
             &format!("instance {name} rejected the proxy's API key (HTTP {s}); check its api_key"),
         ),
         Some(AttemptEnd::Status(404)) => g.alerts.error(
-            &format!("deployment:{name}:{model}"),
+            &format!("deployment:{name}:{}", Clean(model)),
             &format!(
-                "instance {name} has no deployment {} for model {model} (HTTP 404); check model_deployments and api_version",
-                g.config.instances[i].deployment(model)
+                "instance {name} has no deployment {} for model {} (HTTP 404); check model_deployments and api_version",
+                Clean(g.config.instances[i].deployment(model)),
+                Clean(model)
             ),
         ),
         _ => {}
@@ -534,7 +453,7 @@ fn alert_on(
 pub fn forward(
     state: &State,
     g: &Generation,
-    req: &mut tiny_http::Request,
+    req: &mut tiny_http::Request<'_>,
     op: &str,
     path_model: Option<String>,
 ) -> Reply {
@@ -543,7 +462,7 @@ pub fn forward(
         Ok(b) => b,
         Err(e) => return e.into(),
     };
-    let meta = match parse_meta(&body) {
+    let meta = match Meta::parse(&body) {
         Ok(m) => m,
         Err(e) => return e.into(),
     };
@@ -552,9 +471,13 @@ pub fn forward(
             .param("model")
             .into();
     };
+    let with_model = |mut reply: Reply, model: String| {
+        reply.trace.model = Some(model);
+        reply
+    };
     let candidates = router::candidates(config, &model);
     if candidates.is_empty() {
-        let mut reply: Reply = ApiError::new(
+        let reply = ApiError::new(
             404,
             "invalid_request_error",
             format!(
@@ -565,13 +488,51 @@ pub fn forward(
         .param("model")
         .code("model_not_found")
         .into();
-        reply.trace.model = Some(model);
-        return reply;
+        return with_model(reply, model);
+    }
+    // No request may take more than an instance's whole window: one that no serving
+    // instance could ever admit is the client's error, not a 429 for everyone after.
+    let need = meta.estimate(op, config.routing.default_completion_tokens);
+    let fits: Vec<usize> = candidates
+        .iter()
+        .copied()
+        .filter(|&i| config.instances[i].max_tpm.is_none_or(|max| need <= max))
+        .collect();
+    if fits.is_empty() {
+        let largest = candidates
+            .iter()
+            .filter_map(|&i| config.instances[i].max_tpm)
+            .max()
+            .unwrap_or(0);
+        let reply = ApiError::invalid_request(format!(
+            "This request may use about {need} tokens (prompt estimate plus completion reserve), \
+             more than any instance serving `{model}` admits per minute (largest max_tpm: {largest}). \
+             Lower max_tokens or split the request."
+        ))
+        .param("max_tokens")
+        .code("tokens_exceed_limit")
+        .into();
+        return with_model(reply, model);
     }
 
-    let stream = meta.stream == Some(true);
-    let client_asked_usage =
-        meta.stream_options.as_ref().and_then(|o| o.include_usage) == Some(true);
+    let deadline = Instant::now() + Duration::from_secs_f64(config.routing.queue_timeout);
+    let Some(permit) = state.permits.acquire(deadline) else {
+        let reply = ApiError::new(
+            503,
+            "server_error",
+            format!(
+                "All {} upstream calls this proxy allows at once (server.workers) are under way.",
+                state.permits.total()
+            ),
+        )
+        .code("server_busy")
+        .header("Retry-After", "1")
+        .into();
+        return with_model(reply, model);
+    };
+    let mut permit = Some(permit);
+
+    let stream = meta.stream;
     let out = Outgoing {
         op,
         model: &model,
@@ -579,15 +540,12 @@ pub fn forward(
         body: &body,
         headers: req
             .headers()
-            .iter()
-            .filter(|h| upstream::forward_request_header(h.field.as_str().as_str()))
-            .map(|h| (h.field.as_str().to_string(), h.value.to_string()))
+            .filter(|(name, value)| upstream::forward_request_header(name, value))
+            .map(|(name, value)| (name.to_string(), value.to_string()))
             .collect(),
         stream,
-        ask_usage: stream && !client_asked_usage && op != "embeddings",
+        ask_usage: stream && !meta.include_usage && op != "embeddings",
     };
-    let need = meta.estimate(op, config.routing.default_completion_tokens);
-    let deadline = Instant::now() + Duration::from_secs_f64(config.routing.queue_timeout);
 
     let mut trace = Trace {
         model: Some(model.clone()),
@@ -602,13 +560,16 @@ pub fn forward(
         } else {
             Instant::now()
         };
-        let admission = match admit(state, g, &candidates, &tried, need, wait_until) {
+        let admission = match admit(state, g, &fits, &tried, need, wait_until) {
             Ok(a) => a,
             Err(blocked) if tried.is_empty() => {
                 if let Blocked::Down { .. } = blocked {
                     g.alerts.error(
-                        &format!("all_down:{model}"),
-                        &format!("every instance serving {model} is down; clients get 503"),
+                        &format!("all_down:{}", Clean(&model)),
+                        &format!(
+                            "every instance serving {} is down; clients get 503",
+                            Clean(&model)
+                        ),
                     );
                 }
                 return blocked_reply(blocked, &model, need);
@@ -635,6 +596,9 @@ pub fn forward(
         alert_on(g, admission.index, &model, trace.attempts.last(), opened);
         match result {
             Ok(mut reply) => {
+                if let Body::Stream { permit: held, .. } = &mut reply.body {
+                    *held = permit.take();
+                }
                 trace.usage = reply.trace.usage;
                 reply.trace = trace;
                 return reply;
@@ -670,22 +634,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn body_is_untouched_unless_an_edit_is_needed() {
-        let body = br#"{"model":"m","messages":[],"stream":true}"#;
-        assert!(matches!(upstream_body(body, false, None), Cow::Borrowed(_)));
-        let asked: Value = serde_json::from_slice(&upstream_body(body, true, None)).unwrap();
-        assert_eq!(asked["stream_options"], json!({"include_usage": true}));
-        assert_eq!(asked["messages"], json!([]));
-        let kept = br#"{"model":"m","stream_options":{"other":1,"include_usage":false}}"#;
-        let asked: Value = serde_json::from_slice(&upstream_body(kept, true, Some("dep"))).unwrap();
-        assert_eq!(
-            asked["stream_options"],
-            json!({"other": 1, "include_usage": true})
-        );
-        assert_eq!(asked["model"], "dep");
-    }
-
-    #[test]
     fn scrub_masks_every_occurrence() {
         let out = scrub(b"key k3y and k3y again".to_vec(), "k3y");
         assert_eq!(
@@ -693,55 +641,5 @@ mod tests {
             "key ***redacted*** and ***redacted*** again"
         );
         assert_eq!(scrub(b"clean".to_vec(), "k3y"), b"clean");
-    }
-
-    #[test]
-    fn meta_needs_a_json_object() {
-        assert!(parse_meta(b"[1]").is_err());
-        assert!(parse_meta(b"{\"model\": 5}").is_err());
-        assert!(parse_meta(b"{\"model\": \"m\"} trailing").is_err());
-        let m =
-            parse_meta(b" {\"model\":\"m\",\"stream\":true,\"extra\":{\"deep\":[1,2]}}").unwrap();
-        assert_eq!((m.model.as_deref(), m.stream), (Some("m"), Some(true)));
-    }
-
-    #[test]
-    fn request_estimates_are_pinned() {
-        let est = |body: &str, op| parse_meta(body.as_bytes()).unwrap().estimate(op, 1000);
-        // 2 messages: 2 × 4 framing + 3 reply + "Hello, world!" (4) + "你好" (2); reserve 50.
-        let chat = r#"{"messages":[{"role":"system","content":"Hello, world!"},
-                       {"role":"user","content":[{"type":"text","text":"你好"},
-                        {"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}}]}],
-                       "max_tokens":50}"#;
-        assert_eq!(est(chat, "chat/completions"), 8 + 3 + 4 + 2 + 50);
-        assert_eq!(
-            est(
-                r#"{"messages":[{"role":"user","content":null}]}"#,
-                "chat/completions"
-            ),
-            4 + 3 + 1000,
-            "default reserve"
-        );
-        assert_eq!(
-            est(
-                r#"{"prompt":"abcdefgh","max_tokens":10,"n":3,"best_of":2}"#,
-                "completions"
-            ),
-            2 + 30
-        );
-        assert_eq!(
-            est(
-                r#"{"prompt":"abcd","max_completion_tokens":7,"max_tokens":99}"#,
-                "completions"
-            ),
-            1 + 7
-        );
-        assert_eq!(
-            est(r#"{"input":["abcd","efgh"],"max_tokens":10}"#, "embeddings"),
-            2,
-            "inputs only"
-        );
-        assert_eq!(est(r#"{"input":[[1,2,3],[4]]}"#, "embeddings"), 4);
-        assert_eq!(est(r#"{"input":[5,6,7]}"#, "embeddings"), 3);
     }
 }

@@ -86,6 +86,9 @@ pub enum Report {
     /// 5xx, timeout, or a wrong key/deployment; `refused` when the request cannot have
     /// been counted upstream (connection failed), so its reservation is given back.
     Failed { why: String, refused: bool },
+    /// The request could not be put on the wire (ureq refused it): the instance never
+    /// saw it, so its reservation is given back and its health is untouched.
+    NotSent,
 }
 
 pub struct Table {
@@ -267,6 +270,7 @@ impl Table {
                 // longer cooldown short.
                 rt.cooldown_until = Some(rt.cooldown_until.map_or(until, |c| c.max(until)));
             }
+            Report::NotSent => release(rt),
             Report::Failed { why, refused } => {
                 if refused {
                     release(rt);

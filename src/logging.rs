@@ -5,12 +5,43 @@
 
 use crate::config::Config;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
+use std::fmt::{self, Write as _};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+
+/// The most bytes of one client value that a log line shows.
+const LOGGED_VALUE_MAX: usize = 200;
+
+/// A value a client chose (a model name, a path) as a log line shows it: control
+/// characters and backslashes escaped (`\n`, `\u0000`, `\\`), cut after
+/// `LOGGED_VALUE_MAX` bytes. A client can then neither forge a log line nor flood the
+/// log.
+pub struct Clean<'a>(pub &'a str);
+
+impl fmt::Display for Clean<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut shown = 0;
+        for (i, c) in self.0.char_indices() {
+            if shown >= LOGGED_VALUE_MAX {
+                return write!(f, "…(+{} bytes)", self.0.len() - i);
+            }
+            match c {
+                '\n' => f.write_str("\\n")?,
+                '\r' => f.write_str("\\r")?,
+                '\t' => f.write_str("\\t")?,
+                '\\' => f.write_str("\\\\")?,
+                c if c.is_control() => write!(f, "\\u{:04x}", u32::from(c))?,
+                c => f.write_char(c)?,
+            }
+            shown += c.len_utf8();
+        }
+        Ok(())
+    }
+}
 
 /// A log file that rotates when the next line would take it past `max_size`.
 pub struct RotatingFile {
@@ -189,6 +220,17 @@ mod tests {
 
     fn line(i: usize) -> String {
         format!("line {i:04} {}\n", "x".repeat(89)) // 100 bytes
+    }
+
+    #[test]
+    fn client_values_are_escaped_and_cut() {
+        assert_eq!(
+            Clean("gpt-4o\n12:00 [ERROR] x\r\t\\\u{0}\u{7f}é").to_string(),
+            "gpt-4o\\n12:00 [ERROR] x\\r\\t\\\\\\u0000\\u007fé"
+        );
+        let long = Clean(&"ab".repeat(1000)).to_string();
+        assert!(long.starts_with(&"ab".repeat(100)), "{long}");
+        assert!(long.ends_with("…(+1800 bytes)"), "{long}");
     }
 
     #[test]

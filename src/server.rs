@@ -1,26 +1,29 @@
-//! The HTTP side: the tiny_http listener, the fixed pool of worker threads, the route
-//! table, and writing a `Reply` (buffered, or relayed as a stream). A panic while
-//! handling one request is contained to that request: it gets a 500 and the worker
-//! lives on.
+//! The HTTP side: the listening socket, the vendored tiny_http server (one thread per
+//! connection runs the handler that answers its requests), the route table, and writing
+//! a `Reply` (in one write, or relayed as a stream). A panic while handling one request
+//! is contained to that request: it gets a 500 and the proxy serves on. Shutdown stops
+//! accepting at once and cuts what is still streaming at the end of the grace period.
 
 use crate::alerts::Alerts;
-use crate::api::{self, Body, Reply};
+use crate::api::{self, Body, Reply, Trace};
 use crate::auth;
 use crate::config::{Config, Source};
 use crate::error::ApiError;
 use crate::instances::Table;
+use crate::logging::Clean;
+use crate::permits::Permits;
 use crate::stats::{Record, Stats};
-use crate::stream::{self, ClientStream, End};
+use crate::stream::{self, End};
 use crate::upstream;
 use crate::{admin, metrics};
 use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use tiny_http::{Header, Method, Request, Response};
+use tiny_http::{Method, Request};
 
 /// What one configuration brings: replaced whole by a reload, while requests that
 /// started on the old one finish with it.
@@ -51,38 +54,38 @@ impl Generation {
     }
 }
 
-/// What outlives a reload and every worker shares.
+/// What outlives a reload and every request shares.
 pub struct State {
     current: parking_lot::RwLock<Arc<Generation>>,
     /// Runtime state of every instance, by name.
     pub table: parking_lot::Mutex<Table>,
     pub stats: parking_lot::Mutex<Stats>,
+    /// `server.workers`: upstream calls under way at once.
+    pub permits: Arc<Permits>,
     pub started: Instant,
+    /// Set on SIGTERM: `/health` answers 503 from then on.
+    pub draining: AtomicBool,
     source: Source,
     next_id: AtomicU64,
 }
 
-/// Turns one request into a reply; `route` in production, a stand-in in tests.
-type Handler = fn(&State, &Generation, &mut Request, &Method, &str) -> Reply;
-
-/// A running proxy: its listener and worker threads.
+/// A running proxy: its server and the statistics thread.
 pub struct Proxy {
-    server: Arc<tiny_http::Server>,
+    server: tiny_http::Server,
     state: Arc<State>,
-    workers: Vec<JoinHandle<()>>,
     rotator: JoinHandle<()>,
     stop_tx: crossbeam_channel::Sender<()>,
-    stopping: Arc<AtomicBool>,
-    addr: SocketAddr,
 }
 
 impl State {
     fn new(config: Config, source: Source) -> State {
         State {
+            permits: Permits::new(config.server.workers),
             current: parking_lot::RwLock::new(Arc::new(Generation::new(config))),
             table: parking_lot::Mutex::new(Table::new()),
             stats: parking_lot::Mutex::new(Stats::new()),
             started: Instant::now(),
+            draining: AtomicBool::new(false),
             source,
             next_id: AtomicU64::new(1),
         }
@@ -145,36 +148,41 @@ pub struct Reloaded {
     pub restart_needed: Vec<&'static str>,
 }
 
+/// How often an idle accept thread wakes to see whether the server is draining.
+const ACCEPT_WAKE: Duration = Duration::from_millis(200);
+/// Stack of each connection's thread.
+const STACK_SIZE: usize = 2 << 20;
+/// Connections waiting in the kernel for the accept thread.
+const LISTEN_BACKLOG: i32 = 1024;
+
 impl Proxy {
-    /// Binds `host:port` (port 0 picks a free one) and starts `server.workers` workers.
+    /// Binds `host:port` (port 0 picks a free one) and starts serving.
     pub fn start(config: Config, source: Source) -> Result<Proxy, String> {
         let bind = format!("{}:{}", config.host, config.port);
-        let server = listen(&bind, Duration::from_secs_f64(config.server.client_timeout))
-            .map_err(|e| format!("cannot listen on {bind}: {e}"))?;
-        let addr = server
-            .server_addr()
-            .to_ip()
-            .ok_or_else(|| format!("{bind} is not an IP address"))?;
-        let server = Arc::new(server);
-        let workers_wanted = config.server.workers;
+        let listener = listen(&bind).map_err(|e| format!("cannot listen on {bind}: {e}"))?;
+        let secs = Duration::from_secs_f64;
+        let limits = tiny_http::Limits {
+            idle: secs(config.server.client_timeout),
+            head: secs(config.server.client_timeout),
+            body: secs(config.server.body_timeout),
+            write: secs(config.server.client_timeout),
+            stack_size: STACK_SIZE,
+        };
         let state = Arc::new(State::new(config, source));
-        let stopping = Arc::new(AtomicBool::new(false));
-        let workers = (0..workers_wanted)
-            .map(|n| {
-                let (server, state, stopping) = (server.clone(), state.clone(), stopping.clone());
-                std::thread::Builder::new()
-                    .name(format!("worker-{n}"))
-                    .spawn(move || work(&server, &state, &stopping, route))
-                    .map_err(|e| format!("cannot start worker thread: {e}"))
-            })
-            .collect::<Result<_, _>>()?;
+        let handler_state = state.clone();
+        let server = tiny_http::Server::start(
+            listener,
+            limits,
+            Box::new(move |request| serve(&handler_state, request, route)),
+        )
+        .map_err(|e| format!("cannot start the server: {e}"))?;
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
         let rotator = {
             let state = state.clone();
             std::thread::Builder::new()
                 .name("stats-rotation".into())
                 .spawn(move || {
-                    // Wakes each second; ends when `stop` drops the sender.
+                    // Wakes each second; ends when the proxy drops the sender.
                     while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
                         stop_rx.recv_timeout(Duration::from_secs(1))
                     {
@@ -186,23 +194,18 @@ impl Proxy {
         Ok(Proxy {
             server,
             state,
-            workers,
             rotator,
             stop_tx,
-            stopping,
-            addr,
         })
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.server_addr()
     }
 
-    /// Blocks until the workers end (they do not, unless stopped).
+    /// Blocks until the proxy is stopped from another thread (it is not, unless killed).
     pub fn wait(self) {
-        for w in self.workers {
-            let _ = w.join();
-        }
+        let _ = self.rotator.join();
     }
 
     /// Re-reads the configuration (see `State::reload`).
@@ -210,115 +213,84 @@ impl Proxy {
         self.state.reload()
     }
 
-    /// Stops taking requests and waits up to `grace` for those under way (streams
-    /// included) to finish. Returns whether they all did.
+    /// Stops accepting at once (the listening socket closes), answers `/health` with
+    /// 503, closes idle connections, and waits up to `grace` for requests under way
+    /// (streams included). Streams still running then end with an SSE error event.
+    /// Returns whether everything finished within `grace`.
     pub fn shutdown(self, grace: Duration) -> bool {
-        let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(1);
-        std::thread::spawn(move || {
-            self.stop();
-            let _ = done_tx.send(());
-        });
-        done_rx.recv_timeout(grace).is_ok()
-    }
-
-    /// Stops taking requests; each worker ends after its current request.
-    pub fn stop(self) {
-        self.stopping.store(true, Ordering::SeqCst);
-        for _ in &self.workers {
-            self.server.unblock();
+        self.state.draining.store(true, Ordering::SeqCst);
+        self.server.drain();
+        let finished = self.server.wait_closed(Instant::now() + grace);
+        if !finished {
+            self.server.cut_streams(&stream::error_event(
+                "The proxy is shutting down: this stream was cut before its end.",
+            ));
+            self.server
+                .wait_closed(Instant::now() + Duration::from_secs(1));
         }
         drop(self.stop_tx);
         let _ = self.rotator.join();
-        for w in self.workers {
-            let _ = w.join();
-        }
+        finished
+    }
+
+    /// Stops at once: `shutdown` without a grace period.
+    pub fn stop(self) {
+        self.shutdown(Duration::ZERO);
     }
 }
 
-/// Binds `bind` with read and write timeouts that every accepted connection inherits.
-/// tiny_http has none of its own: without them a client that stalls holds one of its
-/// connection threads forever, and new connections can wait behind such threads.
-fn listen(
-    bind: &str,
-    client_timeout: Duration,
-) -> Result<tiny_http::Server, Box<dyn std::error::Error + Send + Sync>> {
-    let listener = std::net::TcpListener::bind(bind)?;
-    let socket = socket2::SockRef::from(&listener);
-    socket.set_read_timeout(Some(client_timeout))?;
-    socket.set_write_timeout(Some(client_timeout))?;
-    tiny_http::Server::from_listener(listener, None)
+/// Binds `bind` with a wide backlog, so that a burst of new connections is not refused
+/// before the accept thread takes them, and a receive timeout, so that the accept
+/// thread sees a drain even while no one connects.
+fn listen(bind: &str) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let addr = bind.to_socket_addrs()?.next().ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to bind")
+    })?;
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    socket.set_read_timeout(Some(ACCEPT_WAKE))?;
+    Ok(socket.into())
 }
 
-fn work(server: &tiny_http::Server, state: &State, stopping: &AtomicBool, handler: Handler) {
-    loop {
-        let request = match server.recv() {
-            Ok(r) => r,
-            Err(_) if stopping.load(Ordering::SeqCst) => return,
-            Err(e) => {
-                log::warn!("accepting a request failed: {e}");
-                continue;
-            }
-        };
-        // The request stays in this slot while the reply is computed, so that after a
-        // panic there is still a connection to answer on.
-        let mut slot = Some(request);
-        if catch_unwind(AssertUnwindSafe(|| serve(state, &mut slot, handler))).is_err() {
-            if let Some(request) = slot.take() {
-                respond_full(
-                    request,
-                    ApiError::internal("The proxy failed while handling this request.").into(),
-                );
-            }
-        }
-    }
-}
+/// Turns one request into a reply: `route` in production, a stand-in in tests.
+type Router = fn(&State, &Generation, &mut Request<'_>, &Method, &str) -> Reply;
 
-fn serve(state: &State, slot: &mut Option<Request>, handler: Handler) {
+/// Answers one request on its connection's thread, then logs and counts it.
+fn serve(state: &State, request: Request<'_>, router: Router) {
     let started = Instant::now();
     let id = state.next_id.fetch_add(1, Ordering::Relaxed);
-    let Some(request) = slot.as_mut() else { return };
     let method = request.method().clone();
     let path = request.url().split('?').next().unwrap_or("").to_string();
     // One generation for the whole request, even if a reload swaps it meanwhile.
     let g = state.current();
-    let mut reply = handler(state, &g, request, &method, &path);
-    reply
-        .headers
-        .push(("x-proxy-request-id".into(), id.to_string()));
-    let Some(request) = slot.take() else { return };
-    let (status, trace, end) = match reply.body {
-        Body::Full(_) => {
-            let (status, trace) = (reply.status, std::mem::take(&mut reply.trace));
-            respond_full(request, reply);
-            (status, trace, None)
-        }
-        Body::Stream {
-            upstream,
-            strip_usage,
-        } => {
-            let mut trace = reply.trace;
-            let http11 = *request.http_version() >= tiny_http::HTTPVersion(1, 1);
-            let end = match ClientStream::start(
-                request.into_writer(),
-                http11,
-                reply.status,
-                &reply.headers,
-            ) {
-                Ok(mut client) => {
-                    let summary =
-                        stream::relay(&mut upstream.into_reader(), &mut client, strip_usage);
-                    trace.usage = summary.usage;
-                    summary.end
-                }
-                Err(_) => End::ClientGone,
-            };
-            (reply.status, trace, Some(end))
+    // The request stays in this slot while the reply is computed, so that after a
+    // panic there is still a connection to answer on.
+    let mut slot = Some(request);
+    let answered = catch_unwind(AssertUnwindSafe(|| {
+        answer(state, &g, &mut slot, (id, &method, &path), router)
+    }));
+    let (status, trace, end) = match answered {
+        Ok(done) => done,
+        Err(_) => {
+            if let Some(request) = slot.take() {
+                let reply: Reply =
+                    ApiError::internal("The proxy failed while handling this request.").into();
+                let Body::Full(body) = &reply.body else {
+                    unreachable!("errors have a full body")
+                };
+                let _ = request.respond(reply.status, &reply.headers, body);
+            }
+            (500, Trace::default(), None)
         }
     };
     let usage = trace.usage.unwrap_or_default();
     log::info!(
-        "request={id} {method} {path} model={} instance={} status={status} tokens={}/{} latency_ms={} attempts={}{}",
-        trace.model.as_deref().unwrap_or("-"),
+        "request={id} {method} {} model={} instance={} status={status} tokens={}/{} latency_ms={} attempts={}{}",
+        Clean(&path),
+        Clean(trace.model.as_deref().unwrap_or("-")),
         trace.instance.as_deref().unwrap_or("-"),
         usage.prompt_tokens,
         usage.completion_tokens,
@@ -347,20 +319,78 @@ fn serve(state: &State, slot: &mut Option<Request>, handler: Handler) {
     }
 }
 
+/// Routes the request and writes the reply: the status, what the statistics learn,
+/// and how a stream ended.
+fn answer(
+    state: &State,
+    g: &Generation,
+    slot: &mut Option<Request<'_>>,
+    (id, method, path): (u64, &Method, &str),
+    router: Router,
+) -> (u16, Trace, Option<End>) {
+    let Some(request) = slot.as_mut() else {
+        return (500, Trace::default(), None);
+    };
+    let mut reply = router(state, g, request, method, path);
+    reply
+        .headers
+        .push(("x-proxy-request-id".into(), id.to_string()));
+    let Some(request) = slot.take() else {
+        return (500, Trace::default(), None);
+    };
+    let status = reply.status;
+    match reply.body {
+        Body::Full(body) => {
+            if let Err(e) = request.respond(status, &reply.headers, &body) {
+                log::debug!("writing a response failed: {e}");
+            }
+            (status, reply.trace, None)
+        }
+        Body::Stream {
+            upstream,
+            strip_usage,
+            permit,
+        } => {
+            let mut trace = reply.trace;
+            reply
+                .headers
+                .push(("Cache-Control".into(), "no-cache".into()));
+            let end = match request.into_stream(status, &reply.headers) {
+                Ok(mut client) => {
+                    let summary = stream::relay(
+                        &mut upstream.into_reader(),
+                        &mut |event| client.send(event),
+                        strip_usage,
+                    );
+                    trace.usage = summary.usage;
+                    match summary.end {
+                        End::ClientGone => End::ClientGone,
+                        end if client.finish().is_ok() => end,
+                        _ => End::ClientGone,
+                    }
+                }
+                Err(_) => End::ClientGone,
+            };
+            drop(permit);
+            (status, trace, Some(end))
+        }
+    }
+}
+
 fn route(
     state: &State,
     g: &Generation,
-    request: &mut Request,
+    request: &mut Request<'_>,
     method: &Method,
     path: &str,
 ) -> Reply {
     let auth = &g.config.auth;
     if path.starts_with("/v1/") || path.starts_with("/openai/") {
-        if let Err(e) = auth::check_client(&auth.api_keys, request) {
+        if let Err(e) = auth::check_client(&auth.api_keys, |name| request.header(name)) {
             return e.into();
         }
     }
-    let forward = |request: &mut Request, op: &str, model: Option<String>| {
+    let forward = |request: &mut Request<'_>, op: &str, model: Option<String>| {
         only(method, "POST", path, || {
             let mut reply = api::forward(state, g, request, op, model);
             reply.trace.api = true;
@@ -380,12 +410,12 @@ fn route(
 }
 
 /// The endpoints that are not forwarded. Never inlined: inlined, their locals made the
-/// frame every worker keeps under a held stream 20 KiB larger (20 MB per 1,000 streams).
+/// frame that every held stream keeps on its thread 20 KiB larger.
 #[inline(never)]
 fn route_other(
     state: &State,
     g: &Generation,
-    request: &mut Request,
+    request: &mut Request<'_>,
     method: &Method,
     path: &str,
 ) -> Reply {
@@ -410,7 +440,10 @@ fn route_other(
         "/stats/reset" | "/config" | "/config/reload" => {
             let allowed = if path == "/config" { "GET" } else { "POST" };
             only(method, allowed, path, || {
-                if let Err(e) = auth::check_admin(auth.admin_key.as_ref(), request) {
+                let peer = request.remote_addr();
+                if let Err(e) =
+                    auth::check_admin(auth.admin_key.as_ref(), |name| request.header(name), peer)
+                {
                     return e.into();
                 }
                 match path {
@@ -459,22 +492,6 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-fn respond_full(request: Request, reply: Reply) {
-    let Body::Full(body) = reply.body else { return };
-    let mut response = Response::from_data(body)
-        .with_status_code(reply.status)
-        // Always a Content-Length: tiny_http would otherwise chunk bodies over 32 KiB.
-        .with_chunked_threshold(usize::MAX);
-    for (name, value) in &reply.headers {
-        if let Ok(h) = Header::from_bytes(name.as_bytes(), value.as_bytes()) {
-            response.add_header(h);
-        }
-    }
-    if let Err(e) = request.respond(response) {
-        log::debug!("writing a response failed: {e}");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -482,7 +499,7 @@ mod tests {
     fn panics_on_request(
         _: &State,
         _: &Generation,
-        _: &mut Request,
+        _: &mut Request<'_>,
         _: &Method,
         path: &str,
     ) -> Reply {
@@ -491,26 +508,28 @@ mod tests {
     }
 
     #[test]
-    fn a_panicking_handler_answers_500_and_the_worker_lives_on() {
+    fn a_panicking_handler_answers_500_and_the_connection_thread_lives_on() {
         let config: Config = serde_yaml::from_str(
             "instances: [{name: a, api_key: k, api_base: 'http://a', api_version: v, supported_models: [m]}]",
         )
         .unwrap();
-        let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
-        let url = format!("http://{}", server.server_addr().to_ip().unwrap());
         let source = Source {
             dir: "unused".into(),
             env: Default::default(),
         };
         let state = Arc::new(State::new(config, source));
-        let stopping = Arc::new(AtomicBool::new(false));
-        let (srv, st, stop) = (server.clone(), state.clone(), stopping.clone());
-        // One worker: if the panic killed it, the second request would never be answered.
-        let worker = std::thread::spawn(move || work(&srv, &st, &stop, panics_on_request));
-
+        let server = tiny_http::Server::start(
+            listen("127.0.0.1:0").unwrap(),
+            tiny_http::Limits::default(),
+            Box::new(move |request| serve(&state, request, panics_on_request)),
+        )
+        .unwrap();
+        let url = format!("http://{}", server.server_addr());
+        // One kept-alive connection: if the panic ended its thread, the second request
+        // would fail.
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_global(Some(std::time::Duration::from_secs(10)))
+            .timeout_global(Some(Duration::from_secs(10)))
             .build()
             .into();
         let mut first = agent.get(format!("{url}/panic")).call().unwrap();
@@ -520,10 +539,7 @@ mod tests {
         assert_eq!(body["error"]["code"], "internal_error");
         let second = agent.get(format!("{url}/fine")).call().unwrap();
         assert_eq!(second.status(), 200);
-
-        stopping.store(true, Ordering::SeqCst);
-        server.unblock();
-        worker.join().unwrap();
+        assert_eq!(server.connections(), 1, "the same connection served both");
     }
 
     #[test]

@@ -1,79 +1,17 @@
-//! SSE pass-through (DESIGN §8): each upstream event is written to the client as its
-//! own HTTP chunk and flushed as soon as it is complete, the usage chunk is read (and
-//! dropped when the proxy asked for it on the client's behalf), and a stream cut or
-//! stalled after bytes went out ends with an explicit SSE error event.
-//!
-//! tiny_http's own chunked writer buffers until 8 KiB, which would hold events back,
-//! so the response head and chunk framing are written here on the raw connection.
+//! SSE pass-through (DESIGN §8): each upstream event is sent to the client as soon as
+//! it is complete (the server writes it as one HTTP chunk), the usage chunk is read
+//! (and dropped when the proxy asked for it on the client's behalf), and a stream cut
+//! or stalled after bytes went out ends with an explicit SSE error event.
 
 use crate::upstream::Usage;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 
 /// Largest event the relay holds while waiting for its end; beyond it the upstream is
 /// not speaking SSE and the stream is ended with an error.
 const MAX_EVENT_BYTES: usize = 8 * 1024 * 1024;
 
-/// The client side of a streamed response.
-pub struct ClientStream {
-    out: Box<dyn Write + Send>,
-    chunked: bool,
-    frame: Vec<u8>,
-}
-
-impl ClientStream {
-    /// Writes the status line and headers. HTTP/1.0 clients get the raw body, ended
-    /// by closing the connection, since they cannot read chunked encoding.
-    pub fn start(
-        mut out: Box<dyn Write + Send>,
-        http11: bool,
-        status: u16,
-        headers: &[(String, String)],
-    ) -> io::Result<ClientStream> {
-        let reason = tiny_http::StatusCode(status).default_reason_phrase();
-        let mut head = format!("HTTP/1.{} {status} {reason}\r\n", u8::from(http11));
-        for (name, value) in headers {
-            head.push_str(&format!("{name}: {value}\r\n"));
-        }
-        head.push_str("Cache-Control: no-cache\r\n");
-        head.push_str(if http11 {
-            "Transfer-Encoding: chunked\r\n\r\n"
-        } else {
-            "Connection: close\r\n\r\n"
-        });
-        out.write_all(head.as_bytes())?;
-        out.flush()?;
-        Ok(ClientStream {
-            out,
-            chunked: http11,
-            frame: Vec::with_capacity(4096),
-        })
-    }
-
-    /// Sends one piece and flushes it, so it reaches the client now.
-    pub fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
-        if bytes.is_empty() {
-            return Ok(());
-        }
-        self.frame.clear();
-        if self.chunked {
-            self.frame
-                .extend_from_slice(format!("{:x}\r\n", bytes.len()).as_bytes());
-            self.frame.extend_from_slice(bytes);
-            self.frame.extend_from_slice(b"\r\n");
-        } else {
-            self.frame.extend_from_slice(bytes);
-        }
-        self.out.write_all(&self.frame)?;
-        self.out.flush()
-    }
-
-    pub fn finish(&mut self) -> io::Result<()> {
-        if self.chunked {
-            self.out.write_all(b"0\r\n\r\n")?;
-        }
-        self.out.flush()
-    }
-}
+/// Sends one piece of the stream to the client, now.
+pub type Send<'a> = dyn FnMut(&[u8]) -> io::Result<()> + 'a;
 
 #[derive(Debug, PartialEq)]
 pub enum End {
@@ -145,13 +83,9 @@ pub fn error_event(message: &str) -> Vec<u8> {
     format!("data: {body}\n\n").into_bytes()
 }
 
-/// Relays `upstream` to `client` event by event until `[DONE]`, the upstream's end or
-/// failure, or the client's disconnect.
-pub fn relay(
-    upstream: &mut dyn Read,
-    client: &mut ClientStream,
-    strip_usage_chunk: bool,
-) -> Summary {
+/// Relays `upstream` to the client event by event until `[DONE]`, the upstream's end
+/// or failure, or the client's disconnect. The caller ends the response.
+pub fn relay(upstream: &mut dyn Read, send: &mut Send<'_>, strip_usage_chunk: bool) -> Summary {
     // Small on purpose: a held stream keeps these for its whole life, and events are
     // far smaller (the pending buffer grows if one is not).
     let mut pending: Vec<u8> = Vec::with_capacity(4 * 1024);
@@ -186,7 +120,7 @@ pub fn relay(
                     true
                 }
             };
-            if forward && client.send(event).is_err() {
+            if forward && send(event).is_err() {
                 return Summary {
                     usage,
                     end: End::ClientGone,
@@ -201,7 +135,7 @@ pub fn relay(
     let end = match failure {
         // A partial event is dropped: glued to the error event it would corrupt both.
         Some(why) => {
-            if client.send(&error_event(&why)).is_err() {
+            if send(&error_event(&why)).is_err() {
                 return Summary {
                     usage,
                     end: End::ClientGone,
@@ -211,7 +145,7 @@ pub fn relay(
         }
         None => {
             // Bytes after `[DONE]` without a separator: pass them on unchanged.
-            if client.send(&pending).is_err() {
+            if send(&pending).is_err() {
                 return Summary {
                     usage,
                     end: End::ClientGone,
@@ -220,36 +154,15 @@ pub fn relay(
             End::Completed
         }
     };
-    if client.finish().is_err() {
-        return Summary {
-            usage,
-            end: End::ClientGone,
-        };
-    }
     Summary { usage, end }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
-
-    /// A Write that appends to a shared buffer, and can be told to fail.
-    #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-    impl Write for Sink {
-        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
 
     fn run(input: &[u8], strip: bool) -> (String, Summary) {
-        let sink = Sink::default();
-        let mut client = ClientStream::start(Box::new(sink.clone()), false, 200, &[]).unwrap();
+        let mut sent: Vec<Vec<u8>> = Vec::new();
         // Feed in 7-byte reads so events straddle read boundaries.
         struct Slow<'a>(&'a [u8]);
         impl Read for Slow<'_> {
@@ -260,10 +173,22 @@ mod tests {
                 Ok(n)
             }
         }
-        let summary = relay(&mut Slow(input), &mut client, strip);
-        let out = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
-        let body = out.split_once("\r\n\r\n").unwrap().1.to_string();
-        (body, summary)
+        let summary = relay(
+            &mut Slow(input),
+            &mut |piece| {
+                sent.push(piece.to_vec());
+                Ok(())
+            },
+            strip,
+        );
+        // Each event went out as its own piece.
+        for piece in &sent[..sent.len().saturating_sub(1)] {
+            assert!(
+                piece.ends_with(b"\n\n") || piece.ends_with(b"\r\n\r\n"),
+                "{piece:?}"
+            );
+        }
+        (String::from_utf8(sent.concat()).unwrap(), summary)
     }
 
     const STREAM: &str = "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n\
@@ -315,22 +240,16 @@ data: [DONE]\n\n";
     }
 
     #[test]
-    fn chunked_framing_is_one_chunk_per_event() {
-        let sink = Sink::default();
-        let mut c = ClientStream::start(
-            Box::new(sink.clone()),
-            true,
-            200,
-            &[("X-A".into(), "1".into())],
-        )
-        .unwrap();
-        c.send(b"data: 1\n\n").unwrap();
-        c.finish().unwrap();
-        let out = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
-        assert!(out.starts_with("HTTP/1.1 200 OK\r\nX-A: 1\r\n"), "{out}");
-        assert!(
-            out.ends_with("\r\n\r\n9\r\ndata: 1\n\n\r\n0\r\n\r\n"),
-            "{out}"
+    fn a_client_that_leaves_stops_the_relay() {
+        let mut calls = 0;
+        let s = relay(
+            &mut STREAM.as_bytes(),
+            &mut |_| {
+                calls += 1;
+                Err(io::ErrorKind::BrokenPipe.into())
+            },
+            false,
         );
+        assert_eq!((s.end, calls), (End::ClientGone, 1));
     }
 }

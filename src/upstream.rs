@@ -97,10 +97,15 @@ const DROPPED_REQUEST_HEADERS: [&str; 21] = [
     "accept-encoding",
 ];
 
-pub fn forward_request_header(name: &str) -> bool {
+/// Whether a client header travels upstream: not one of the above, and one ureq will
+/// send (the server's parser already refuses control bytes; this keeps a header that
+/// ureq would reject from ever failing an attempt, and so an instance).
+pub fn forward_request_header(name: &str, value: &str) -> bool {
     !DROPPED_REQUEST_HEADERS
         .iter()
         .any(|d| d.eq_ignore_ascii_case(name))
+        && ureq::http::HeaderName::from_bytes(name.as_bytes()).is_ok()
+        && ureq::http::HeaderValue::from_str(value).is_ok()
 }
 
 const RETURNED_RESPONSE_HEADERS: [&str; 11] = [
@@ -217,10 +222,13 @@ mod tests {
             "Transfer-Encoding",
             "Cookie",
         ] {
-            assert!(!forward_request_header(h), "{h}");
+            assert!(!forward_request_header(h, "v"), "{h}");
         }
         for h in ["Content-Type", "Accept", "User-Agent", "X-Stainless-Lang"] {
-            assert!(forward_request_header(h), "{h}");
+            assert!(forward_request_header(h, "v"), "{h}");
+        }
+        for bad in ["a\u{1}b", "\u{0}", "\u{7f}", "a\nb"] {
+            assert!(!forward_request_header("X-A", bad), "{bad:?}");
         }
         assert!(return_response_header("X-RateLimit-Remaining-Tokens"));
         assert!(return_response_header("apim-request-id"));

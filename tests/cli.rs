@@ -1,14 +1,11 @@
 //! The built binary: flags, `--check-config`, and starting on the example config.
 
 mod common;
-use common::{send, TempDir};
-use std::io::{BufRead, BufReader, Read, Write};
+use common::{send, Running, TempDir, BIN};
+use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::Receiver;
+use std::process::Command;
 use std::time::Duration;
-
-const BIN: &str = env!("CARGO_BIN_EXE_azure-openai-proxy");
 
 fn example_config() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config"))
@@ -85,79 +82,6 @@ fn check_config_accepts_the_example_and_names_what_is_wrong() {
         "{err}"
     );
     assert!(!err.contains("sk-hidden-value"), "{err}");
-}
-
-/// The binary running in the background, its stderr collected line by line.
-struct Running {
-    child: Child,
-    addr: String,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Running {
-    /// Spawns `cmd` and waits for its "listening on" line.
-    fn start(cmd: &mut Command) -> Running {
-        let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
-        let (tx, lines) = std::sync::mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let mut seen = Vec::new();
-        let addr = loop {
-            let line = lines
-                .recv_timeout(Duration::from_secs(20))
-                .expect("no 'listening on' line");
-            seen.push(line.clone());
-            if let Some(rest) = line.split("listening on http://").nth(1) {
-                break rest.split_whitespace().next().unwrap().to_string();
-            }
-        };
-        Running {
-            child,
-            addr,
-            lines,
-            seen,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    fn signal(&self, name: &str) {
-        let sent = Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(sent.success());
-    }
-
-    /// Everything the process printed to stderr so far.
-    fn stderr(&mut self) -> String {
-        self.seen.extend(self.lines.try_iter());
-        self.seen.join("\n")
-    }
-
-    fn exit_within(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        let mut status = None;
-        common::wait_until(within, || {
-            status = self.child.try_wait().unwrap();
-            status.is_some()
-        });
-        status
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[test]

@@ -254,7 +254,7 @@ fn slow_and_half_closed_clients_do_not_stop_others() {
             c.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Ty")
                 .unwrap();
         } else {
-            // Half declare a small body (tiny_http reads those itself) and half a large one.
+            // Half declare a small body and half a large one.
             let declared = if i % 2 == 0 { 100 } else { 3000 };
             let head = format!("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {declared}\r\n\r\n{{\"model\"");
             c.write_all(head.as_bytes()).unwrap();
@@ -287,29 +287,9 @@ fn slow_and_half_closed_clients_do_not_stop_others() {
             "client {i}: {read:?} after {:?}",
             started.elapsed()
         );
-        if i % 2 == 0 {
-            assert_eq!(
-                text, "",
-                "a short body under 1 KiB: tiny_http drops the connection"
-            );
-        } else {
-            assert!(text.starts_with("HTTP/1.1 400"), "{text}");
-            assert!(text.contains("\"error\""), "{text}");
-        }
-    }
-}
-
-/// xorshift64*: a reproducible stream of random numbers for the fuzz test.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        // The body ends early, small or large: a 400 says so, then the connection closes.
+        assert!(text.starts_with("HTTP/1.1 400"), "client {i}: {text}");
+        assert!(text.contains("\"error\""), "client {i}: {text}");
     }
 }
 

@@ -136,7 +136,7 @@ pub fn load(dir: &Path, env: &Env) -> Result<Loaded, ConfigError> {
     let mut config: Config = serde_path_to_error::deserialize(Value::Mapping(merged.clone()))
         .map_err(|e| {
             let path = e.path().to_string();
-            let inner = e.into_inner().to_string();
+            let inner = hide_value(&e.into_inner().to_string());
             ConfigError(format!("{}: {inner}", locate(&path)))
         })?;
     if legacy_single {
@@ -149,6 +149,24 @@ pub fn load(dir: &Path, env: &Env) -> Result<Loaded, ConfigError> {
         ConfigError(format!("{}: {message}", locate(&path)))
     })?;
     Ok(Loaded { config, sources })
+}
+
+/// serde's messages quote the value they could not read (`invalid type: string
+/// "sk-…", expected u32`). A key pasted into the wrong field must not be printed, so
+/// only the kind of value is kept.
+fn hide_value(message: &str) -> String {
+    for prefix in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = message.strip_prefix(prefix) {
+            let (found, expected) = rest.rsplit_once(", expected ").unwrap_or((rest, "?"));
+            let kind = found.split([' ', '`', '"']).next().unwrap_or("value");
+            return format!("{prefix}a {kind} (not shown), expected {expected}");
+        }
+    }
+    if let Some(rest) = message.strip_prefix("unknown variant ") {
+        let expected = rest.rsplit_once(", expected ").map_or("?", |(_, e)| e);
+        return format!("unknown value (not shown), expected {expected}");
+    }
+    message.to_string()
 }
 
 /// `instances[1].api_key` becomes `instances[1].api_key (instance "west")` when it can.
@@ -260,9 +278,10 @@ fn expand(s: &str, env: &Env) -> Result<String, ExpandError> {
         let valid = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
             && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !valid {
-            return Err(Malformed(format!(
-                "${{{inner}}} is not a valid variable reference"
-            )));
+            return Err(Malformed(
+                "a ${...} is not a valid variable reference (write ${NAME} or ${NAME:-default})"
+                    .into(),
+            ));
         }
         // As in the shell, `:-` also replaces a variable that is set but empty.
         match (env.get(name), default) {
@@ -634,8 +653,8 @@ instances:
         )]);
         let e = load(&d.0, &env(&[("EAST_KEY", "k")])).unwrap_err().0;
         assert!(
-            e.contains("routing.strategy") && e.contains("fastest"),
-            "{e}"
+            e.contains("routing.strategy") && e.contains("`round_robin`") && !e.contains("fastest"),
+            "the path and what it may be, never the value: {e}"
         );
 
         let d = dir_with(&[("base.yaml", &BASE.replace("max_tpm:", "max_tmp:"))]);
@@ -665,6 +684,22 @@ instances:
         let d = dir_with(&[("base.yaml", "instances: []")]);
         let e = load(&d.0, &env(&[])).unwrap_err().0;
         assert!(e.contains("base.yaml") && e.contains("no instance"), "{e}");
+    }
+
+    #[test]
+    fn values_are_never_quoted_back() {
+        assert_eq!(
+            hide_value(r#"invalid type: string "sk-1, expected x", expected u32"#),
+            "invalid type: a string (not shown), expected u32"
+        );
+        assert_eq!(
+            hide_value("unknown variant `sk-2`, expected `azure` or `openai`"),
+            "unknown value (not shown), expected `azure` or `openai`"
+        );
+        assert_eq!(
+            hide_value("missing field `api_key`"),
+            "missing field `api_key`"
+        );
     }
 
     #[test]

@@ -85,9 +85,10 @@ where
     T::Err: fmt::Display,
 {
     let text = lenient_string(d)?;
+    // The value is not quoted back: a key pasted into the wrong field must not be printed.
     text.trim()
         .parse()
-        .map_err(|e| serde::de::Error::custom(format!("{text:?} is not a valid number: {e}")))
+        .map_err(|e| serde::de::Error::custom(format!("is not a valid number ({e})")))
 }
 
 fn lenient_opt<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
@@ -103,9 +104,9 @@ where
 fn byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     let text = lenient_string(d)?;
     parse_byte_size(&text).ok_or_else(|| {
-        serde::de::Error::custom(format!(
-            "{text:?} is not a size (write bytes, or a number with KB, MB, GB, KiB, MiB, GiB)"
-        ))
+        serde::de::Error::custom(
+            "is not a size (write bytes, or a number with KB, MB, GB, KiB, MiB, GiB)",
+        )
     })
 }
 
@@ -279,6 +280,9 @@ pub struct Server {
     /// written; idle keep-alive connections close after it too.
     #[serde(deserialize_with = "lenient")]
     pub client_timeout: f64,
+    /// Seconds a request body may take to arrive in all, however it trickles.
+    #[serde(deserialize_with = "lenient")]
+    pub body_timeout: f64,
 }
 
 impl Default for Server {
@@ -288,6 +292,7 @@ impl Default for Server {
             max_body_bytes: 32 * 1024 * 1024,
             shutdown_grace_seconds: 30.0,
             client_timeout: 30.0,
+            body_timeout: 60.0,
         }
     }
 }
@@ -401,10 +406,7 @@ impl Config {
         if !LOG_LEVELS.contains(&self.logging.level.to_ascii_lowercase().as_str()) {
             return Err(invalid(
                 "logging.level",
-                format!(
-                    "unknown level {:?}; use one of {LOG_LEVELS:?}",
-                    self.logging.level
-                ),
+                format!("unknown level; use one of {LOG_LEVELS:?}"),
             ));
         }
         let r = &self.routing;
@@ -440,12 +442,16 @@ impl Config {
                 "must be seconds, 0 or more",
             ));
         }
-        let ct = self.server.client_timeout;
-        if !(ct.is_finite() && ct > 0.0) {
-            return Err(invalid(
-                "server.client_timeout",
-                "must be a number of seconds above 0",
-            ));
+        for (key, secs) in [
+            ("client_timeout", self.server.client_timeout),
+            ("body_timeout", self.server.body_timeout),
+        ] {
+            if !(secs.is_finite() && secs > 0.0) {
+                return Err(invalid(
+                    format!("server.{key}"),
+                    "must be a number of seconds above 0",
+                ));
+            }
         }
         if self.server.max_body_bytes == 0 {
             return Err(invalid("server.max_body_bytes", "must be above 0"));
@@ -527,20 +533,19 @@ impl Config {
     }
 }
 
-/// A base URL the proxy can call: http(s), a host, no query or fragment.
-fn check_url(url: &str) -> Result<(), String> {
+/// A base URL the proxy can call: http(s), a host, no query or fragment. The messages
+/// do not quote the URL: a key pasted here by mistake must not be printed.
+fn check_url(url: &str) -> Result<(), &'static str> {
     let rest = url
         .strip_prefix("https://")
         .or_else(|| url.strip_prefix("http://"))
-        .ok_or_else(|| format!("{url:?} is not an http:// or https:// URL"))?;
+        .ok_or("is not an http:// or https:// URL")?;
     let host = rest.split('/').next().unwrap_or("");
     if host.is_empty() || host.starts_with(':') {
-        return Err(format!("{url:?} has no host"));
+        return Err("has no host");
     }
     if rest.contains(['?', '#', ' ']) {
-        return Err(format!(
-            "{url:?} must not contain a query, fragment or space"
-        ));
+        return Err("must not contain a query, fragment or space");
     }
     Ok(())
 }

@@ -9,7 +9,9 @@ use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -545,4 +547,213 @@ pub fn sse_data(body: &[u8]) -> Vec<String> {
 pub fn refused_url() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     format!("http://{}", l.local_addr().unwrap())
+}
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_azure-openai-proxy");
+
+/// The built binary running in the background, its stderr collected line by line.
+pub struct Running {
+    pub child: Child,
+    pub addr: String,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+    /// The config directory, when `with_config` made it.
+    pub dir: Option<TempDir>,
+}
+
+impl Running {
+    /// Spawns `cmd` and waits for its "listening on" line.
+    pub fn start(cmd: &mut Command) -> Running {
+        let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut seen = Vec::new();
+        let addr = loop {
+            let line = lines
+                .recv_timeout(Duration::from_secs(20))
+                .unwrap_or_else(|_| panic!("no 'listening on' line: {}", seen.join("\n")));
+            seen.push(line.clone());
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_string();
+            }
+        };
+        Running {
+            child,
+            addr,
+            lines,
+            seen,
+            dir: None,
+        }
+    }
+
+    /// Starts the binary, with an empty environment, on `yaml` as its base.yaml
+    /// (listening on a free loopback port).
+    pub fn with_config(yaml: &str) -> Running {
+        let dir = TempDir::new();
+        dir.write("base.yaml", &format!("host: 127.0.0.1\nport: 0\n{yaml}"));
+        let mut running = Running::start(
+            Command::new(BIN)
+                .env_clear()
+                .arg("--config-dir")
+                .arg(&dir.0),
+        );
+        running.dir = Some(dir);
+        running
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn signal(&self, name: &str) {
+        let sent = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    }
+
+    /// Everything the process printed to stderr so far.
+    pub fn stderr(&mut self) -> String {
+        self.seen.extend(self.lines.try_iter());
+        self.seen.join("\n")
+    }
+
+    pub fn exit_within(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let mut status = None;
+        wait_until(within, || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        });
+        status
+    }
+
+    /// Asserts that the process is still running.
+    pub fn assert_alive(&mut self) {
+        let exited = self.child.try_wait().unwrap();
+        assert!(
+            exited.is_none(),
+            "the proxy exited ({exited:?}): {}",
+            self.stderr()
+        );
+    }
+
+    /// A number from /proc/PID/status: `Threads`, or `VmRSS`/`VmHWM` in kB.
+    pub fn status_field(&self, name: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /proc status"))
+    }
+
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .unwrap()
+            .count()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes `bytes` on a new connection to `addr` and returns everything the peer sent
+/// back until it closed the connection, or until `within` passed.
+pub fn raw(addr: &str, bytes: &[u8], within: Duration) -> Vec<u8> {
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(within)).unwrap();
+    let _ = c.write_all(bytes);
+    let mut answer = Vec::new();
+    let _ = c.read_to_end(&mut answer);
+    answer
+}
+
+/// One HTTP response read off a raw connection.
+#[derive(Debug)]
+pub struct RawAnswer {
+    pub status: u16,
+    /// Header names lowercased.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawAnswer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Asserts the OpenAI error shape and returns the error object.
+    pub fn openai_error(&self) -> Value {
+        Answer {
+            status: self.status,
+            headers: self.headers.clone(),
+            body: self.body.clone(),
+        }
+        .openai_error()
+    }
+}
+
+/// The responses in `bytes`, in order, as far as they parse (bodies framed by
+/// Content-Length; a chunked body is taken whole, up to its last chunk).
+pub fn responses(mut bytes: &[u8]) -> Vec<RawAnswer> {
+    let mut out = Vec::new();
+    while let Some(head_end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+        let head = String::from_utf8_lossy(&bytes[..head_end]).into_owned();
+        let mut lines = head.split("\r\n");
+        let Some(status) = lines
+            .next()
+            .and_then(|l| l.split(' ').nth(1))
+            .and_then(|s| s.parse().ok())
+        else {
+            break;
+        };
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        let rest = &bytes[head_end + 4..];
+        let length = headers
+            .iter()
+            .find(|(k, _)| k == "content-length")
+            .and_then(|(_, v)| v.parse::<usize>().ok());
+        let len = match length {
+            Some(n) => n.min(rest.len()),
+            None => rest.len(),
+        };
+        out.push(RawAnswer {
+            status,
+            headers,
+            body: rest[..len].to_vec(),
+        });
+        bytes = &rest[len..];
+    }
+    out
+}
+
+/// xorshift64*: a reproducible stream of random numbers for fuzz tests.
+pub struct Rng(pub u64);
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
 }

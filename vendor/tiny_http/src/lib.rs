@@ -1,460 +1,336 @@
-//! # Simple usage
-//!
-//! ## Creating the server
-//!
-//! The easiest way to create a server is to call `Server::http()`.
-//!
-//! The `http()` function returns an `IoResult<Server>` which will return an error
-//! in the case where the server creation fails (for example if the listening port is already
-//! occupied).
+//! tiny_http 0.12.0, reshaped for azure-openai-proxy (vendor/PATCHES.md lists every
+//! change): an HTTP/1.1 server in which the thread that reads a request runs the
+//! handler that answers it, and every size, count and wait a client controls is
+//! bounded before it costs memory or a thread.
 //!
 //! ```no_run
-//! let server = tiny_http::Server::http("0.0.0.0:0").unwrap();
+//! let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+//! let server = tiny_http::Server::start(
+//!     listener,
+//!     tiny_http::Limits::default(),
+//!     Box::new(|request: tiny_http::Request<'_>| {
+//!         let _ = request.respond(200, &[("Content-Type", "text/plain")], b"hello");
+//!     }),
+//! )
+//! .unwrap();
 //! ```
-//!
-//! A newly-created `Server` will immediately start listening for incoming connections and HTTP
-//! requests.
-//!
-//! ## Receiving requests
-//!
-//! Calling `server.recv()` will block until the next request is available.
-//! This function returns an `IoResult<Request>`, so you need to handle the possible errors.
-//!
-//! ```no_run
-//! # let server = tiny_http::Server::http("0.0.0.0:0").unwrap();
-//!
-//! loop {
-//!     // blocks until the next request is received
-//!     let request = match server.recv() {
-//!         Ok(rq) => rq,
-//!         Err(e) => { println!("error: {}", e); break }
-//!     };
-//!
-//!     // do something with the request
-//!     // ...
-//! }
-//! ```
-//!
-//! In a real-case scenario, you will probably want to spawn multiple worker tasks and call
-//! `server.recv()` on all of them. Like this:
-//!
-//! ```no_run
-//! # use std::sync::Arc;
-//! # use std::thread;
-//! # let server = tiny_http::Server::http("0.0.0.0:0").unwrap();
-//! let server = Arc::new(server);
-//! let mut guards = Vec::with_capacity(4);
-//!
-//! for _ in (0 .. 4) {
-//!     let server = server.clone();
-//!
-//!     let guard = thread::spawn(move || {
-//!         loop {
-//!             let rq = server.recv().unwrap();
-//!
-//!             // ...
-//!         }
-//!     });
-//!
-//!     guards.push(guard);
-//! }
-//! ```
-//!
-//! If you don't want to block, you can call `server.try_recv()` instead.
-//!
-//! ## Handling requests
-//!
-//! The `Request` object returned by `server.recv()` contains informations about the client's request.
-//! The most useful methods are probably `request.method()` and `request.url()` which return
-//! the requested method (`GET`, `POST`, etc.) and url.
-//!
-//! To handle a request, you need to create a `Response` object. See the docs of this object for
-//! more infos. Here is an example of creating a `Response` from a file:
-//!
-//! ```no_run
-//! # use std::fs::File;
-//! # use std::path::Path;
-//! let response = tiny_http::Response::from_file(File::open(&Path::new("image.png")).unwrap());
-//! ```
-//!
-//! All that remains to do is call `request.respond()`:
-//!
-//! ```no_run
-//! # use std::fs::File;
-//! # use std::path::Path;
-//! # let server = tiny_http::Server::http("0.0.0.0:0").unwrap();
-//! # let request = server.recv().unwrap();
-//! # let response = tiny_http::Response::from_file(File::open(&Path::new("image.png")).unwrap());
-//! let _ = request.respond(response);
-//! ```
-// azure-openai-proxy patch: two warnings of the upstream release, not ours to fix here.
-#![allow(unused_imports, dead_code)]
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
-#![allow(clippy::match_like_matches_macro)]
 
-#[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
-use zeroize::Zeroizing;
-
-use std::error::Error;
-use std::io::Error as IoError;
-use std::io::ErrorKind as IoErrorKind;
-use std::io::Result as IoResult;
-use std::net::{Shutdown, TcpStream, ToSocketAddrs};
-use std::sync::atomic::AtomicBool;
-use std::sync::atomic::Ordering::Relaxed;
-use std::sync::mpsc;
-use std::sync::Arc;
-use std::thread;
-use std::time::Duration;
-
-use client::ClientConnection;
-use connection::Connection;
-use util::MessagesQueue;
-
-pub use common::{HTTPVersion, Header, HeaderField, Method, StatusCode};
-pub use connection::{ConfigListenAddr, ListenAddr, Listener};
-pub use request::{ReadWrite, Request};
-pub use response::{Response, ResponseBox};
-pub use test::TestRequest;
-
-mod client;
 mod common;
-mod connection;
+mod conn;
 mod request;
-mod response;
-mod ssl;
-mod test;
-mod util;
 
-/// The main class of this library.
-///
-/// Destroying this object will immediately close the listening socket and the reading
-///  part of all the client's connections. Requests that have already been returned by
-///  the `recv()` function will not close and the responses will be transferred to the client.
+pub use common::{HTTPVersion, Method, StatusCode};
+pub use request::{Request, ResponseWriter};
+
+use std::io::{self, ErrorKind};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+/// What a server allows its clients.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// How long a kept-alive connection may wait for its next request.
+    pub idle: Duration,
+    /// How long a request head may take to arrive, from its first byte.
+    pub head: Duration,
+    /// How long a request body may take to arrive, from the end of its head.
+    pub body: Duration,
+    /// How long one write to a client may block.
+    pub write: Duration,
+    /// Stack size of each connection's thread.
+    pub stack_size: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            idle: Duration::from_secs(30),
+            head: Duration::from_secs(30),
+            body: Duration::from_secs(60),
+            write: Duration::from_secs(30),
+            stack_size: 2 << 20,
+        }
+    }
+}
+
+/// What answers requests; it runs on the connection's own thread.
+pub type Handler = dyn Fn(Request<'_>) + Send + Sync;
+
+/// Connection states, for `drain` (which closes idle ones) and `cut_streams`.
+const IDLE: u8 = 0;
+const BUSY: u8 = 1;
+const STREAMING: u8 = 2;
+
+/// States of a streamed answer, under `Entry::write`.
+pub(crate) const STREAM_OPEN: u8 = 0;
+pub(crate) const STREAM_FINISHED: u8 = 1;
+pub(crate) const STREAM_CUT: u8 = 2;
+
+/// One open connection, shared by its thread and the server.
+pub(crate) struct Entry {
+    pub(crate) stream: TcpStream,
+    pub(crate) peer: SocketAddr,
+    state: AtomicU8,
+    /// Milliseconds since the server started, when the connection last went idle.
+    idle_since: AtomicU64,
+    /// A streamed answer's state; its writes happen under this lock so that
+    /// `cut_streams` never lands in the middle of one.
+    pub(crate) write: Mutex<u8>,
+    chunked: AtomicBool,
+    slot: usize,
+}
+
+impl Entry {
+    pub(crate) fn set_idle(&self, shared: &Shared) {
+        let ms = shared.started.elapsed().as_millis() as u64;
+        self.idle_since.store(ms, Ordering::Relaxed);
+        self.state.store(IDLE, Ordering::Release);
+    }
+
+    pub(crate) fn set_busy(&self) {
+        self.state.store(BUSY, Ordering::Release);
+    }
+
+    pub(crate) fn set_streaming(&self, chunked: bool) {
+        self.chunked.store(chunked, Ordering::Relaxed);
+        self.state.store(STREAMING, Ordering::Release);
+    }
+}
+
+/// The open connections: a slab, so adding and removing one is O(1).
+#[derive(Default)]
+struct Registry {
+    slots: Vec<Option<Arc<Entry>>>,
+    free: Vec<usize>,
+    open: usize,
+}
+
+pub(crate) struct Shared {
+    pub(crate) limits: Limits,
+    pub(crate) handler: Box<Handler>,
+    draining: AtomicBool,
+    started: Instant,
+    registry: Mutex<Registry>,
+    /// Signalled whenever a connection closes.
+    closed: Condvar,
+}
+
+impl Shared {
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn entries(&self) -> Vec<Arc<Entry>> {
+        self.registry().slots.iter().flatten().cloned().collect()
+    }
+
+    fn add(&self, stream: TcpStream, peer: SocketAddr) -> Arc<Entry> {
+        let mut r = self.registry();
+        let slot = r.free.pop().unwrap_or_else(|| {
+            r.slots.push(None);
+            r.slots.len() - 1
+        });
+        let entry = Arc::new(Entry {
+            stream,
+            peer,
+            state: AtomicU8::new(BUSY),
+            idle_since: AtomicU64::new(0),
+            write: Mutex::new(STREAM_FINISHED),
+            chunked: AtomicBool::new(false),
+            slot,
+        });
+        r.slots[slot] = Some(entry.clone());
+        r.open += 1;
+        entry
+    }
+
+    fn remove(&self, entry: &Entry) {
+        let mut r = self.registry();
+        r.slots[entry.slot] = None;
+        r.free.push(entry.slot);
+        r.open -= 1;
+        self.closed.notify_all();
+    }
+}
+
+/// Removes a connection from the registry when its thread ends, however it ends.
+struct Registered<'a>(&'a Shared, Arc<Entry>);
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.0.remove(&self.1);
+    }
+}
+
+/// A running server: its accept thread, and a thread per open connection.
 pub struct Server {
-    // should be false as long as the server exists
-    // when set to true, all the subtasks will close within a few hundreds ms
-    close: Arc<AtomicBool>,
-
-    // queue for messages received by child threads
-    messages: Arc<MessagesQueue<Message>>,
-
-    // result of TcpListener::local_addr()
-    listening_addr: ListenAddr,
-}
-
-enum Message {
-    Error(IoError),
-    NewRequest(Request),
-}
-
-impl From<IoError> for Message {
-    fn from(e: IoError) -> Message {
-        Message::Error(e)
-    }
-}
-
-impl From<Request> for Message {
-    fn from(rq: Request) -> Message {
-        Message::NewRequest(rq)
-    }
-}
-
-// this trait is to make sure that Server implements Share and Send
-#[doc(hidden)]
-trait MustBeShareDummy: Sync + Send {}
-#[doc(hidden)]
-impl MustBeShareDummy for Server {}
-
-pub struct IncomingRequests<'a> {
-    server: &'a Server,
-}
-
-/// Represents the parameters required to create a server.
-#[derive(Debug, Clone)]
-pub struct ServerConfig {
-    /// The addresses to try to listen to.
-    pub addr: ConfigListenAddr,
-
-    /// If `Some`, then the server will use SSL to encode the communications.
-    pub ssl: Option<SslConfig>,
-}
-
-/// Configuration of the server for SSL.
-#[derive(Debug, Clone)]
-pub struct SslConfig {
-    /// Contains the public certificate to send to clients.
-    pub certificate: Vec<u8>,
-    /// Contains the ultra-secret private key used to decode communications.
-    pub private_key: Vec<u8>,
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    accept: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Server {
-    /// Shortcut for a simple server on a specific address.
-    #[inline]
-    pub fn http<A>(addr: A) -> Result<Server, Box<dyn Error + Send + Sync + 'static>>
-    where
-        A: ToSocketAddrs,
-    {
-        Server::new(ServerConfig {
-            addr: ConfigListenAddr::from_socket_addrs(addr)?,
-            ssl: None,
-        })
-    }
-
-    /// Shortcut for an HTTPS server on a specific address.
-    #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
-    #[inline]
-    pub fn https<A>(
-        addr: A,
-        config: SslConfig,
-    ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>>
-    where
-        A: ToSocketAddrs,
-    {
-        Server::new(ServerConfig {
-            addr: ConfigListenAddr::from_socket_addrs(addr)?,
-            ssl: Some(config),
-        })
-    }
-
-    #[cfg(unix)]
-    #[inline]
-    /// Shortcut for a UNIX socket server at a specific path
-    pub fn http_unix(
-        path: &std::path::Path,
-    ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
-        Server::new(ServerConfig {
-            addr: ConfigListenAddr::unix_from_path(path),
-            ssl: None,
-        })
-    }
-
-    /// Builds a new server that listens on the specified address.
-    pub fn new(config: ServerConfig) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
-        let listener = config.addr.bind()?;
-        Self::from_listener(listener, config.ssl)
-    }
-
-    /// Builds a new server using the specified TCP listener.
-    ///
-    /// This is useful if you've constructed TcpListener using some less usual method
-    /// such as from systemd. For other cases, you probably want the `new()` function.
-    pub fn from_listener<L: Into<Listener>>(
-        listener: L,
-        ssl_config: Option<SslConfig>,
-    ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
-        let listener = listener.into();
-        // building the "close" variable
-        let close_trigger = Arc::new(AtomicBool::new(false));
-
-        // building the TcpListener
-        let (server, local_addr) = {
-            let local_addr = listener.local_addr()?;
-            log::debug!("Server listening on {}", local_addr);
-            (listener, local_addr)
-        };
-
-        // building the SSL capabilities
-        #[cfg(all(feature = "ssl-openssl", feature = "ssl-rustls"))]
-        compile_error!(
-            "Features 'ssl-openssl' and 'ssl-rustls' must not be enabled at the same time"
-        );
-        #[cfg(not(any(feature = "ssl-openssl", feature = "ssl-rustls")))]
-        type SslContext = ();
-        #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
-        type SslContext = crate::ssl::SslContextImpl;
-        let ssl: Option<SslContext> = {
-            match ssl_config {
-                #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
-                Some(config) => Some(SslContext::from_pem(
-                    config.certificate,
-                    Zeroizing::new(config.private_key),
-                )?),
-                #[cfg(not(any(feature = "ssl-openssl", feature = "ssl-rustls")))]
-                Some(_) => return Err(
-                    "Building a server with SSL requires enabling the `ssl` feature in tiny-http"
-                        .into(),
-                ),
-                None => None,
-            }
-        };
-
-        // creating a task where server.accept() is continuously called
-        // and ClientConnection objects are pushed in the messages queue
-        let messages = MessagesQueue::with_capacity(8);
-
-        let inside_close_trigger = close_trigger.clone();
-        let inside_messages = messages.clone();
-        thread::spawn(move || {
-            // a tasks pool is used to dispatch the connections into threads
-            let tasks_pool = util::TaskPool::new();
-
-            log::debug!("Running accept thread");
-            while !inside_close_trigger.load(Relaxed) {
-                let new_client = match server.accept() {
-                    Ok((sock, _)) => {
-                        use util::RefinedTcpStream;
-                        let halves = match ssl {
-                            None => RefinedTcpStream::new(sock),
-                            #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
-                            Some(ref ssl) => {
-                                // trying to apply SSL over the connection
-                                // if an error occurs, we just close the socket and resume listening
-                                let sock = match ssl.accept(sock) {
-                                    Ok(s) => s,
-                                    Err(_) => continue,
-                                };
-
-                                RefinedTcpStream::new(sock)
-                            }
-                            #[cfg(not(any(feature = "ssl-openssl", feature = "ssl-rustls")))]
-                            Some(ref _ssl) => unreachable!(),
-                        };
-
-                        halves.map(|(read_closable, write_closable)| {
-                            ClientConnection::new(write_closable, read_closable)
-                        })
-                    }
-                    Err(e) => Err(e),
-                };
-
-                match new_client {
-                    Ok(client) => {
-                        let messages = inside_messages.clone();
-                        let mut client = Some(client);
-                        tasks_pool.spawn(Box::new(move || {
-                            if let Some(client) = client.take() {
-                                // Synchronization is needed for HTTPS requests to avoid a deadlock
-                                if client.secure() {
-                                    let (sender, receiver) = mpsc::channel();
-                                    for rq in client {
-                                        messages.push(rq.with_notify_sender(sender.clone()).into());
-                                        receiver.recv().unwrap();
-                                    }
-                                } else {
-                                    for rq in client {
-                                        messages.push(rq.into());
-                                    }
-                                }
-                            }
-                        }));
-                    }
-
-                    // azure-openai-proxy patch: upstream ends this thread on any accept
-                    // error, and the server silently stops accepting. A receive timeout
-                    // on the listener (which accepted sockets inherit) makes accept()
-                    // fail with WouldBlock after every idle period, and running out of
-                    // file descriptors is transient too: keep accepting.
-                    Err(_) if inside_close_trigger.load(Relaxed) => break,
-                    Err(e) => match e.kind() {
-                        IoErrorKind::WouldBlock | IoErrorKind::TimedOut | IoErrorKind::Interrupted => {}
-                        _ => {
-                            // The proxy's own target: it ignores tiny_http's log lines.
-                            log::warn!(target: "azure_openai_proxy::accept", "accepting a connection failed: {}", e);
-                            // Not a busy loop while the error lasts (EMFILE, say).
-                            thread::sleep(Duration::from_millis(50));
-                        }
-                    },
-                }
-            }
-            log::debug!("Terminating accept thread");
+    /// Serves `listener` with `handler`. The listener should have a receive timeout
+    /// (a few hundred ms): the accept thread checks for `drain` between accepts.
+    pub fn start(
+        listener: TcpListener,
+        limits: Limits,
+        handler: Box<Handler>,
+    ) -> io::Result<Server> {
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            limits,
+            handler,
+            draining: AtomicBool::new(false),
+            started: Instant::now(),
+            registry: Mutex::new(Registry::default()),
+            closed: Condvar::new(),
         });
-
-        // result
+        let inside = shared.clone();
+        let accept = thread::Builder::new()
+            .name("accept".into())
+            .spawn(move || accept_loop(&listener, &inside))?;
         Ok(Server {
-            messages,
-            close: close_trigger,
-            listening_addr: local_addr,
+            shared,
+            addr,
+            accept: Mutex::new(Some(accept)),
         })
     }
 
-    /// Returns an iterator for all the incoming requests.
-    ///
-    /// The iterator will return `None` if the server socket is shutdown.
-    #[inline]
-    pub fn incoming_requests(&self) -> IncomingRequests<'_> {
-        IncomingRequests { server: self }
+    pub fn server_addr(&self) -> SocketAddr {
+        self.addr
     }
 
-    /// Returns the address the server is listening to.
-    #[inline]
-    pub fn server_addr(&self) -> ListenAddr {
-        self.listening_addr.clone()
+    /// Connections open now.
+    pub fn connections(&self) -> usize {
+        self.shared.registry().open
     }
 
-    /// Returns the number of clients currently connected to the server.
-    pub fn num_connections(&self) -> usize {
-        unimplemented!()
-        //self.requests_receiver.lock().len()
-    }
-
-    /// Blocks until an HTTP request has been submitted and returns it.
-    pub fn recv(&self) -> IoResult<Request> {
-        match self.messages.pop() {
-            Some(Message::Error(err)) => Err(err),
-            Some(Message::NewRequest(rq)) => Ok(rq),
-            None => Err(IoError::new(IoErrorKind::Other, "thread unblocked")),
+    /// Stops accepting (the listening socket is closed when this returns) and closes
+    /// idle connections. Connections busy with a request close after answering it.
+    pub fn drain(&self) {
+        self.shared.draining.store(true, Ordering::Release);
+        // Wakes the accept thread at once; its receive timeout is the fallback.
+        let mut wake = self.addr;
+        if wake.ip().is_unspecified() {
+            wake.set_ip(match wake {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        let _ = TcpStream::connect_timeout(&wake, Duration::from_millis(100));
+        if let Some(accept) = self.accept.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = accept.join();
+        }
+        for entry in self.shared.entries() {
+            if entry.state.load(Ordering::Acquire) == IDLE {
+                let _ = entry.stream.shutdown(Shutdown::Both);
+            }
         }
     }
 
-    /// Same as `recv()` but doesn't block longer than timeout
-    pub fn recv_timeout(&self, timeout: Duration) -> IoResult<Option<Request>> {
-        match self.messages.pop_timeout(timeout) {
-            Some(Message::Error(err)) => Err(err),
-            Some(Message::NewRequest(rq)) => Ok(Some(rq)),
-            None => Ok(None),
+    /// Waits until every connection has closed, or until `deadline`; says which.
+    pub fn wait_closed(&self, deadline: Instant) -> bool {
+        let mut r = self.shared.registry();
+        while r.open > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            r = self
+                .shared
+                .closed
+                .wait_timeout(r, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
+        true
     }
 
-    /// Same as `recv()` but doesn't block.
-    pub fn try_recv(&self) -> IoResult<Option<Request>> {
-        match self.messages.try_pop() {
-            Some(Message::Error(err)) => Err(err),
-            Some(Message::NewRequest(rq)) => Ok(Some(rq)),
-            None => Ok(None),
+    /// Ends every answer still being streamed with `last` as its final piece (a
+    /// complete chunked body, so the client can tell how it ended), and closes those
+    /// connections. Their writers fail from then on.
+    pub fn cut_streams(&self, last: &[u8]) {
+        for entry in self.shared.entries() {
+            if entry.state.load(Ordering::Acquire) != STREAMING {
+                continue;
+            }
+            let mut state = entry.write.lock().unwrap_or_else(|e| e.into_inner());
+            if *state != STREAM_OPEN {
+                continue;
+            }
+            *state = STREAM_CUT;
+            let mut out = &entry.stream;
+            let _ = if entry.chunked.load(Ordering::Relaxed) {
+                let mut size = [0u8; 18];
+                let n = request::chunk_size_line(last.len(), &mut size);
+                io::Write::write_all(&mut out, &[&size[..n], last, b"\r\n0\r\n\r\n"].concat())
+            } else {
+                io::Write::write_all(&mut out, last)
+            };
+            let _ = entry.stream.shutdown(Shutdown::Both);
         }
-    }
-
-    /// Unblock thread stuck in recv() or incoming_requests().
-    /// If there are several such threads, only one is unblocked.
-    /// This method allows graceful shutdown of server.
-    pub fn unblock(&self) {
-        self.messages.unblock();
-    }
-}
-
-impl Iterator for IncomingRequests<'_> {
-    type Item = Request;
-    fn next(&mut self) -> Option<Request> {
-        self.server.recv().ok()
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        self.close.store(true, Relaxed);
-        // Connect briefly to ourselves to unblock the accept thread
-        let maybe_stream = match &self.listening_addr {
-            ListenAddr::IP(addr) => TcpStream::connect(addr).map(Connection::from),
-            #[cfg(unix)]
-            ListenAddr::Unix(addr) => {
-                // TODO: use connect_addr when its stabilized.
-                let path = addr.as_pathname().unwrap();
-                std::os::unix::net::UnixStream::connect(path).map(Connection::from)
+        self.drain();
+    }
+}
+
+fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
+    while !shared.is_draining() {
+        let (stream, peer) = match listener.accept() {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                match e.kind() {
+                    ErrorKind::WouldBlock
+                    | ErrorKind::TimedOut
+                    | ErrorKind::Interrupted
+                    | ErrorKind::ConnectionAborted => {}
+                    _ => {
+                        // Out of descriptors, say: transient. The proxy's own log target,
+                        // since it filters out tiny_http's.
+                        log::warn!(target: "azure_openai_proxy::accept", "accepting a connection failed: {e}");
+                        thread::sleep(Duration::from_millis(50));
+                    }
+                }
+                continue;
             }
         };
-        if let Ok(stream) = maybe_stream {
-            let _ = stream.shutdown(Shutdown::Both);
+        if shared.is_draining() {
+            break;
         }
-
-        #[cfg(unix)]
-        if let ListenAddr::Unix(addr) = &self.listening_addr {
-            if let Some(path) = addr.as_pathname() {
-                let _ = std::fs::remove_file(path);
-            }
+        if let Err(e) = stream.set_write_timeout(Some(shared.limits.write)) {
+            log::warn!(target: "azure_openai_proxy::accept", "a new connection failed: {e}");
+            continue;
+        }
+        let entry = shared.add(stream, peer);
+        let inside = shared.clone();
+        let spawned = thread::Builder::new()
+            .stack_size(shared.limits.stack_size)
+            .spawn({
+                let entry = entry.clone();
+                move || {
+                    let _registered = Registered(&inside, entry.clone());
+                    conn::serve(entry, &inside);
+                }
+            });
+        if let Err(e) = spawned {
+            log::warn!(target: "azure_openai_proxy::accept", "no thread for a new connection: {e}");
+            shared.remove(&entry);
         }
     }
+    // The listener is dropped by the caller's return: new connections are refused.
 }

@@ -1,518 +1,510 @@
-use std::io::Error as IoError;
-use std::io::{self, Cursor, ErrorKind, Read, Write};
+//! azure-openai-proxy patch: a request borrows its connection for as long as the handler
+//! runs. Its body is read through the connection's buffer with RFC 9112 §6 framing and
+//! a total deadline; its answer leaves in one write; a streamed answer is written chunk
+//! by chunk and can be ended by the server (`Server::cut_streams`).
+//!
+//! Nothing is ever sized by a number the client sent: a declared length only bounds
+//! how much is read, chunk sizes only count down, and chunk lines and trailers are
+//! capped like head lines.
 
-use std::fmt;
+use crate::common::{HTTPVersion, Method};
+use crate::conn::{
+    refuse, status_line, Head, Io, Refusal, MAX_HEAD, MAX_HEADERS, MAX_HEAD_LINE, READ_BUFFER,
+};
+use crate::{Shared, STREAM_CUT, STREAM_FINISHED, STREAM_OPEN};
+use std::io::{self, ErrorKind, Read};
 use std::net::SocketAddr;
-use std::str::FromStr;
+use std::time::Instant;
 
-use std::sync::mpsc::Sender;
+/// The longest chunk-size line (digits and extensions) a chunked body may use.
+const MAX_CHUNK_LINE: usize = 4 * 1024;
 
-use crate::util::{EqualReader, FusedReader};
-use crate::{HTTPVersion, Header, Method, Response, StatusCode};
-use chunked_transfer::Decoder;
-
-/// Represents an HTTP request made by a client.
-///
-/// A `Request` object is what is produced by the server, and is your what
-/// your code must analyse and answer.
-///
-/// This object implements the `Send` trait, therefore you can dispatch your requests to
-/// worker threads.
-///
-/// # Pipelining
-///
-/// If a client sends multiple requests in a row (without waiting for the response), then you will
-/// get multiple `Request` objects simultaneously. This is called *requests pipelining*.
-/// Tiny-http automatically reorders the responses so that you don't need to worry about the order
-/// in which you call `respond` or `into_writer`.
-///
-/// This mechanic is disabled if:
-///
-///  - The body of a request is large enough (handling requires pipelining requires storing the
-///    body of the request in a buffer ; if the body is too big, tiny-http will avoid doing that)
-///  - A request sends a `Expect: 100-continue` header (which means that the client waits to
-///    know whether its body will be processed before sending it)
-///  - A request sends a `Connection: close` header or `Connection: upgrade` header (used for
-///    websockets), which indicates that this is the last request that will be received on this
-///    connection
-///
-/// # Automatic cleanup
-///
-/// If a `Request` object is destroyed without `into_writer` or `respond` being called,
-/// an empty response with a 500 status code (internal server error) will automatically be
-/// sent back to the client.
-/// This means that if your code fails during the handling of a request, this "internal server
-/// error" response will automatically be sent during the stack unwinding.
-///
-/// # Testing
-///
-/// If you want to build fake requests to test your server, use [`TestRequest`](crate::test::TestRequest).
-pub struct Request {
-    // where to read the body from
-    data_reader: Option<Box<dyn Read + Send + 'static>>,
-
-    // if this writer is empty, then the request has been answered
-    response_writer: Option<Box<dyn Write + Send + 'static>>,
-
-    remote_addr: Option<SocketAddr>,
-
-    // true if HTTPS, false if HTTP
-    secure: bool,
-
-    method: Method,
-
-    path: String,
-
-    http_version: HTTPVersion,
-
-    headers: Vec<Header>,
-
-    body_length: Option<usize>,
-
-    // true if a `100 Continue` response must be sent when `as_reader()` is called
-    must_send_continue: bool,
-
-    // If Some, a message must be sent after responding
-    notify_when_responded: Option<Sender<()>>,
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Body {
+    /// No body, or all of it has been read.
+    Done,
+    /// Content-Length bytes still to come.
+    Length(u64),
+    /// Chunked: the next thing to read is a chunk-size line.
+    ChunkSize,
+    /// Chunked: bytes left in the current chunk.
+    ChunkData(u64),
 }
 
-struct NotifyOnDrop<R> {
-    sender: Sender<()>,
-    inner: R,
+/// An HTTP request, with its connection, until the handler answers it.
+pub struct Request<'c> {
+    io: &'c mut Io,
+    head: &'c Head,
+    shared: &'c Shared,
+    body: Body,
+    declared: Option<u64>,
+    /// The client waits for `100 Continue` before it sends the body.
+    continue_pending: bool,
+    body_deadline: Instant,
+    /// The client allows another request on this connection.
+    persistent: bool,
 }
 
-impl<R: Read> Read for NotifyOnDrop<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.inner.read(buf)
-    }
-}
-impl<R: Write> Write for NotifyOnDrop<R> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.inner.write(buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-impl<R> Drop for NotifyOnDrop<R> {
-    fn drop(&mut self) {
-        self.sender.send(()).unwrap();
-    }
-}
-
-/// Error that can happen when building a `Request` object.
-#[derive(Debug)]
-pub enum RequestCreationError {
-    /// The client sent an `Expect` header that was not recognized by tiny-http.
-    ExpectationFailed,
-
-    /// Error while reading data from the socket during the creation of the `Request`.
-    CreationIoError(IoError),
-}
-
-impl From<IoError> for RequestCreationError {
-    fn from(err: IoError) -> RequestCreationError {
-        RequestCreationError::CreationIoError(err)
-    }
-}
-
-/// Builds a new request.
-///
-/// After the request line and headers have been read from the socket, a new `Request` object
-/// is built.
-///
-/// You must pass a `Read` that will allow the `Request` object to read from the incoming data.
-/// It is the responsibility of the `Request` to read only the data of the request and not further.
-///
-/// The `Write` object will be used by the `Request` to write the response.
-#[allow(clippy::too_many_arguments)]
-pub fn new_request<R, W>(
-    secure: bool,
-    method: Method,
-    path: String,
-    version: HTTPVersion,
-    headers: Vec<Header>,
-    remote_addr: Option<SocketAddr>,
-    mut source_data: R,
-    writer: W,
-) -> Result<Request, RequestCreationError>
-where
-    R: Read + Send + 'static,
-    W: Write + Send + 'static,
-{
-    // finding the transfer-encoding header
-    let transfer_encoding = headers
-        .iter()
-        .find(|h: &&Header| h.field.equiv("Transfer-Encoding"))
-        .map(|h| h.value.clone());
-
-    // finding the content-length header
-    let content_length = if transfer_encoding.is_some() {
-        // if transfer-encoding is specified, the Content-Length
-        // header must be ignored (RFC2616 #4.4)
-        None
-    } else {
-        headers
-            .iter()
-            .find(|h: &&Header| h.field.equiv("Content-Length"))
-            .and_then(|h| FromStr::from_str(h.value.as_str()).ok())
-    };
-
-    // true if the client sent a `Expect: 100-continue` header
-    let expects_continue = {
-        match headers
-            .iter()
-            .find(|h: &&Header| h.field.equiv("Expect"))
-            .map(|h| h.value.as_str())
-        {
-            None => false,
-            Some(v) if v.eq_ignore_ascii_case("100-continue") => true,
-            _ => return Err(RequestCreationError::ExpectationFailed),
-        }
-    };
-
-    // true if the client sent a `Connection: upgrade` header
-    let connection_upgrade = {
-        match headers
-            .iter()
-            .find(|h: &&Header| h.field.equiv("Connection"))
-            .map(|h| h.value.as_str())
-        {
-            Some(v) if v.to_ascii_lowercase().contains("upgrade") => true,
-            _ => false,
-        }
-    };
-
-    // we wrap `source_data` around a reading whose nature depends on the transfer-encoding and
-    // content-length headers
-    let reader = if connection_upgrade {
-        // if we have a `Connection: upgrade`, always keeping the whole reader
-        Box::new(source_data) as Box<dyn Read + Send + 'static>
-    } else if let Some(content_length) = content_length {
-        if content_length == 0 {
-            Box::new(io::empty()) as Box<dyn Read + Send + 'static>
-        } else if content_length <= 1024 && !expects_continue {
-            // if the content-length is small enough, we just read everything into a buffer
-
-            let mut buffer = vec![0; content_length];
-            let mut offset = 0;
-
-            while offset != content_length {
-                let read = source_data.read(&mut buffer[offset..])?;
-                if read == 0 {
-                    // the socket returned EOF, but we were before the expected content-length
-                    // aborting
-                    let info = "Connection has been closed before we received enough data";
-                    let err = IoError::new(ErrorKind::ConnectionAborted, info);
-                    return Err(RequestCreationError::CreationIoError(err));
-                }
-
-                offset += read;
+impl<'c> Request<'c> {
+    pub(crate) fn new(
+        io: &'c mut Io,
+        head: &'c Head,
+        shared: &'c Shared,
+    ) -> Result<Request<'c>, Refusal> {
+        let http11 = head.version >= HTTPVersion(1, 1);
+        let mut declared: Option<u64> = None;
+        for value in head.all("content-length") {
+            // RFC 9112 §6.3: 1*DIGIT, nothing else; repeats must agree.
+            let n = Some(value)
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or(refuse(
+                    400,
+                    "invalid_content_length",
+                    "Content-Length must be one number of bytes.",
+                ))?;
+            if declared.is_some_and(|d| d != n) {
+                return Err(refuse(
+                    400,
+                    "invalid_content_length",
+                    "The request has two different Content-Length values.",
+                ));
             }
-
-            Box::new(Cursor::new(buffer)) as Box<dyn Read + Send + 'static>
-        } else {
-            let (data_reader, _) = EqualReader::new(source_data, content_length); // TODO:
-            Box::new(FusedReader::new(data_reader)) as Box<dyn Read + Send + 'static>
+            declared = Some(n);
         }
-    } else if transfer_encoding.is_some() {
-        // if a transfer-encoding was specified, then "chunked" is ALWAYS applied
-        // over the message (RFC2616 #3.6)
-        Box::new(FusedReader::new(Decoder::new(source_data))) as Box<dyn Read + Send + 'static>
-    } else {
-        // if we have neither a Content-Length nor a Transfer-Encoding,
-        // assuming that we have no data
-        // TODO: could also be multipart/byteranges
-        Box::new(io::empty()) as Box<dyn Read + Send + 'static>
-    };
-
-    Ok(Request {
-        data_reader: Some(reader),
-        response_writer: Some(Box::new(writer) as Box<dyn Write + Send + 'static>),
-        remote_addr,
-        secure,
-        method,
-        path,
-        http_version: version,
-        headers,
-        body_length: content_length,
-        must_send_continue: expects_continue,
-        notify_when_responded: None,
-    })
-}
-
-impl Request {
-    /// Returns true if the request was made through HTTPS.
-    #[inline]
-    pub fn secure(&self) -> bool {
-        self.secure
-    }
-
-    /// Returns the method requested by the client (eg. `GET`, `POST`, etc.).
-    #[inline]
-    pub fn method(&self) -> &Method {
-        &self.method
-    }
-
-    /// Returns the resource requested by the client.
-    #[inline]
-    pub fn url(&self) -> &str {
-        &self.path
-    }
-
-    /// Returns a list of all headers sent by the client.
-    #[inline]
-    pub fn headers(&self) -> &[Header] {
-        &self.headers
-    }
-
-    /// Returns the HTTP version of the request.
-    #[inline]
-    pub fn http_version(&self) -> &HTTPVersion {
-        &self.http_version
-    }
-
-    /// Returns the length of the body in bytes.
-    ///
-    /// Returns `None` if the length is unknown.
-    #[inline]
-    pub fn body_length(&self) -> Option<usize> {
-        self.body_length
-    }
-
-    /// Returns the address of the client that sent this request.
-    ///
-    /// The address is always `Some` for TCP listeners, but always `None` for UNIX listeners
-    /// (as the remote address of a UNIX client is almost always unnamed).
-    ///
-    /// Note that this is gathered from the socket. If you receive the request from a proxy,
-    /// this function will return the address of the proxy and not the address of the actual
-    /// user.
-    #[inline]
-    pub fn remote_addr(&self) -> Option<&SocketAddr> {
-        self.remote_addr.as_ref()
-    }
-
-    /// Sends a response with a `Connection: upgrade` header, then turns the `Request` into a `Stream`.
-    ///
-    /// The main purpose of this function is to support websockets.
-    /// If you detect that the request wants to use some kind of protocol upgrade, you can
-    ///  call this function to obtain full control of the socket stream.
-    ///
-    /// If you call this on a non-websocket request, tiny-http will wait until this `Stream` object
-    ///  is destroyed before continuing to read or write on the socket. Therefore you should always
-    ///  destroy it as soon as possible.
-    pub fn upgrade<R: Read>(
-        mut self,
-        protocol: &str,
-        response: Response<R>,
-    ) -> Box<dyn ReadWrite + Send> {
-        use crate::util::CustomStream;
-
-        response
-            .raw_print(
-                self.response_writer.as_mut().unwrap().by_ref(),
-                self.http_version.clone(),
-                &self.headers,
-                false,
-                Some(protocol),
-            )
-            .ok(); // TODO: unused result
-
-        self.response_writer.as_mut().unwrap().flush().ok(); // TODO: unused result
-
-        let stream = CustomStream::new(self.extract_reader_impl(), self.extract_writer_impl());
-        if let Some(sender) = self.notify_when_responded.take() {
-            let stream = NotifyOnDrop {
-                sender,
-                inner: stream,
-            };
-            Box::new(stream) as Box<dyn ReadWrite + Send>
-        } else {
-            Box::new(stream) as Box<dyn ReadWrite + Send>
+        let (mut codings, mut chunked_at) = (0, None);
+        for coding in head
+            .all("transfer-encoding")
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+        {
+            if coding.eq_ignore_ascii_case("chunked") {
+                chunked_at = Some(codings);
+            }
+            codings += 1;
         }
-    }
-
-    /// Allows to read the body of the request.
-    ///
-    /// # Example
-    ///
-    /// ```no_run
-    /// # extern crate rustc_serialize;
-    /// # extern crate tiny_http;
-    /// # use rustc_serialize::json::Json;
-    /// # use std::io::Read;
-    /// # fn get_content_type(_: &tiny_http::Request) -> &'static str { "" }
-    /// # fn main() {
-    /// # let server = tiny_http::Server::http("0.0.0.0:0").unwrap();
-    /// let mut request = server.recv().unwrap();
-    ///
-    /// if get_content_type(&request) == "application/json" {
-    ///     let mut content = String::new();
-    ///     request.as_reader().read_to_string(&mut content).unwrap();
-    ///     let json: Json = content.parse().unwrap();
-    /// }
-    /// # }
-    /// ```
-    ///
-    /// If the client sent a `Expect: 100-continue` header with the request, calling this
-    ///  function will send back a `100 Continue` response.
-    #[inline]
-    pub fn as_reader(&mut self) -> &mut dyn Read {
-        if self.must_send_continue {
-            let msg = Response::new_empty(StatusCode(100));
-            msg.raw_print(
-                self.response_writer.as_mut().unwrap().by_ref(),
-                self.http_version.clone(),
-                &self.headers,
-                true,
-                None,
-            )
-            .ok();
-            self.response_writer.as_mut().unwrap().flush().ok();
-            self.must_send_continue = false;
+        let chunked = codings > 0;
+        if chunked {
+            if declared.is_some() || !http11 {
+                return Err(refuse(
+                    400,
+                    "invalid_transfer_encoding",
+                    "A request may not have both Transfer-Encoding and Content-Length, nor Transfer-Encoding in HTTP/1.0.",
+                ));
+            }
+            match chunked_at {
+                Some(at) if at + 1 == codings && codings == 1 => {}
+                Some(at) if at + 1 == codings => {
+                    return Err(refuse(
+                        501,
+                        "unsupported_transfer_encoding",
+                        "Only the chunked transfer coding is supported.",
+                    ))
+                }
+                Some(_) => {
+                    return Err(refuse(
+                        400,
+                        "invalid_transfer_encoding",
+                        "chunked must be the last transfer coding, and appear once.",
+                    ))
+                }
+                None => {
+                    return Err(refuse(
+                        501,
+                        "unsupported_transfer_encoding",
+                        "Only the chunked transfer coding is supported.",
+                    ))
+                }
+            }
         }
-
-        self.data_reader.as_mut().unwrap()
-    }
-
-    /// Turns the `Request` into a writer.
-    ///
-    /// The writer has a raw access to the stream to the user.
-    /// This function is useful for things like CGI.
-    ///
-    /// Note that the destruction of the `Writer` object may trigger
-    /// some events. For exemple if a client has sent multiple requests and the requests
-    /// have been processed in parallel, the destruction of a writer will trigger
-    /// the writing of the next response.
-    /// Therefore you should always destroy the `Writer` as soon as possible.
-    #[inline]
-    pub fn into_writer(mut self) -> Box<dyn Write + Send + 'static> {
-        let writer = self.extract_writer_impl();
-        if let Some(sender) = self.notify_when_responded.take() {
-            let writer = NotifyOnDrop {
-                sender,
-                inner: writer,
-            };
-            Box::new(writer) as Box<dyn Write + Send + 'static>
-        } else {
-            writer
+        let mut continue_pending = false;
+        if let Some(expect) = head.all("expect").next() {
+            if !expect.eq_ignore_ascii_case("100-continue") {
+                return Err(refuse(
+                    417,
+                    "expectation_failed",
+                    "The only expectation this server meets is 100-continue.",
+                ));
+            }
+            continue_pending = http11;
         }
-    }
-
-    /// Extract the response `Writer` object from the Request, dropping this `Writer` has the same side effects
-    /// as the object returned by `into_writer` above.
-    ///
-    /// This may only be called once on a single request.
-    fn extract_writer_impl(&mut self) -> Box<dyn Write + Send + 'static> {
-        use std::mem;
-
-        assert!(self.response_writer.is_some());
-
-        let mut writer = None;
-        mem::swap(&mut self.response_writer, &mut writer);
-        writer.unwrap()
-    }
-
-    /// Extract the body `Reader` object from the Request.
-    ///
-    /// This may only be called once on a single request.
-    fn extract_reader_impl(&mut self) -> Box<dyn Read + Send + 'static> {
-        use std::mem;
-
-        assert!(self.data_reader.is_some());
-
-        let mut reader = None;
-        mem::swap(&mut self.data_reader, &mut reader);
-        reader.unwrap()
-    }
-
-    /// Sends a response to this request.
-    #[inline]
-    pub fn respond<R>(mut self, response: Response<R>) -> Result<(), IoError>
-    where
-        R: Read,
-    {
-        let res = self.respond_impl(response);
-        if let Some(sender) = self.notify_when_responded.take() {
-            sender.send(()).unwrap();
+        let (mut close, mut keep_alive) = (false, false);
+        for token in head
+            .all("connection")
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+        {
+            close |= token.eq_ignore_ascii_case("close");
+            keep_alive |= token.eq_ignore_ascii_case("keep-alive");
         }
-        res
-    }
-
-    fn respond_impl<R>(&mut self, response: Response<R>) -> Result<(), IoError>
-    where
-        R: Read,
-    {
-        let mut writer = self.extract_writer_impl();
-
-        let do_not_send_body = self.method == Method::Head;
-
-        Self::ignore_client_closing_errors(response.raw_print(
-            writer.by_ref(),
-            self.http_version.clone(),
-            &self.headers,
-            do_not_send_body,
-            None,
-        ))?;
-
-        Self::ignore_client_closing_errors(writer.flush())
-    }
-
-    fn ignore_client_closing_errors(result: io::Result<()>) -> io::Result<()> {
-        result.or_else(|err| match err.kind() {
-            ErrorKind::BrokenPipe => Ok(()),
-            ErrorKind::ConnectionAborted => Ok(()),
-            ErrorKind::ConnectionRefused => Ok(()),
-            ErrorKind::ConnectionReset => Ok(()),
-            _ => Err(err),
+        let body = match (chunked, declared) {
+            (true, _) => Body::ChunkSize,
+            (false, Some(n)) if n > 0 => Body::Length(n),
+            _ => Body::Done,
+        };
+        Ok(Request {
+            io,
+            head,
+            shared,
+            body,
+            declared,
+            continue_pending: continue_pending && body != Body::Done,
+            body_deadline: Instant::now() + shared.limits.body,
+            persistent: !close && (http11 || keep_alive),
         })
     }
 
-    pub(crate) fn with_notify_sender(mut self, sender: Sender<()>) -> Self {
-        self.notify_when_responded = Some(sender);
-        self
+    pub fn method(&self) -> &Method {
+        &self.head.method
+    }
+
+    /// The request target as sent (path and query).
+    pub fn url(&self) -> &str {
+        self.head.get(&self.head.target)
+    }
+
+    pub fn http_version(&self) -> &HTTPVersion {
+        &self.head.version
+    }
+
+    /// Every header as (name, value), in the order sent.
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        self.head
+            .headers
+            .iter()
+            .map(|(k, v)| (self.head.get(k), self.head.get(v)))
+    }
+
+    /// The first header called `name` (any case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let head = self.head;
+        head.headers
+            .iter()
+            .find(|(k, _)| head.get(k).eq_ignore_ascii_case(name))
+            .map(|(_, v)| head.get(v))
+    }
+
+    pub fn remote_addr(&self) -> Option<SocketAddr> {
+        Some(self.io.entry.peer)
+    }
+
+    /// The body's declared Content-Length, if it has one.
+    pub fn body_length(&self) -> Option<u64> {
+        self.declared
+    }
+
+    /// Whether the connection may carry another request after this answer, finishing
+    /// the body if what is left of it is already buffered (never waiting for it).
+    fn keep_alive(&mut self, close_asked: bool) -> bool {
+        if let Body::Length(left) = self.body {
+            if left <= self.io.buffered().len() as u64 {
+                self.io.consume(left as usize);
+                self.body = Body::Done;
+            }
+        }
+        let body_read = self.body == Body::Done;
+        self.io.unread_input = !body_read;
+        body_read && self.persistent && !close_asked && !self.shared.is_draining()
+    }
+
+    /// The status line, `Date`, the handler's headers and the framing headers.
+    fn head_for<K: AsRef<str>, V: AsRef<str>>(
+        &self,
+        status: u16,
+        headers: &[(K, V)],
+        length: Option<usize>,
+        keep: bool,
+    ) -> String {
+        let mut head = status_line(status);
+        for (k, v) in headers {
+            let (k, v) = (k.as_ref(), v.as_ref());
+            let framing = ["content-length", "transfer-encoding", "connection"]
+                .iter()
+                .any(|f| k.eq_ignore_ascii_case(f));
+            if framing || k.contains(['\r', '\n', ':']) || v.contains(['\r', '\n']) {
+                continue;
+            }
+            head.push_str(k);
+            head.push_str(": ");
+            head.push_str(v);
+            head.push_str("\r\n");
+        }
+        match length {
+            Some(n) => head.push_str(&format!("Content-Length: {n}\r\n")),
+            None if self.head.version >= HTTPVersion(1, 1) => {
+                head.push_str("Transfer-Encoding: chunked\r\n")
+            }
+            None => {}
+        }
+        if !keep {
+            head.push_str("Connection: close\r\n");
+        } else if self.head.version < HTTPVersion(1, 1) {
+            head.push_str("Connection: keep-alive\r\n");
+        }
+        head.push_str("\r\n");
+        head
+    }
+
+    /// Answers with `status`, `headers` and `body`, in one write. A `Connection: close`
+    /// header among `headers` closes the connection after the answer; so does a body
+    /// the handler did not read (it is not drained).
+    pub fn respond<K: AsRef<str>, V: AsRef<str>>(
+        mut self,
+        status: u16,
+        headers: &[(K, V)],
+        body: &[u8],
+    ) -> io::Result<()> {
+        self.io.answered = true;
+        let close_asked = headers.iter().any(|(k, v)| {
+            k.as_ref().eq_ignore_ascii_case("connection")
+                && v.as_ref().to_ascii_lowercase().contains("close")
+        });
+        let keep = self.keep_alive(close_asked);
+        let head = self.head_for(status, headers, Some(body.len()), keep);
+        let no_body = self.head.method == Method::Head || matches!(status, 100..=199 | 204 | 304);
+        let body = if no_body { &[][..] } else { body };
+        let written = self.io.write_parts(&[head.as_bytes(), body]);
+        self.io.reusable = keep && written.is_ok();
+        written
+    }
+
+    /// Sends `status` and `headers` and returns a writer for the body, sent as it is
+    /// written: chunked for HTTP/1.1 clients, ended by closing the connection for
+    /// HTTP/1.0 ones.
+    pub fn into_stream<K: AsRef<str>, V: AsRef<str>>(
+        mut self,
+        status: u16,
+        headers: &[(K, V)],
+    ) -> io::Result<ResponseWriter<'c>> {
+        self.io.answered = true;
+        let chunked = self.head.version >= HTTPVersion(1, 1);
+        let keep = self.keep_alive(false) && chunked;
+        let head = self.head_for(status, headers, None, keep);
+        *self
+            .io
+            .entry
+            .write
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = STREAM_OPEN;
+        self.io.entry.set_streaming(chunked);
+        let writer = ResponseWriter {
+            io: self.io,
+            chunked,
+            keep,
+        };
+        writer.io.write_parts(&[head.as_bytes()])?;
+        Ok(writer)
+    }
+
+    fn read_chunk_size(&mut self) -> io::Result<u64> {
+        let invalid = || io::Error::new(ErrorKind::InvalidData, "malformed chunk size line");
+        let (mut value, mut digits, mut after_digits, mut len) = (0u64, 0, false, 0);
+        loop {
+            let b = self.io.byte(self.body_deadline)?;
+            len += 1;
+            if len > MAX_CHUNK_LINE {
+                return Err(invalid());
+            }
+            match b {
+                b'\r' => break,
+                b';' | b' ' | b'\t' => after_digits = true,
+                _ if after_digits => {
+                    if b < 0x20 || b == 0x7f {
+                        return Err(invalid());
+                    }
+                }
+                _ => {
+                    let d = (b as char).to_digit(16).ok_or_else(invalid)?;
+                    digits += 1;
+                    if digits > 16 {
+                        return Err(invalid());
+                    }
+                    value = value << 4 | u64::from(d);
+                }
+            }
+        }
+        if digits == 0 || self.io.byte(self.body_deadline)? != b'\n' {
+            return Err(invalid());
+        }
+        Ok(value)
+    }
+
+    /// The trailer section after the last chunk, bounded like a head, and dropped.
+    fn skip_trailers(&mut self) -> io::Result<()> {
+        let too_large = || io::Error::new(ErrorKind::InvalidData, "chunked trailers too large");
+        let (mut lines, mut total, mut line) = (0, 0, 0);
+        let mut prev = 0u8;
+        loop {
+            let b = self.io.byte(self.body_deadline)?;
+            total += 1;
+            if b == b'\n' && prev == b'\r' {
+                if line == 1 {
+                    return Ok(());
+                }
+                lines += 1;
+                line = 0;
+            } else {
+                line += 1;
+            }
+            if total > MAX_HEAD || line > MAX_HEAD_LINE || lines > MAX_HEADERS {
+                return Err(too_large());
+            }
+            prev = b;
+        }
+    }
+
+    /// Up to `max` body bytes into `out`, from the buffer or, when it is empty, the
+    /// socket (within the body's deadline).
+    fn read_raw(&mut self, out: &mut [u8], max: u64) -> io::Result<usize> {
+        if self.io.buffered().is_empty() && self.io.fill(self.body_deadline, READ_BUFFER)? == 0 {
+            return Err(ErrorKind::UnexpectedEof.into());
+        }
+        let buffered = self.io.buffered();
+        let n = buffered
+            .len()
+            .min(out.len())
+            .min(max.try_into().unwrap_or(usize::MAX));
+        out[..n].copy_from_slice(&buffered[..n]);
+        self.io.consume(n);
+        Ok(n)
     }
 }
 
-impl fmt::Debug for Request {
-    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> Result<(), fmt::Error> {
-        write!(
-            formatter,
-            "Request({} {} from {:?})",
-            self.method, self.path, self.remote_addr
-        )
-    }
-}
-
-impl Drop for Request {
-    fn drop(&mut self) {
-        if self.response_writer.is_some() {
-            let response = Response::empty(500);
-            let _ = self.respond_impl(response); // ignoring any potential error
-            if let Some(sender) = self.notify_when_responded.take() {
-                sender.send(()).unwrap();
+/// The request body. Errors: `TimedOut` past `Limits::body`, `InvalidData` for broken
+/// chunked framing, `UnexpectedEof` when the client closed early.
+impl Read for Request<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if out.is_empty() {
+            return Ok(0);
+        }
+        if self.continue_pending {
+            self.continue_pending = false;
+            self.io.write_parts(&[b"HTTP/1.1 100 Continue\r\n\r\n"])?;
+        }
+        loop {
+            match self.body {
+                Body::Done => return Ok(0),
+                Body::Length(left) => {
+                    let n = self.read_raw(out, left)?;
+                    self.body = match left - n as u64 {
+                        0 => Body::Done,
+                        rest => Body::Length(rest),
+                    };
+                    return Ok(n);
+                }
+                Body::ChunkSize => match self.read_chunk_size()? {
+                    0 => {
+                        self.skip_trailers()?;
+                        self.body = Body::Done;
+                    }
+                    size => self.body = Body::ChunkData(size),
+                },
+                Body::ChunkData(0) => {
+                    let crlf = [
+                        self.io.byte(self.body_deadline)?,
+                        self.io.byte(self.body_deadline)?,
+                    ];
+                    if crlf != *b"\r\n" {
+                        return Err(io::Error::new(
+                            ErrorKind::InvalidData,
+                            "chunk not followed by CRLF",
+                        ));
+                    }
+                    self.body = Body::ChunkSize;
+                }
+                Body::ChunkData(left) => {
+                    let n = self.read_raw(out, left)?;
+                    self.body = Body::ChunkData(left - n as u64);
+                    return Ok(n);
+                }
             }
         }
     }
 }
 
-/// Dummy trait that regroups the `Read` and `Write` traits.
-///
-/// Automatically implemented on all types that implement both `Read` and `Write`.
-pub trait ReadWrite: Read + Write {}
-impl<T> ReadWrite for T where T: Read + Write {}
+/// A response body being streamed. Each `send` leaves at once (one chunk, one write).
+/// A writer dropped without `finish` leaves a truncated body and closes the connection,
+/// so the client cannot take it for a complete one.
+pub struct ResponseWriter<'c> {
+    io: &'c mut Io,
+    chunked: bool,
+    keep: bool,
+}
 
-#[cfg(test)]
-mod tests {
-    use super::Request;
-
-    #[test]
-    fn must_be_send() {
-        #![allow(dead_code)]
-        fn f<T: Send>(_: &T) {}
-        fn bar(rq: &Request) {
-            f(rq);
+impl ResponseWriter<'_> {
+    /// Sends `bytes` now. Fails once the client is gone or the server cut the stream.
+    pub fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let state = self
+            .io
+            .entry
+            .write
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if *state != STREAM_OPEN {
+            return Err(io::Error::new(
+                ErrorKind::ConnectionAborted,
+                "the stream was cut",
+            ));
+        }
+        if self.chunked {
+            let mut size = [0u8; 18];
+            let len = chunk_size_line(bytes.len(), &mut size);
+            self.io.write_parts(&[&size[..len], bytes, b"\r\n"])
+        } else {
+            self.io.write_parts(&[bytes])
         }
     }
+
+    /// Ends the body; the connection may then carry another request.
+    pub fn finish(self) -> io::Result<()> {
+        let mut state = self
+            .io
+            .entry
+            .write
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if *state != STREAM_OPEN {
+            return Err(io::Error::new(
+                ErrorKind::ConnectionAborted,
+                "the stream was cut",
+            ));
+        }
+        if self.chunked {
+            self.io.write_parts(&[b"0\r\n\r\n"])?;
+        }
+        *state = STREAM_FINISHED;
+        self.io.reusable = self.keep;
+        Ok(())
+    }
+}
+
+impl Drop for ResponseWriter<'_> {
+    fn drop(&mut self) {
+        let mut state = self
+            .io
+            .entry
+            .write
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if *state == STREAM_OPEN {
+            *state = STREAM_CUT;
+        }
+        self.io.entry.set_busy();
+    }
+}
+
+/// `{len:x}\r\n` into `out`, without allocating; returns its length.
+pub(crate) fn chunk_size_line(len: usize, out: &mut [u8; 18]) -> usize {
+    let digits = (usize::BITS - len.leading_zeros()).div_ceil(4).max(1) as usize;
+    for i in 0..digits {
+        let nibble = (len >> (4 * (digits - 1 - i))) & 0xf;
+        out[i] = b"0123456789abcdef"[nibble];
+    }
+    out[digits] = b'\r';
+    out[digits + 1] = b'\n';
+    digits + 2
 }

@@ -1,0 +1,668 @@
+//! What the proxy reads from and changes in a request body (DESIGN §5.2). `Meta` is
+//! read in one pass by serde visitors that count text as it goes by and skip the rest,
+//! so no part of the document is ever built: a body of nine million empty messages
+//! costs a counter, not nine million values. The edits the upstream needs (the
+//! deployment as `model`, asking for stream usage) are spliced into the client's bytes.
+
+use crate::error::ApiError;
+use crate::ratelimit::estimate_text;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use std::fmt;
+use std::ops::Range;
+
+/// What routing and the token estimate need from a body.
+#[derive(Debug, Default, PartialEq)]
+pub struct Meta {
+    pub model: Option<String>,
+    pub stream: bool,
+    /// The client asked for `stream_options.include_usage`.
+    pub include_usage: bool,
+    /// Estimated tokens of the message, prompt and input text.
+    text_tokens: u64,
+    messages: u64,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    n: Option<u64>,
+    best_of: Option<u64>,
+}
+
+/// Per-message and per-reply framing tokens of the chat format.
+const TOKENS_PER_MESSAGE: u64 = 4;
+const TOKENS_PER_REPLY: u64 = 3;
+
+impl Meta {
+    /// Reads `body`, which must be one JSON object.
+    pub fn parse(body: &[u8]) -> Result<Meta, ApiError> {
+        if body.trim_ascii_start().first() != Some(&b'{') {
+            return Err(ApiError::invalid_request(
+                "We could not parse the JSON body of your request: it must be a JSON object.",
+            ));
+        }
+        let mut de = serde_json::Deserializer::from_slice(body);
+        Meta::deserialize(&mut de)
+            .and_then(|m| de.end().map(|()| m))
+            .map_err(|e| {
+                ApiError::invalid_request(format!(
+                    "We could not parse the JSON body of your request. ({e})"
+                ))
+            })
+    }
+
+    /// The most tokens this request can use, as Azure's limiter counts it (DESIGN §7):
+    /// prompt estimate + completion reserve × the number of completions. Saturates
+    /// rather than wraps, so an absurd `max_tokens` stays absurd.
+    pub fn estimate(&self, op: &str, default_completion: u64) -> u64 {
+        let framing = if self.messages > 0 {
+            self.messages
+                .saturating_mul(TOKENS_PER_MESSAGE)
+                .saturating_add(TOKENS_PER_REPLY)
+        } else {
+            0
+        };
+        let prompt = self.text_tokens.saturating_add(framing);
+        if op == "embeddings" {
+            return prompt;
+        }
+        let reserve = self
+            .max_completion_tokens
+            .or(self.max_tokens)
+            .unwrap_or(default_completion);
+        let copies = self.n.unwrap_or(1).max(self.best_of.unwrap_or(1)).max(1);
+        prompt.saturating_add(reserve.saturating_mul(copies))
+    }
+}
+
+/// The top-level keys `Meta` reads; anything else is skipped.
+enum Key {
+    Model,
+    Stream,
+    StreamOptions,
+    Messages,
+    Text,
+    MaxTokens,
+    MaxCompletionTokens,
+    N,
+    BestOf,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Key, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Key;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E: de::Error>(self, key: &str) -> Result<Key, E> {
+                Ok(match key {
+                    "model" => Key::Model,
+                    "stream" => Key::Stream,
+                    "stream_options" => Key::StreamOptions,
+                    "messages" => Key::Messages,
+                    "prompt" | "input" => Key::Text,
+                    "max_tokens" => Key::MaxTokens,
+                    "max_completion_tokens" => Key::MaxCompletionTokens,
+                    "n" => Key::N,
+                    "best_of" => Key::BestOf,
+                    _ => Key::Other,
+                })
+            }
+        }
+        d.deserialize_identifier(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Meta {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Meta, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Meta;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Meta, A::Error> {
+                let mut meta = Meta::default();
+                let mut seen_model = false;
+                while let Some(key) = map.next_key::<Key>()? {
+                    match key {
+                        // Two models would let routing and the upstream read different ones.
+                        Key::Model if seen_model => {
+                            return Err(de::Error::custom("duplicate field `model`"))
+                        }
+                        Key::Model => {
+                            seen_model = true;
+                            meta.model = Some(map.next_value()?);
+                        }
+                        Key::Stream => {
+                            meta.stream = map.next_value::<Option<bool>>()? == Some(true)
+                        }
+                        Key::StreamOptions => {
+                            meta.include_usage = map
+                                .next_value::<Option<StreamOptions>>()?
+                                .and_then(|o| o.include_usage)
+                                == Some(true)
+                        }
+                        Key::Messages => {
+                            let m: Messages = map.next_value()?;
+                            meta.messages = meta.messages.saturating_add(m.count);
+                            meta.text_tokens = meta.text_tokens.saturating_add(m.tokens);
+                        }
+                        Key::Text => {
+                            let t: Tokens = map.next_value()?;
+                            meta.text_tokens = meta.text_tokens.saturating_add(t.0);
+                        }
+                        Key::MaxTokens => meta.max_tokens = map.next_value::<Count>()?.0,
+                        Key::MaxCompletionTokens => {
+                            meta.max_completion_tokens = map.next_value::<Count>()?.0
+                        }
+                        Key::N => meta.n = map.next_value::<Count>()?.0,
+                        Key::BestOf => meta.best_of = map.next_value::<Count>()?.0,
+                        Key::Other => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(meta)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    include_usage: Option<bool>,
+}
+
+/// A count the client sets (`max_tokens`, `n`): an integer, or a number such as `100.0`
+/// (read as its whole part); negative counts as 0; `null` as absent.
+struct Count(Option<u64>);
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Count, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Count;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a number")
+            }
+            fn visit_u64<E>(self, n: u64) -> Result<Count, E> {
+                Ok(Count(Some(n)))
+            }
+            fn visit_i64<E>(self, n: i64) -> Result<Count, E> {
+                Ok(Count(Some(n.max(0) as u64)))
+            }
+            fn visit_f64<E>(self, n: f64) -> Result<Count, E> {
+                // `as` saturates: 1e300 reads as u64::MAX, -5.0 as 0.
+                Ok(Count(Some(n as u64)))
+            }
+            fn visit_unit<E>(self) -> Result<Count, E> {
+                Ok(Count(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `messages`: how many, and the tokens of their text.
+struct Messages {
+    count: u64,
+    tokens: u64,
+}
+
+impl<'de> Deserialize<'de> for Messages {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Messages, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Messages;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list of messages")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Messages, A::Error> {
+                let mut m = Messages {
+                    count: 0,
+                    tokens: 0,
+                };
+                while let Some(Message(tokens)) = seq.next_element()? {
+                    m.count += 1;
+                    m.tokens = m.tokens.saturating_add(tokens);
+                }
+                Ok(m)
+            }
+            fn visit_unit<E>(self) -> Result<Messages, E> {
+                Ok(Messages {
+                    count: 0,
+                    tokens: 0,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// One message: the tokens of its `content` (other fields are skipped).
+struct Message(u64);
+
+impl<'de> Deserialize<'de> for Message {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Message, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Message;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a message object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Message, A::Error> {
+                let mut tokens = 0u64;
+                while let Some(key) = map.next_key::<FieldName>()? {
+                    let n = match key {
+                        FieldName::Content => map.next_value::<Tokens>()?.0,
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                            0
+                        }
+                    };
+                    tokens = tokens.saturating_add(n);
+                }
+                Ok(Message(tokens))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// The keys of a message or content part that hold text.
+enum FieldName {
+    Content,
+    Text,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for FieldName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<FieldName, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = FieldName;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E: de::Error>(self, key: &str) -> Result<FieldName, E> {
+                Ok(match key {
+                    "content" => FieldName::Content,
+                    "text" => FieldName::Text,
+                    _ => FieldName::Other,
+                })
+            }
+        }
+        d.deserialize_identifier(V)
+    }
+}
+
+/// The tokens of a text value: a string; a list of strings, token ids, token-id lists
+/// or content parts (only `text` counts: an image's size is not in its bytes). A token
+/// id, or anything else a list holds, counts as one token.
+struct Tokens(u64);
+
+impl<'de> Deserialize<'de> for Tokens {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Tokens, D::Error> {
+        d.deserialize_any(TokensVisitor { nested: false })
+    }
+}
+
+/// `nested`: inside a list, where a list is a token-id list and a number one token.
+struct TokensVisitor {
+    nested: bool,
+}
+
+impl<'de> Visitor<'de> for TokensVisitor {
+    type Value = Tokens;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("text, a list, or a content part")
+    }
+    fn visit_str<E>(self, s: &str) -> Result<Tokens, E> {
+        Ok(Tokens(estimate_text(s)))
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Tokens, E> {
+        Ok(Tokens(u64::from(self.nested)))
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Tokens, E> {
+        Ok(Tokens(u64::from(self.nested)))
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Tokens, E> {
+        Ok(Tokens(u64::from(self.nested)))
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Tokens, E> {
+        Ok(Tokens(u64::from(self.nested)))
+    }
+    fn visit_unit<E>(self) -> Result<Tokens, E> {
+        Ok(Tokens(0))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Tokens, A::Error> {
+        let mut total = 0u64;
+        if self.nested {
+            // A token-id list: one token per element, whatever it holds.
+            while seq.next_element::<IgnoredAny>()?.is_some() {
+                total = total.saturating_add(1);
+            }
+        } else {
+            while let Some(Item(n)) = seq.next_element()? {
+                total = total.saturating_add(n);
+            }
+        }
+        Ok(Tokens(total))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Tokens, A::Error> {
+        let mut total = 0u64;
+        while let Some(key) = map.next_key::<FieldName>()? {
+            let n = match key {
+                FieldName::Text => map.next_value::<Tokens>()?.0,
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                    0
+                }
+            };
+            total = total.saturating_add(n);
+        }
+        Ok(Tokens(total))
+    }
+}
+
+/// One element of a text list.
+struct Item(u64);
+
+impl<'de> Deserialize<'de> for Item {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Item, D::Error> {
+        d.deserialize_any(TokensVisitor { nested: true })
+            .map(|t| Item(t.0))
+    }
+}
+
+/// The body an instance receives: the client's bytes, unless the proxy must ask for
+/// stream usage or name the deployment as `model`. Then only those members are
+/// replaced or added; the rest of the bytes are copied as they are. `body` must be a
+/// JSON object that `Meta::parse` accepted.
+pub fn for_upstream(body: &[u8], ask_usage: bool, set_model: Option<&str>) -> Vec<u8> {
+    let Some(open) = body.iter().position(|&b| b == b'{') else {
+        return body.to_vec();
+    };
+    let mut model = None;
+    let mut options = None;
+    for_each_member(body, open, |key, member, value| match key {
+        b"model" => model = Some(member.start..value.end),
+        b"stream_options" => options = Some(value),
+        _ => {}
+    });
+    // Each edit: replace this range of the body with these bytes.
+    let mut edits: Vec<(Range<usize>, Vec<u8>)> = Vec::new();
+    // Members to add at the start of the object.
+    let mut added: Vec<Vec<u8>> = Vec::new();
+    if let Some(deployment) = set_model {
+        let member =
+            format!("\"model\":{}", serde_json::Value::String(deployment.into())).into_bytes();
+        match model {
+            Some(range) => edits.push((range, member)),
+            None => added.push(member),
+        }
+    }
+    if ask_usage {
+        const ASK: &[u8] = b"\"include_usage\":true";
+        match options {
+            Some(value) if body[value.start] == b'{' => {
+                let mut existing = None;
+                for_each_member(body, value.start, |key, member, value| {
+                    if key == b"include_usage" {
+                        existing = Some(member.start..value.end);
+                    }
+                });
+                match existing {
+                    Some(range) => edits.push((range, ASK.to_vec())),
+                    None => edits.push(insert_members(body, value.start, vec![ASK.to_vec()])),
+                }
+            }
+            Some(value) => edits.push((value, [b"{", ASK, b"}"].concat())),
+            None => added.push([b"\"stream_options\":{", ASK, b"}"].concat()),
+        }
+    }
+    if !added.is_empty() {
+        edits.push(insert_members(body, open, added));
+    }
+    edits.sort_by_key(|(range, _)| (range.start, range.end));
+    let mut out = Vec::with_capacity(body.len() + 64);
+    let mut at = 0;
+    for (range, bytes) in edits {
+        out.extend_from_slice(&body[at..range.start]);
+        out.extend_from_slice(&bytes);
+        at = range.end;
+    }
+    out.extend_from_slice(&body[at..]);
+    out
+}
+
+/// The edit that adds `members` at the start of the object that opens at `open`.
+fn insert_members(json: &[u8], open: usize, members: Vec<Vec<u8>>) -> (Range<usize>, Vec<u8>) {
+    let mut bytes = members.join(&b","[..]);
+    if json.get(skip_space(json, open + 1)) != Some(&b'}') {
+        bytes.push(b',');
+    }
+    (open + 1..open + 1, bytes)
+}
+
+/// Calls `f(key, member, value)` for each member of the object that starts at `open`
+/// (a `{`), with the unescaped key when it is plain, and the byte ranges of the whole
+/// member and of its value. Keys with escapes are passed decoded.
+fn for_each_member(json: &[u8], open: usize, mut f: impl FnMut(&[u8], Range<usize>, Range<usize>)) {
+    let mut i = open + 1;
+    loop {
+        i = skip_space(json, i);
+        if i >= json.len() || json[i] != b'"' {
+            return;
+        }
+        let key_start = i;
+        let key_end = skip_string(json, i);
+        let raw_key = &json[key_start + 1..key_end.saturating_sub(1)];
+        i = skip_space(json, key_end);
+        if json.get(i) != Some(&b':') {
+            return;
+        }
+        let value_start = skip_space(json, i + 1);
+        let value_end = skip_value(json, value_start);
+        if raw_key.contains(&b'\\') {
+            if let Ok(key) = serde_json::from_slice::<String>(&json[key_start..key_end]) {
+                f(key.as_bytes(), key_start..value_end, value_start..value_end);
+            }
+        } else {
+            f(raw_key, key_start..value_end, value_start..value_end);
+        }
+        i = skip_space(json, value_end);
+        if json.get(i) != Some(&b',') {
+            return;
+        }
+        i += 1;
+    }
+}
+
+fn skip_space(json: &[u8], mut i: usize) -> usize {
+    while i < json.len() && json[i].is_ascii_whitespace() {
+        i += 1;
+    }
+    i
+}
+
+/// Index just past the string that starts at `i` (a `"`).
+fn skip_string(json: &[u8], mut i: usize) -> usize {
+    i += 1;
+    while i < json.len() {
+        match json[i] {
+            b'\\' => i += 2,
+            b'"' => return i + 1,
+            _ => i += 1,
+        }
+    }
+    json.len()
+}
+
+/// Index just past the value that starts at `i`; iterative, so depth costs nothing.
+fn skip_value(json: &[u8], mut i: usize) -> usize {
+    match json.get(i) {
+        Some(b'"') => skip_string(json, i),
+        Some(b'{' | b'[') => {
+            let mut depth = 0usize;
+            while i < json.len() {
+                match json[i] {
+                    b'"' => {
+                        i = skip_string(json, i);
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return i + 1;
+                        }
+                    }
+                    _ => {}
+                }
+                i += 1;
+            }
+            json.len()
+        }
+        _ => {
+            while i < json.len()
+                && !matches!(json[i], b',' | b'}' | b']')
+                && !json[i].is_ascii_whitespace()
+            {
+                i += 1;
+            }
+            i
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    fn edited(body: &str, ask_usage: bool, model: Option<&str>) -> Value {
+        let out = for_upstream(body.as_bytes(), ask_usage, model);
+        serde_json::from_slice(&out)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out)))
+    }
+
+    #[test]
+    fn edits_touch_only_the_members_they_change() {
+        let body = r#"{"model":"m","messages":[{"role":"user","content":"a,}\"{"}],"stream":true}"#;
+        assert_eq!(for_upstream(body.as_bytes(), false, None), body.as_bytes());
+        let out = for_upstream(body.as_bytes(), true, Some("dep"));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"stream_options":{"include_usage":true},"model":"dep","messages":[{"role":"user","content":"a,}\"{"}],"stream":true}"#
+        );
+        assert_eq!(
+            edited(
+                r#"{"model":"m","stream_options":{"other":1,"include_usage":false}}"#,
+                true,
+                None
+            )["stream_options"],
+            json!({"other": 1, "include_usage": true})
+        );
+        assert_eq!(
+            edited(r#"{"model":"m","stream_options":{}}"#, true, None)["stream_options"],
+            json!({"include_usage": true})
+        );
+        assert_eq!(
+            edited(r#"{"model":"m","stream_options":null}"#, true, None)["stream_options"],
+            json!({"include_usage": true})
+        );
+        assert_eq!(
+            edited(r#"{ }"#, false, Some("d\"x")),
+            json!({"model": "d\"x"})
+        );
+        assert_eq!(
+            edited(
+                r#"{"mod\u0065l":"m","x":[1,{"model":"inner"}]}"#,
+                false,
+                Some("dep")
+            ),
+            json!({"model": "dep", "x": [1, {"model": "inner"}]}),
+            "an escaped key is still the model; nested ones are not"
+        );
+    }
+
+    #[test]
+    fn meta_needs_one_json_object() {
+        assert!(Meta::parse(b"[1]").is_err());
+        assert!(Meta::parse(b"{\"model\": 5}").is_err());
+        assert!(Meta::parse(b"{\"model\": \"m\"} trailing").is_err());
+        assert!(Meta::parse(b"{\"model\":\"a\",\"model\":\"b\"}").is_err());
+        let m =
+            Meta::parse(b" {\"model\":\"m\",\"stream\":true,\"extra\":{\"deep\":[1,2]}}").unwrap();
+        assert_eq!((m.model.as_deref(), m.stream), (Some("m"), true));
+        let m = Meta::parse(br#"{"stream_options":{"include_usage":true,"x":[1]}}"#).unwrap();
+        assert!(m.include_usage && m.model.is_none());
+    }
+
+    #[test]
+    fn request_estimates_are_pinned() {
+        let est = |body: &str, op| Meta::parse(body.as_bytes()).unwrap().estimate(op, 1000);
+        // 2 messages: 2 × 4 framing + 3 reply + "Hello, world!" (4) + "你好" (2); reserve 50.
+        let chat = r#"{"messages":[{"role":"system","content":"Hello, world!"},
+                       {"role":"user","content":[{"type":"text","text":"你好"},
+                        {"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}}]}],
+                       "max_tokens":50}"#;
+        assert_eq!(est(chat, "chat/completions"), 8 + 3 + 4 + 2 + 50);
+        assert_eq!(
+            est(
+                r#"{"messages":[{"role":"user","content":null}]}"#,
+                "chat/completions"
+            ),
+            4 + 3 + 1000,
+            "default reserve"
+        );
+        assert_eq!(
+            est(
+                r#"{"prompt":"abcdefgh","max_tokens":10,"n":3,"best_of":2}"#,
+                "completions"
+            ),
+            2 + 30
+        );
+        assert_eq!(
+            est(
+                r#"{"prompt":"abcd","max_completion_tokens":7,"max_tokens":99}"#,
+                "completions"
+            ),
+            1 + 7
+        );
+        assert_eq!(
+            est(r#"{"input":["abcd","efgh"],"max_tokens":10}"#, "embeddings"),
+            2,
+            "inputs only"
+        );
+        assert_eq!(est(r#"{"input":[[1,2,3],[4]]}"#, "embeddings"), 4);
+        assert_eq!(est(r#"{"input":[5,6,7]}"#, "embeddings"), 3);
+        assert_eq!(
+            est(r#"{"prompt":"abcd","max_tokens":100.0}"#, "completions"),
+            101
+        );
+        assert_eq!(
+            est(
+                r#"{"prompt":"","max_tokens":1e300,"n":1e300}"#,
+                "completions"
+            ),
+            u64::MAX,
+            "saturates"
+        );
+        assert_eq!(est(r#"{"prompt":"","max_tokens":-5}"#, "completions"), 0);
+    }
+
+    #[test]
+    fn wide_bodies_are_counted_not_built() {
+        let mut body = br#"{"model":"m","messages":["#.to_vec();
+        body.extend(b"{},".repeat(100_000));
+        body.extend(b"{}]}");
+        let m = Meta::parse(&body).unwrap();
+        assert_eq!(m.messages, 100_001);
+        assert_eq!(m.estimate("chat/completions", 0), 100_001 * 4 + 3);
+    }
+}

@@ -4,11 +4,11 @@
 //! the server writes it.
 
 use crate::body::{self, Meta};
+use crate::capacity::{BodyHold, BodyMemory, Permit};
 use crate::config::{Config, Provider};
 use crate::error::ApiError;
 use crate::instances::{Admission, Blocked, Report};
 use crate::logging::Clean;
-use crate::permits::Permit;
 use crate::ratelimit;
 use crate::router;
 use crate::server::{Generation, State};
@@ -109,8 +109,15 @@ pub fn models(g: &Generation) -> Reply {
 }
 
 /// The request body, up to `limit` bytes, read within the body deadline. The buffer
-/// grows with what arrives; a declared length only decides a 413 up front.
-fn read_body(req: &mut tiny_http::Request<'_>, limit: u64) -> Result<Vec<u8>, ApiError> {
+/// grows with what arrives (never by a declared length), by at most half again, and
+/// each growth is reserved from `memory` first: when the process holds as much body
+/// data as it allows, the request gets 503 instead.
+fn read_body<'m>(
+    req: &mut tiny_http::Request<'_>,
+    limit: u64,
+    memory: &'m BodyMemory,
+) -> Result<(Vec<u8>, BodyHold<'m>), ApiError> {
+    const STEP: usize = 64 * 1024;
     let too_large = || {
         ApiError::new(
             413,
@@ -123,23 +130,49 @@ fn read_body(req: &mut tiny_http::Request<'_>, limit: u64) -> Result<Vec<u8>, Ap
     if req.body_length().is_some_and(|n| n > limit) {
         return Err(too_large());
     }
+    let mut hold = memory.hold();
     let mut body = Vec::new();
-    if let Err(e) = req.take(limit + 1).read_to_end(&mut body) {
-        return Err(match e.kind() {
-            ErrorKind::TimedOut => ApiError::new(
-                408,
-                "invalid_request_error",
-                "The request body did not arrive within server.body_timeout.",
+    loop {
+        let room = (limit + 1).saturating_sub(body.len() as u64);
+        let step = STEP
+            .max(body.len() / 2)
+            .min(usize::try_from(room).unwrap_or(usize::MAX));
+        if !hold.grow_to((body.len() + step) as u64) {
+            return Err(ApiError::new(
+                503,
+                "server_error",
+                format!(
+                    "The proxy holds as much request body data as it allows at once (server.max_body_memory, {} bytes); retry shortly.",
+                    memory.limit()
+                ),
             )
-            .code("request_timeout"),
-            _ => ApiError::invalid_request(format!("Could not read the request body: {e}")),
+            .code("server_busy")
+            .header("Retry-After", "1")
+            .header("Connection", "close"));
         }
-        .header("Connection", "close"));
+        body.reserve_exact(step);
+        match req.take(step as u64).read_to_end(&mut body) {
+            Ok(n) if n < step => break,
+            Ok(_) if body.len() as u64 > limit => return Err(too_large()),
+            Ok(_) => {}
+            Err(e) => {
+                return Err(match e.kind() {
+                    ErrorKind::TimedOut => ApiError::new(
+                        408,
+                        "invalid_request_error",
+                        "The request body did not arrive within server.body_timeout.",
+                    )
+                    .code("request_timeout"),
+                    _ => ApiError::invalid_request(format!("Could not read the request body: {e}")),
+                }
+                .header("Connection", "close"))
+            }
+        }
     }
     if body.len() as u64 > limit {
         return Err(too_large());
     }
-    Ok(body)
+    Ok((body, hold))
 }
 
 /// Why an attempt produced no answer to pass on.
@@ -458,7 +491,7 @@ pub fn forward(
     path_model: Option<String>,
 ) -> Reply {
     let config = &g.config;
-    let body = match read_body(req, config.server.max_body_bytes) {
+    let (body, _held) = match read_body(req, config.server.max_body_bytes, &state.bodies) {
         Ok(b) => b,
         Err(e) => return e.into(),
     };

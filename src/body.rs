@@ -408,7 +408,7 @@ pub fn for_upstream(body: &[u8], ask_usage: bool, set_model: Option<&str>) -> Ve
     if ask_usage {
         const ASK: &[u8] = b"\"include_usage\":true";
         match options {
-            Some(value) if body[value.start] == b'{' => {
+            Some(value) if body.get(value.start) == Some(&b'{') => {
                 let mut existing = None;
                 for_each_member(body, value.start, |key, member, value| {
                     if key == b"include_usage" {
@@ -460,7 +460,9 @@ fn for_each_member(json: &[u8], open: usize, mut f: impl FnMut(&[u8], Range<usiz
         }
         let key_start = i;
         let key_end = skip_string(json, i);
-        let raw_key = &json[key_start + 1..key_end.saturating_sub(1)];
+        let raw_key = json
+            .get(key_start + 1..key_end.saturating_sub(1))
+            .unwrap_or_default();
         i = skip_space(json, key_end);
         if json.get(i) != Some(&b':') {
             return;
@@ -588,6 +590,21 @@ mod tests {
             json!({"model": "dep", "x": [1, {"model": "inner"}]}),
             "an escaped key is still the model; nested ones are not"
         );
+    }
+
+    #[test]
+    fn broken_input_is_passed_on_not_a_panic() {
+        // Only bodies `Meta::parse` accepted get here; these check it cannot panic anyway.
+        for body in [
+            &b"{\""[..],
+            b"{",
+            b"{\"a\"",
+            b"{\"a\":",
+            b"{\"stream_options\":",
+            b"x",
+        ] {
+            for_upstream(body, true, Some("d"));
+        }
     }
 
     #[test]

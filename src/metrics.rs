@@ -195,6 +195,30 @@ pub fn metrics(state: &State, g: &Generation) -> Reply {
         }
     }
     out.family(
+        "upstream_permits_in_use",
+        "gauge",
+        "Upstream calls under way (server.workers permits taken).",
+    );
+    out.sample("upstream_permits_in_use", &[], state.permits.in_use());
+    out.family(
+        "upstream_permits_limit",
+        "gauge",
+        "server.workers: upstream calls allowed at once.",
+    );
+    out.sample("upstream_permits_limit", &[], state.permits.total());
+    out.family(
+        "request_body_bytes_held",
+        "gauge",
+        "Bytes reserved by request bodies being read or forwarded.",
+    );
+    out.sample("request_body_bytes_held", &[], state.bodies.used());
+    out.family(
+        "request_body_bytes_limit",
+        "gauge",
+        "server.max_body_memory: bytes request bodies may hold at once.",
+    );
+    out.sample("request_body_bytes_limit", &[], state.bodies.limit());
+    out.family(
         "uptime_seconds",
         "gauge",
         "Seconds since the proxy started.",

@@ -9,11 +9,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 pub const WINDOW: Duration = Duration::from_secs(60);
 
 /// A sliding window of amounts (tokens, or 1 per request) over the last 60 seconds.
-/// Entries are kept per admission so a refused request can take its own back.
+/// Entries are kept per admission so a refused request can take its own back. The
+/// total is a u128: amounts come from client estimates (an instance without `max_tpm`
+/// admits any), and no sum of a minute's u64 entries can overflow it.
 #[derive(Debug, Default)]
 pub struct Window {
     entries: VecDeque<(Instant, u64)>,
-    total: u64,
+    total: u128,
 }
 
 impl Window {
@@ -23,26 +25,26 @@ impl Window {
                 break;
             }
             self.entries.pop_front();
-            self.total -= n;
+            self.total -= u128::from(n);
         }
     }
 
     pub fn used(&mut self, now: Instant) -> u64 {
         self.prune(now);
-        self.total
+        u64::try_from(self.total).unwrap_or(u64::MAX)
     }
 
     pub fn add(&mut self, now: Instant, n: u64) {
         self.prune(now);
         self.entries.push_back((now, n));
-        self.total += n;
+        self.total += u128::from(n);
     }
 
     /// Takes back an earlier `add(at, n)` (a request the upstream refused).
     pub fn release(&mut self, at: Instant, n: u64) {
         if let Some(i) = self.entries.iter().rposition(|&e| e == (at, n)) {
             self.entries.remove(i);
-            self.total -= n;
+            self.total -= u128::from(n);
         }
     }
 
@@ -51,13 +53,14 @@ impl Window {
     /// gets here: it is refused before admission.)
     pub fn room_at(&mut self, now: Instant, need: u64, limit: u64) -> Instant {
         self.prune(now);
-        if self.total.saturating_add(need) <= limit {
+        let (need, limit) = (u128::from(need), u128::from(limit));
+        if self.total + need <= limit {
             return now;
         }
         let mut remaining = self.total;
         for &(at, n) in &self.entries {
-            remaining -= n;
-            if remaining.saturating_add(need) <= limit {
+            remaining -= u128::from(n);
+            if remaining + need <= limit {
                 return at + WINDOW;
             }
         }
@@ -223,6 +226,20 @@ mod tests {
             at(t0, 80.0),
             "the whole limit: when the window is empty"
         );
+    }
+
+    #[test]
+    fn absurd_amounts_saturate_the_reading_not_the_window() {
+        let t0 = Instant::now();
+        let mut w = Window::default();
+        w.add(t0, u64::MAX);
+        w.add(t0, u64::MAX);
+        w.add(at(t0, 1.0), 5);
+        assert_eq!(w.used(t0), u64::MAX);
+        w.release(t0, u64::MAX);
+        w.release(t0, u64::MAX);
+        assert_eq!(w.used(at(t0, 1.0)), 5, "exact again once they are gone");
+        assert_eq!(w.room_at(at(t0, 1.0), 10, 100), at(t0, 1.0));
     }
 
     #[test]

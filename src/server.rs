@@ -7,11 +7,11 @@
 use crate::alerts::Alerts;
 use crate::api::{self, Body, Reply, Trace};
 use crate::auth;
+use crate::capacity::{BodyMemory, Permits};
 use crate::config::{Config, Source};
 use crate::error::ApiError;
 use crate::instances::Table;
 use crate::logging::Clean;
-use crate::permits::Permits;
 use crate::stats::{Record, Stats};
 use crate::stream::{self, End};
 use crate::upstream;
@@ -62,6 +62,8 @@ pub struct State {
     pub stats: parking_lot::Mutex<Stats>,
     /// `server.workers`: upstream calls under way at once.
     pub permits: Arc<Permits>,
+    /// `server.max_body_memory`: request body bytes held at once.
+    pub bodies: BodyMemory,
     pub started: Instant,
     /// Set on SIGTERM: `/health` answers 503 from then on.
     pub draining: AtomicBool,
@@ -81,6 +83,7 @@ impl State {
     fn new(config: Config, source: Source) -> State {
         State {
             permits: Permits::new(config.server.workers),
+            bodies: BodyMemory::new(config.server.max_body_memory),
             current: parking_lot::RwLock::new(Arc::new(Generation::new(config))),
             table: parking_lot::Mutex::new(Table::new()),
             stats: parking_lot::Mutex::new(Stats::new()),
@@ -121,6 +124,9 @@ impl State {
         }
         if new.server.workers != old.config.server.workers {
             restart_needed.push("server.workers");
+        }
+        if new.server.max_body_memory != old.config.server.max_body_memory {
+            restart_needed.push("server.max_body_memory");
         }
         let instances = new.instances.iter().map(|i| i.name.clone()).collect();
         let generation = Generation::new(new);

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -185,6 +185,24 @@ fn a_request_larger_than_every_window_gets_400_and_reserves_nothing() {
     assert_eq!(chat(&proxy, &[]).status, 200, "the window is still free");
 }
 
+/// Item 4, from review: an instance without `max_tpm` admits any estimate, so its
+/// window must take a saturated one (it overflowed, and every later request got 500).
+#[test]
+fn absurd_estimates_on_an_instance_without_a_limit_break_nothing() {
+    let up = Mock::start(azure_like(KEY));
+    let proxy = Running::with_config(&instance(&up.url, ""));
+    for _ in 0..3 {
+        let a = post_json(
+            &proxy.url("/v1/chat/completions"),
+            &json!({"model": "m", "messages": [], "max_tokens": 1e300, "n": 1e300}),
+        );
+        assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    }
+    assert_eq!(chat(&proxy, &[]).status, 200);
+    let instances = send("GET", &proxy.url("/stats/instances"), &[], None).json();
+    assert_eq!(instances["instances"][0]["current_tpm"], json!(u64::MAX));
+}
+
 /// Item 5. RFC 9112 §6: a Content-Length that is not a plain number, two that
 /// disagree, or one next to Transfer-Encoding make the body's end ambiguous.
 #[test]
@@ -204,6 +222,8 @@ fn ambiguous_framing_gets_400_and_the_connection_closed() {
         "Transfer-Encoding: gzip\r\n",
         "Transfer-Encoding: chunked, gzip\r\n",
         "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+        "Transfer-Encoding: \r\nContent-Length: 34\r\n",
+        "Transfer-Encoding: ,\r\nContent-Length: 34\r\n",
     ] {
         let req = format!("POST /v1/models HTTP/1.1\r\nHost: x\r\n{framing}\r\n{smuggled}");
         let got = raw(&proxy.addr, req.as_bytes(), Duration::from_secs(10));
@@ -216,6 +236,13 @@ fn ambiguous_framing_gets_400_and_the_connection_closed() {
         answer.openai_error();
         assert_eq!(answer.header("connection"), Some("close"), "{framing:?}");
     }
+    // A chunk size is hex digits, then only spaces before an extension.
+    let chunked = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1b 9\r\n{\"model\":\"m\",\"messages\":[]}\r\n0\r\n\r\n";
+    let got = raw(&proxy.addr, chunked.as_bytes(), Duration::from_secs(10));
+    let answer = one_answer(&got, "chunk size 1b 9");
+    assert_eq!(answer.status, 400);
+    answer.openai_error();
+    assert_eq!(up.count(), 0);
     assert_eq!(
         send("GET", &proxy.url("/health"), &[], None).status,
         200,
@@ -261,6 +288,169 @@ fn four_maximum_size_bodies_at_once_stay_under_512_mb() {
     }
     let peak_mb = proxy.status_field("VmHWM") / 1024;
     assert!(peak_mb < 512, "peak RSS {peak_mb} MB");
+}
+
+/// A value from the proxy's `/metrics`.
+fn metric(proxy: &Running, name: &str) -> f64 {
+    let text = String::from_utf8(send("GET", &proxy.url("/metrics"), &[], None).body).unwrap();
+    let prefix = format!("aoai_proxy_{name} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+}
+
+/// Sends a head declaring a 1 MiB body and 900 KiB of it, then holds the connection.
+fn hold_a_big_body(addr: &str) -> TcpStream {
+    let mut c = TcpStream::connect(addr).unwrap();
+    let head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n\r\n";
+    c.write_all(head.as_bytes()).unwrap();
+    c.write_all(&vec![b' '; 900 * 1024]).unwrap();
+    c
+}
+
+/// Item 6, from review: each body stayed within `max_body_bytes`, but nothing bounded
+/// them together: two dozen clients holding 31 MiB bodies took 773 MB.
+#[test]
+fn request_bodies_share_one_memory_budget() {
+    let up = Mock::start(azure_like(KEY));
+    let proxy = Running::with_config(&format!(
+        "server: {{max_body_bytes: 1MiB, max_body_memory: 2.5MiB, body_timeout: 20}}\n{}",
+        instance(&up.url, "")
+    ));
+    let held = [hold_a_big_body(&proxy.addr), hold_a_big_body(&proxy.addr)];
+    assert!(
+        wait_until(Duration::from_secs(10), || metric(
+            &proxy,
+            "request_body_bytes_held"
+        ) >= 2.0 * 900.0 * 1024.0),
+        "{}",
+        metric(&proxy, "request_body_bytes_held")
+    );
+    let mut third = hold_a_big_body(&proxy.addr);
+    third
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = third.read_to_end(&mut got);
+    let answer = one_answer(&got, "the third body");
+    assert_eq!(answer.status, 503);
+    assert_eq!(answer.openai_error()["code"], "server_busy");
+    drop(held);
+    assert!(
+        wait_until(Duration::from_secs(10), || metric(
+            &proxy,
+            "request_body_bytes_held"
+        ) == 0.0),
+        "the held bodies were given back"
+    );
+    assert_eq!(chat(&proxy, &[]).status, 200);
+}
+
+/// A client socket with a 4 KiB receive buffer, so that it stops taking data soon
+/// after it stops reading.
+fn small_window_client(addr: &str) -> TcpStream {
+    let addr: SocketAddr = addr.parse().unwrap();
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&addr.into()).unwrap();
+    socket.into()
+}
+
+/// An upstream that streams 400 events of 8 kB, 5 ms apart.
+fn big_stream() -> Mock {
+    let word: &'static str = Box::leak("x".repeat(8000).into_boxed_str());
+    let words = vec![word; 400];
+    Mock::start(Arc::new(move |_: &Recorded| MockReply::Sse {
+        events: chat_events("d", &words, false),
+        gap: Duration::from_millis(5),
+        end: SseEnd::Done,
+    }))
+}
+
+fn start_stream(c: &mut TcpStream) {
+    let body = br#"{"model":"m","stream":true,"messages":[]}"#;
+    c.write_all(
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    c.write_all(body).unwrap();
+}
+
+/// Item 7, from review: a stream to a client that reads a few bytes at a time held
+/// its permit for as long as the client took.
+#[test]
+fn a_client_that_reads_a_stream_slowly_gives_its_permit_back() {
+    let up = big_stream();
+    let mut proxy = Running::with_config(&format!(
+        "server: {{workers: 1, client_timeout: 1}}\nrouting: {{queue_timeout: 0.2}}\n{}",
+        instance(&up.url, "")
+    ));
+    let mut slow = small_window_client(&proxy.addr);
+    start_stream(&mut slow);
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            slow.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            let mut buf = [0u8; 100];
+            while !stop.load(Ordering::SeqCst) {
+                let _ = slow.read(&mut buf);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    // Meanwhile the only permit is taken, and other requests get 503.
+    assert!(
+        wait_until(Duration::from_secs(15), || chat(&proxy, &[]).status == 200),
+        "the slow reader kept the permit"
+    );
+    // The stream was cut, not finished.
+    assert!(
+        wait_until(Duration::from_secs(5), || proxy
+            .stderr()
+            .contains("stream=client_gone")),
+        "{}",
+        proxy.stderr()
+    );
+    stop.store(true, Ordering::SeqCst);
+    reader.join().unwrap();
+}
+
+/// Item 10, from review: a cut waited for each stream's blocked writer, and then
+/// blocked on its own write: clients that stopped reading delayed the exit by
+/// `client_timeout` each.
+#[test]
+fn shutdown_does_not_wait_on_clients_that_stopped_reading() {
+    let up = big_stream();
+    let mut proxy = Running::with_config(&format!(
+        "server: {{shutdown_grace_seconds: 1, client_timeout: 10}}\n{}",
+        instance(&up.url, "")
+    ));
+    let stalled: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let mut c = small_window_client(&proxy.addr);
+            start_stream(&mut c);
+            let mut first = [0u8; 64];
+            assert!(c.read(&mut first).unwrap() > 0);
+            c
+        })
+        .collect();
+    proxy.signal("TERM");
+    let started = Instant::now();
+    let status = proxy
+        .exit_within(Duration::from_secs(8))
+        .expect("did not exit");
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "exited after {:?}",
+        started.elapsed()
+    );
+    drop(stalled);
 }
 
 /// Starts a thread that sends a request head declaring a large body, then one body
@@ -629,8 +819,9 @@ fn the_parsers_answers_are_openai_shaped_and_idle_connections_close_quietly() {
             "{what:?}"
         );
     }
+    // A stray CRLF after a request (RFC 9112 §2.2) leaves the connection idle.
     let mut idle = TcpStream::connect(&proxy.addr).unwrap();
-    idle.write_all(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+    idle.write_all(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n\r\n")
         .unwrap();
     assert_eq!(read_response(&mut idle).status, 200);
     idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();

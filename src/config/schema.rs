@@ -273,6 +273,9 @@ pub struct Server {
     pub workers: usize,
     #[serde(deserialize_with = "byte_size")]
     pub max_body_bytes: u64,
+    /// Bytes of request bodies the whole process may hold at once.
+    #[serde(deserialize_with = "byte_size")]
+    pub max_body_memory: u64,
     /// Seconds SIGTERM/SIGINT waits for requests under way (streams included).
     #[serde(deserialize_with = "lenient")]
     pub shutdown_grace_seconds: f64,
@@ -290,6 +293,7 @@ impl Default for Server {
         Server {
             workers: 256,
             max_body_bytes: 32 * 1024 * 1024,
+            max_body_memory: 256 * 1024 * 1024,
             shutdown_grace_seconds: 30.0,
             client_timeout: 30.0,
             body_timeout: 60.0,
@@ -455,6 +459,12 @@ impl Config {
         }
         if self.server.max_body_bytes == 0 {
             return Err(invalid("server.max_body_bytes", "must be above 0"));
+        }
+        if self.server.max_body_memory < self.server.max_body_bytes {
+            return Err(invalid(
+                "server.max_body_memory",
+                "must be at least server.max_body_bytes (one body of the largest size)",
+            ));
         }
         let m = &self.monitoring;
         let windows = std::iter::once(&m.stats_window_minutes).chain(&m.additional_windows);

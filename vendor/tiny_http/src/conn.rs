@@ -74,6 +74,9 @@ pub(crate) struct Io {
     end: usize,
     /// SO_RCVTIMEO as last set here.
     read_timeout: Option<Duration>,
+    /// SO_SNDTIMEO as last set here, and how long one answer's writes may take.
+    write_timeout: Option<Duration>,
+    pub(crate) write_limit: Duration,
     /// Set by the answer: the connection may carry another request.
     pub(crate) reusable: bool,
     /// Set when the connection is closed before all the client sent was read.
@@ -83,13 +86,15 @@ pub(crate) struct Io {
 }
 
 impl Io {
-    pub(crate) fn new(entry: Arc<Entry>) -> Io {
+    pub(crate) fn new(entry: Arc<Entry>, write_limit: Duration) -> Io {
         Io {
             entry,
             buf: vec![0; READ_BUFFER],
             start: 0,
             end: 0,
             read_timeout: None,
+            write_timeout: Some(write_limit),
+            write_limit,
             reusable: false,
             unread_input: false,
             answered: false,
@@ -162,8 +167,9 @@ impl Io {
         Ok(b)
     }
 
-    /// Writes every part, in as few system calls as the socket allows (one, usually).
-    pub(crate) fn write_parts(&self, parts: &[&[u8]]) -> io::Result<()> {
+    /// Writes every part, in as few system calls as the socket allows (one, usually),
+    /// by `deadline` at most: a client that reads too slowly gets `TimedOut`.
+    pub(crate) fn write_parts(&mut self, parts: &[&[u8]], deadline: Instant) -> io::Result<()> {
         let (mut i, mut off) = (0, 0);
         loop {
             while i < parts.len() && off >= parts[i].len() {
@@ -172,6 +178,15 @@ impl Io {
             }
             if i == parts.len() {
                 return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ErrorKind::TimedOut.into());
+            }
+            if self.write_timeout.is_none_or(|t| t > left + TIMEOUT_SLACK) {
+                let t = left.max(Duration::from_millis(1));
+                self.entry.stream.set_write_timeout(Some(t))?;
+                self.write_timeout = Some(t);
             }
             let mut slices = [IoSlice::new(&[]); 4];
             let mut n = 0;
@@ -194,9 +209,17 @@ impl Io {
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    self.write_timeout = None;
+                }
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// The deadline for one answer's writes.
+    pub(crate) fn answer_deadline(&self) -> Instant {
+        Instant::now() + self.write_limit
     }
 
     /// Answers with an OpenAI-shaped error and `Connection: close`.
@@ -209,7 +232,8 @@ impl Io {
         let mut head = status_line(r.status);
         head.push_str("Content-Type: application/json\r\nConnection: close\r\n");
         head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
-        let _ = self.write_parts(&[head.as_bytes(), body.as_bytes()]);
+        let deadline = self.answer_deadline();
+        let _ = self.write_parts(&[head.as_bytes(), body.as_bytes()], deadline);
     }
 
     /// Ends the connection: see `LINGER`.
@@ -304,10 +328,6 @@ impl Head {
     /// Reads the next head off `io` into `self`. `Err(None)`: the client closed or the
     /// socket failed, so there is no one to answer.
     fn read(&mut self, io: &mut Io, deadline: Instant) -> Result<(), Option<Refusal>> {
-        // RFC 9112 §2.2: empty lines before a request line are ignored.
-        while io.buffered().starts_with(b"\r\n") {
-            io.consume(2);
-        }
         let mut scanned = 0;
         let len = loop {
             let buf = io.buffered();
@@ -457,15 +477,24 @@ fn parse_header(line: &[u8]) -> Result<(Range<usize>, Range<usize>), Refusal> {
 /// Serves one connection until it closes: waits for a request, reads its head,
 /// hands it to the handler, and keeps the connection if the answer allows it.
 pub(crate) fn serve(entry: Arc<Entry>, shared: &Shared) {
-    let mut io = Io::new(entry);
+    let mut io = Io::new(entry, shared.limits.write);
     let mut head = Head::new();
     loop {
         io.entry.set_idle(shared);
         if shared.is_draining() {
             return io.close();
         }
-        if io.buffered().is_empty() {
-            match io.fill(Instant::now() + shared.limits.idle, READ_BUFFER) {
+        let idle_until = Instant::now() + shared.limits.idle;
+        loop {
+            // RFC 9112 §2.2: empty lines before a request line are ignored; a client
+            // that sends one after a request is still idle.
+            while io.buffered().starts_with(b"\r\n") {
+                io.consume(2);
+            }
+            if !io.buffered().is_empty() && io.buffered() != b"\r" {
+                break;
+            }
+            match io.fill(idle_until, READ_BUFFER) {
                 Ok(n) if n > 0 => {}
                 // The client closed, or the connection idled out: nothing to answer.
                 _ => return,

@@ -259,18 +259,24 @@ impl Server {
 
     /// Ends every answer still being streamed with `last` as its final piece (a
     /// complete chunked body, so the client can tell how it ended), and closes those
-    /// connections. Their writers fail from then on.
+    /// connections. Their writers fail from then on. It never waits on a client: a
+    /// stream whose writer is blocked on one, or that cannot take `last` at once, is
+    /// closed without it.
     pub fn cut_streams(&self, last: &[u8]) {
         for entry in self.shared.entries() {
             if entry.state.load(Ordering::Acquire) != STREAMING {
                 continue;
             }
-            let mut state = entry.write.lock().unwrap_or_else(|e| e.into_inner());
+            let Ok(mut state) = entry.write.try_lock() else {
+                let _ = entry.stream.shutdown(Shutdown::Both);
+                continue;
+            };
             if *state != STREAM_OPEN {
                 continue;
             }
             *state = STREAM_CUT;
             let mut out = &entry.stream;
+            let _ = out.set_write_timeout(Some(Duration::from_millis(50)));
             let _ = if entry.chunked.load(Ordering::Relaxed) {
                 let mut size = [0u8; 18];
                 let n = request::chunk_size_line(last.len(), &mut size);
@@ -330,6 +336,8 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
         if let Err(e) = spawned {
             log::warn!(target: "azure_openai_proxy::accept", "no thread for a new connection: {e}");
             shared.remove(&entry);
+            // Running out of threads does not pass in a moment: no busy loop meanwhile.
+            thread::sleep(Duration::from_millis(50));
         }
     }
     // The listener is dropped by the caller's return: new connections are refused.

@@ -14,7 +14,7 @@ use crate::conn::{
 use crate::{Shared, STREAM_CUT, STREAM_FINISHED, STREAM_OPEN};
 use std::io::{self, ErrorKind, Read};
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// The longest chunk-size line (digits and extensions) a chunked body may use.
 const MAX_CHUNK_LINE: usize = 4 * 1024;
@@ -72,6 +72,9 @@ impl<'c> Request<'c> {
             }
             declared = Some(n);
         }
+        // Any Transfer-Encoding header, even an empty one, means the body is framed by
+        // it (RFC 9112 §6.1): only exactly `chunked` is accepted.
+        let chunked = head.all("transfer-encoding").next().is_some();
         let (mut codings, mut chunked_at) = (0, None);
         for coding in head
             .all("transfer-encoding")
@@ -84,7 +87,6 @@ impl<'c> Request<'c> {
             }
             codings += 1;
         }
-        let chunked = codings > 0;
         if chunked {
             if declared.is_some() || !http11 {
                 return Err(refuse(
@@ -107,6 +109,13 @@ impl<'c> Request<'c> {
                         400,
                         "invalid_transfer_encoding",
                         "chunked must be the last transfer coding, and appear once.",
+                    ))
+                }
+                None if codings == 0 => {
+                    return Err(refuse(
+                        400,
+                        "invalid_transfer_encoding",
+                        "Transfer-Encoding is empty.",
                     ))
                 }
                 None => {
@@ -264,7 +273,8 @@ impl<'c> Request<'c> {
         let head = self.head_for(status, headers, Some(body.len()), keep);
         let no_body = self.head.method == Method::Head || matches!(status, 100..=199 | 204 | 304);
         let body = if no_body { &[][..] } else { body };
-        let written = self.io.write_parts(&[head.as_bytes(), body]);
+        let deadline = self.io.answer_deadline();
+        let written = self.io.write_parts(&[head.as_bytes(), body], deadline);
         self.io.reusable = keep && written.is_ok();
         written
     }
@@ -281,25 +291,29 @@ impl<'c> Request<'c> {
         let chunked = self.head.version >= HTTPVersion(1, 1);
         let keep = self.keep_alive(false) && chunked;
         let head = self.head_for(status, headers, None, keep);
-        *self
-            .io
-            .entry
-            .write
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = STREAM_OPEN;
-        self.io.entry.set_streaming(chunked);
-        let writer = ResponseWriter {
+        let mut writer = ResponseWriter {
+            blocked_left: self.io.write_limit,
             io: self.io,
             chunked,
             keep,
         };
-        writer.io.write_parts(&[head.as_bytes()])?;
+        // The head goes out before the stream can be cut, so that a cut's last chunk
+        // never lands before it.
+        let entry = writer.io.entry.clone();
+        let mut state = entry.write.lock().unwrap_or_else(|e| e.into_inner());
+        writer.write(&[head.as_bytes()])?;
+        *state = STREAM_OPEN;
+        entry.set_streaming(chunked);
+        drop(state);
         Ok(writer)
     }
 
     fn read_chunk_size(&mut self) -> io::Result<u64> {
         let invalid = || io::Error::new(ErrorKind::InvalidData, "malformed chunk size line");
-        let (mut value, mut digits, mut after_digits, mut len) = (0u64, 0, false, 0);
+        // `1*HEXDIG [ BWS ";" extensions ]` (RFC 9112 §7.1.1): after the digits only
+        // spaces, then `;`; after the `;` anything but control bytes.
+        let (mut value, mut digits, mut len) = (0u64, 0, 0);
+        let (mut after_digits, mut in_extension) = (false, false);
         loop {
             let b = self.io.byte(self.body_deadline)?;
             len += 1;
@@ -308,12 +322,14 @@ impl<'c> Request<'c> {
             }
             match b {
                 b'\r' => break,
-                b';' | b' ' | b'\t' => after_digits = true,
-                _ if after_digits => {
-                    if b < 0x20 || b == 0x7f {
+                _ if in_extension => {
+                    if b < 0x20 && b != b'\t' || b == 0x7f {
                         return Err(invalid());
                     }
                 }
+                b';' => in_extension = true,
+                b' ' | b'\t' => after_digits = true,
+                _ if after_digits => return Err(invalid()),
                 _ => {
                     let d = (b as char).to_digit(16).ok_or_else(invalid)?;
                     digits += 1;
@@ -380,7 +396,9 @@ impl Read for Request<'_> {
         }
         if self.continue_pending {
             self.continue_pending = false;
-            self.io.write_parts(&[b"HTTP/1.1 100 Continue\r\n\r\n"])?;
+            let deadline = self.io.answer_deadline();
+            self.io
+                .write_parts(&[b"HTTP/1.1 100 Continue\r\n\r\n"], deadline)?;
         }
         loop {
             match self.body {
@@ -426,60 +444,65 @@ impl Read for Request<'_> {
 /// A response body being streamed. Each `send` leaves at once (one chunk, one write).
 /// A writer dropped without `finish` leaves a truncated body and closes the connection,
 /// so the client cannot take it for a complete one.
+///
+/// A stream may spend `Limits::write` in all waiting for the client to take its bytes
+/// (a client that reads as fast as the stream is written costs nothing of it); past
+/// that, sends fail with `TimedOut`, so that a client reading a few bytes at a time
+/// cannot hold the stream, and what it holds upstream, for ever.
 pub struct ResponseWriter<'c> {
     io: &'c mut Io,
     chunked: bool,
     keep: bool,
+    blocked_left: Duration,
 }
 
 impl ResponseWriter<'_> {
-    /// Sends `bytes` now. Fails once the client is gone or the server cut the stream.
+    /// Sends `bytes` now. Fails once the client is gone or too slow, or the server cut
+    /// the stream.
     pub fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
         if bytes.is_empty() {
             return Ok(());
         }
-        let state = self
-            .io
-            .entry
-            .write
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let entry = self.io.entry.clone();
+        let state = entry.write.lock().unwrap_or_else(|e| e.into_inner());
         if *state != STREAM_OPEN {
-            return Err(io::Error::new(
-                ErrorKind::ConnectionAborted,
-                "the stream was cut",
-            ));
+            return Err(cut());
         }
         if self.chunked {
             let mut size = [0u8; 18];
             let len = chunk_size_line(bytes.len(), &mut size);
-            self.io.write_parts(&[&size[..len], bytes, b"\r\n"])
+            self.write(&[&size[..len], bytes, b"\r\n"])
         } else {
-            self.io.write_parts(&[bytes])
+            self.write(&[bytes])
         }
     }
 
     /// Ends the body; the connection may then carry another request.
-    pub fn finish(self) -> io::Result<()> {
-        let mut state = self
-            .io
-            .entry
-            .write
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+    pub fn finish(mut self) -> io::Result<()> {
+        let entry = self.io.entry.clone();
+        let mut state = entry.write.lock().unwrap_or_else(|e| e.into_inner());
         if *state != STREAM_OPEN {
-            return Err(io::Error::new(
-                ErrorKind::ConnectionAborted,
-                "the stream was cut",
-            ));
+            return Err(cut());
         }
         if self.chunked {
-            self.io.write_parts(&[b"0\r\n\r\n"])?;
+            self.write(&[b"0\r\n\r\n"])?;
         }
         *state = STREAM_FINISHED;
         self.io.reusable = self.keep;
         Ok(())
     }
+
+    /// Writes within what is left of the stream's time for waiting on the client.
+    fn write(&mut self, parts: &[&[u8]]) -> io::Result<()> {
+        let started = Instant::now();
+        let written = self.io.write_parts(parts, started + self.blocked_left);
+        self.blocked_left = self.blocked_left.saturating_sub(started.elapsed());
+        written
+    }
+}
+
+fn cut() -> io::Error {
+    io::Error::new(ErrorKind::ConnectionAborted, "the stream was cut")
 }
 
 impl Drop for ResponseWriter<'_> {

@@ -179,7 +179,7 @@ pub fn stats_instances(state: &State, g: &Generation) -> Reply {
                 "completion_tokens_served": counts.completion_tokens,
                 "total_requests": counts.attempts,
                 "error_count": counts.errors,
-                "errors_by_status": counts.errors_by_kind,
+                "errors_by_status": counts.errors_by_kind.iter().map(|(k, n)| (k.label(), json!(n))).collect::<Map<_, _>>(),
                 "rate_limited_count": counts.rate_limited,
                 "last_error": v.last_error,
                 "rate_limited_until": v.rate_limited_until.map(|t| wall(t, now, wall_now)),

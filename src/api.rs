@@ -109,15 +109,16 @@ pub fn models(g: &Generation) -> Reply {
 }
 
 /// The request body, up to `limit` bytes, read within the body deadline. The buffer
-/// grows with what arrives (never by a declared length), by at most half again, and
-/// each growth is reserved from `memory` first: when the process holds as much body
-/// data as it allows, the request gets 503 instead.
+/// grows with what arrives (never by a declared length): from 4 KiB (a typical body
+/// fits, and needs no `mmap`), by half again each time, and each growth is reserved
+/// from `memory` first: when the process holds as much body data as it allows, the
+/// request gets 503 instead.
 fn read_body<'m>(
     req: &mut tiny_http::Request<'_>,
     limit: u64,
     memory: &'m BodyMemory,
 ) -> Result<(Vec<u8>, BodyHold<'m>), ApiError> {
-    const STEP: usize = 64 * 1024;
+    const FIRST: usize = 4 * 1024;
     let too_large = || {
         ApiError::new(
             413,
@@ -134,7 +135,7 @@ fn read_body<'m>(
     let mut body = Vec::new();
     loop {
         let room = (limit + 1).saturating_sub(body.len() as u64);
-        let step = STEP
+        let step = FIRST
             .max(body.len() / 2)
             .min(usize::try_from(room).unwrap_or(usize::MAX));
         if !hold.grow_to((body.len() + step) as u64) {
@@ -323,21 +324,24 @@ fn attempt(g: &Generation, i: usize, out: &Outgoing) -> (Report, Result<Reply, F
             )),
         );
     }
-    let bytes = match response
+    // Sized by the upstream's Content-Length (within the limit), so a body is read
+    // without growing and copying its buffer.
+    let length = header_u64(upstream_headers, "content-length").unwrap_or(0);
+    let mut bytes = Vec::with_capacity(length.min(MAX_UPSTREAM_BODY) as usize);
+    let read = response
         .into_body()
-        .with_config()
+        .into_with_config()
         .limit(MAX_UPSTREAM_BODY)
-        .read_to_vec()
-    {
-        Ok(b) => b,
-        Err(e) => {
-            log::warn!(
-                "instance {}: reading the {status} response failed: {e}",
-                inst.name
-            );
-            return transport_failure(&e, false);
-        }
-    };
+        .reader()
+        .read_to_end(&mut bytes);
+    if let Err(e) = read {
+        let e = ureq::Error::from(e);
+        log::warn!(
+            "instance {}: reading the {status} response failed: {e}",
+            inst.name
+        );
+        return transport_failure(&e, false);
+    }
     // An error body could echo what it was sent; the instance's key must never reach
     // the client.
     let bytes = if outcome == Outcome::Success {

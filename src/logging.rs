@@ -99,20 +99,27 @@ impl RotatingFile {
     }
 }
 
+/// What the logger's sink sends the writer thread.
+enum Msg {
+    Line(Vec<u8>),
+    /// Answer once every line queued before this one is written.
+    Flush(Sender<()>),
+}
+
 /// The `Write` end given to the logger: assembles whole lines and queues them for the
-/// writer thread.
-pub struct FileSink {
-    tx: Sender<Vec<u8>>,
+/// writer thread, so that logging a line never waits for a terminal or a disk.
+pub struct LineSink {
+    tx: Sender<Msg>,
     partial: Vec<u8>,
     dropped: Arc<AtomicU64>,
 }
 
-impl Write for FileSink {
+impl Write for LineSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.partial.extend_from_slice(buf);
         while let Some(end) = self.partial.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = self.partial.drain(..=end).collect();
-            if let Err(TrySendError::Full(_)) = self.tx.try_send(line) {
+            if let Err(TrySendError::Full(_)) = self.tx.try_send(Msg::Line(line)) {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -127,25 +134,38 @@ impl Write for FileSink {
 /// Lines the writer may hold before new ones are dropped.
 const QUEUE_LINES: usize = 16 * 1024;
 
-/// Opens the file (so a bad path fails at start) and starts its writer thread, which
-/// ends when the sink is dropped, after writing what was queued.
-pub fn file_sink(
-    path: &Path,
-    max_size: u64,
-    backups: u32,
-) -> io::Result<(FileSink, JoinHandle<()>)> {
-    let mut file = RotatingFile::open(path, max_size, backups)?;
-    let (tx, rx): (Sender<Vec<u8>>, Receiver<Vec<u8>>) = crossbeam_channel::bounded(QUEUE_LINES);
+/// Starts the writer thread: each queued line goes to `console` and, when given, to
+/// `file`. The thread ends when every sender is gone, after writing what was queued.
+fn start_writer(
+    mut console: Box<dyn Write + Send>,
+    mut file: Option<RotatingFile>,
+) -> io::Result<(LineSink, Sender<Msg>, JoinHandle<()>)> {
+    let (tx, rx): (Sender<Msg>, Receiver<Msg>) = crossbeam_channel::bounded(QUEUE_LINES);
     let dropped = Arc::new(AtomicU64::new(0));
     let seen = dropped.clone();
     let writer = std::thread::Builder::new()
         .name("log-writer".into())
         .spawn(move || {
             let mut reported = 0;
-            for line in rx {
+            let mut write = |line: &[u8]| {
+                let _ = console.write_all(line);
+                if let Some(file) = &mut file {
+                    if let Err(e) = file.write_line(line) {
+                        let _ = writeln!(console, "log file: {e}");
+                    }
+                }
+            };
+            for msg in rx {
+                let line = match msg {
+                    Msg::Line(line) => line,
+                    Msg::Flush(done) => {
+                        let _ = done.send(());
+                        continue;
+                    }
+                };
                 let lost = seen.load(Ordering::Relaxed);
                 if lost > reported {
-                    let _ = file.write_line(
+                    write(
                         format!(
                             "[log] {} lines dropped: the writer fell behind\n",
                             lost - reported
@@ -154,27 +174,52 @@ pub fn file_sink(
                     );
                     reported = lost;
                 }
-                if let Err(e) = file.write_line(&line) {
-                    eprintln!("log file: {e}");
-                }
+                write(&line);
             }
         })?;
-    Ok((
-        FileSink {
-            tx,
-            partial: Vec::new(),
-            dropped,
-        },
-        writer,
-    ))
+    let sink = LineSink {
+        tx: tx.clone(),
+        partial: Vec::new(),
+        dropped,
+    };
+    Ok((sink, tx, writer))
 }
 
-/// Sets up the global logger from `logging`: console always, the file when set.
-pub fn init(config: &Config) -> Result<(), String> {
-    use simplelog::{
-        ColorChoice, CombinedLogger, ConfigBuilder, LevelFilter, SharedLogger, TermLogger,
-        TerminalMode, WriteLogger,
+/// The running logger; `flush` before the process exits so queued lines are not lost.
+pub struct Logging {
+    tx: Sender<Msg>,
+}
+
+impl Logging {
+    /// Waits (up to `within`) until every line logged so far is written.
+    pub fn flush(&self, within: std::time::Duration) {
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        if self.tx.send_timeout(Msg::Flush(done_tx), within).is_ok() {
+            let _ = done_rx.recv_timeout(within);
+        }
+    }
+}
+
+/// Opens `logging.file` when set (creating its directory; a path that cannot be opened
+/// is an error at start) and returns it ready for the writer.
+pub fn open_file(config: &Config) -> Result<Option<RotatingFile>, String> {
+    let Some(path) = &config.logging.file else {
+        return Ok(None);
     };
+    let path = Path::new(path);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("logging.file: cannot create {}: {e}", dir.display()))?;
+    }
+    RotatingFile::open(path, config.logging.max_size, config.logging.backup_count)
+        .map(Some)
+        .map_err(|e| format!("logging.file: cannot open {}: {e}", path.display()))
+}
+
+/// Sets up the global logger from `logging`: the console always, the file when set, both
+/// written by one background thread.
+pub fn init(config: &Config) -> Result<Logging, String> {
+    use simplelog::{ConfigBuilder, LevelFilter, WriteLogger};
     let level: LevelFilter = config.logging.level.parse().unwrap_or(LevelFilter::Info);
     let log_config = ConfigBuilder::new()
         // Client libraries log connection details at debug level; they are not ours to show.
@@ -182,30 +227,14 @@ pub fn init(config: &Config) -> Result<(), String> {
         .add_filter_ignore_str("rustls")
         .add_filter_ignore_str("tiny_http")
         .build();
-    let mut loggers: Vec<Box<dyn SharedLogger>> = vec![TermLogger::new(
-        level,
-        log_config.clone(),
-        TerminalMode::Stderr,
-        // simplelog's Auto colours output that goes to a file or journald too.
-        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-            ColorChoice::Auto
-        } else {
-            ColorChoice::Never
-        },
-    )];
-    if let Some(path) = &config.logging.file {
-        let path = Path::new(path);
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| format!("logging.file: cannot create {}: {e}", dir.display()))?;
-        }
-        let (sink, _writer) = file_sink(path, config.logging.max_size, config.logging.backup_count)
-            .map_err(|e| format!("logging.file: cannot open {}: {e}", path.display()))?;
-        loggers.push(WriteLogger::new(level, log_config, sink));
-    }
-    CombinedLogger::init(loggers).map_err(|e| format!("cannot set up logging: {e}"))?;
+    let file = open_file(config)?;
+    let (sink, tx, _writer) = start_writer(Box::new(std::io::stderr()), file)
+        .map_err(|e| format!("cannot start the log writer: {e}"))?;
+    log::set_boxed_logger(WriteLogger::new(level, log_config, sink))
+        .map_err(|e| format!("cannot set up logging: {e}"))?;
+    log::set_max_level(level);
     std::panic::set_hook(Box::new(|info| log::error!("panic: {info}")));
-    Ok(())
+    Ok(Logging { tx })
 }
 
 #[cfg(test)]
@@ -258,11 +287,26 @@ mod tests {
         assert!(read("app.log.3").starts_with("line 0020"));
     }
 
+    /// A console that appends to a shared buffer.
+    #[derive(Clone, Default)]
+    struct Console(Arc<parking_lot::Mutex<Vec<u8>>>);
+    impl Write for Console {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
     #[test]
     fn the_sink_writes_whole_lines_through_its_thread() {
         let d = dir("sink");
         let path = d.0.join("app.log");
-        let (mut sink, writer) = file_sink(&path, 250, 1).unwrap();
+        let console = Console::default();
+        let file = RotatingFile::open(&path, 250, 1).unwrap();
+        let (mut sink, tx, writer) = start_writer(Box::new(console.clone()), Some(file)).unwrap();
         for i in 0..5 {
             // The logger writes a record in pieces; lines must not be split across files.
             let l = line(i);
@@ -270,7 +314,13 @@ mod tests {
             sink.write_all(a.as_bytes()).unwrap();
             sink.write_all(b.as_bytes()).unwrap();
         }
-        drop(sink);
+        Logging { tx: tx.clone() }.flush(std::time::Duration::from_secs(5));
+        assert_eq!(
+            console.0.lock().len(),
+            5 * line(0).len(),
+            "all on the console too"
+        );
+        drop((sink, tx));
         writer.join().unwrap();
         let current = std::fs::read_to_string(&path).unwrap();
         let backup = std::fs::read_to_string(d.0.join("app.log.1")).unwrap();

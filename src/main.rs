@@ -99,10 +99,13 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
 
-    if let Err(e) = logging::init(&config) {
-        eprintln!("error: {e}");
-        return ExitCode::FAILURE;
-    }
+    let logs = match logging::init(&config) {
+        Ok(logs) => logs,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     log::info!(
         "configuration from {sources}; instances: {}",
         names.join(", ")
@@ -124,7 +127,7 @@ fn main() -> ExitCode {
         Ok(p) => p,
         Err(e) => {
             log::error!("{e}");
-            eprintln!("error: {e}");
+            logs.flush(LOG_FLUSH);
             return ExitCode::FAILURE;
         }
     };
@@ -137,6 +140,7 @@ fn main() -> ExitCode {
         Err(e) => {
             log::error!("cannot handle signals ({e}); running until killed");
             proxy.wait();
+            logs.flush(LOG_FLUSH);
             return ExitCode::SUCCESS;
         }
     };
@@ -158,5 +162,9 @@ fn main() -> ExitCode {
     } else {
         log::warn!("grace period over; requests still under way are cut");
     }
+    logs.flush(LOG_FLUSH);
     ExitCode::SUCCESS
 }
+
+/// How long the exit waits for queued log lines to be written.
+const LOG_FLUSH: Duration = Duration::from_secs(2);

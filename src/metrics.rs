@@ -61,16 +61,20 @@ pub fn metrics(state: &State, g: &Generation) -> Reply {
     let mut out = Exposition(String::with_capacity(8 * 1024));
 
     out.family("requests_total", "counter", "API requests answered, by the last instance tried (none: the proxy tried none), model and status.");
-    for ((instance, model, status), n) in &stats.requests_by_key {
-        out.sample(
-            "requests_total",
-            &[
-                ("instance", instance),
-                ("model", model),
-                ("status", &status.to_string()),
-            ],
-            n,
-        );
+    for (instance, models) in &stats.requests {
+        for (model, statuses) in models {
+            for (status, n) in statuses {
+                out.sample(
+                    "requests_total",
+                    &[
+                        ("instance", instance),
+                        ("model", model),
+                        ("status", &status.to_string()),
+                    ],
+                    n,
+                );
+            }
+        }
     }
     out.family(
         "request_duration_seconds",
@@ -119,7 +123,7 @@ pub fn metrics(state: &State, g: &Generation) -> Reply {
         for (kind, n) in &c.errors_by_kind {
             out.sample(
                 "upstream_errors_total",
-                &[("instance", name), ("kind", kind)],
+                &[("instance", name), ("kind", &kind.label())],
                 n,
             );
         }

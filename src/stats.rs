@@ -77,7 +77,7 @@ impl Histogram {
 }
 
 /// How one upstream attempt ended, for error counts.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum AttemptEnd {
     Status(u16),
     Timeout,
@@ -159,10 +159,7 @@ impl Counts {
             self.completion_tokens += u.completion_tokens;
         }
         self.latency.record(r.latency);
-        *self
-            .by_model
-            .entry(r.model.unwrap_or("other").to_string())
-            .or_default() += 1;
+        *counter(&mut self.by_model, r.model.unwrap_or("other")) += 1;
         *self.by_status.entry(r.status).or_default() += 1;
     }
 
@@ -195,12 +192,21 @@ impl Counts {
     }
 }
 
+/// The counter for `key`, which is allocated only the first time it is counted.
+fn counter<'m, V: Default>(map: &'m mut BTreeMap<String, V>, key: &str) -> &'m mut V {
+    if !map.contains_key(key) {
+        map.insert(key.to_string(), V::default());
+    }
+    map.get_mut(key).expect("inserted above")
+}
+
 /// What one instance has done since start (or the last reset).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct InstanceCounts {
     pub attempts: u64,
     pub errors: u64,
-    pub errors_by_kind: BTreeMap<String, u64>,
+    /// Errors by how the attempt ended; `AttemptEnd::label` names them.
+    pub errors_by_kind: BTreeMap<AttemptEnd, u64>,
     /// 429 answers, each of which started or extended a cooldown.
     pub rate_limited: u64,
     pub prompt_tokens: u64,
@@ -209,8 +215,9 @@ pub struct InstanceCounts {
     pub latency: Histogram,
 }
 
-/// `(instance, model, status)` → requests, for `/metrics`.
-pub type RequestKey = (String, String, u16);
+/// Requests by instance, model and status, for `/metrics`; nested so that counting one
+/// allocates nothing once its labels have been seen.
+pub type RequestCounts = BTreeMap<String, BTreeMap<String, BTreeMap<u16, u64>>>;
 
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -219,7 +226,7 @@ pub struct Stats {
     buckets: Vec<(u64, Counts)>,
     pub totals: Counts,
     pub instances: BTreeMap<String, InstanceCounts>,
-    pub requests_by_key: BTreeMap<RequestKey, u64>,
+    pub requests: RequestCounts,
 }
 
 impl Stats {
@@ -246,23 +253,21 @@ impl Stats {
         self.totals.record(r);
         let model = r.model.unwrap_or("other");
         let instance = r.instance.unwrap_or("none");
-        *self
-            .requests_by_key
-            .entry((instance.into(), model.into(), r.status))
-            .or_default() += 1;
+        let by_model = counter(&mut self.requests, instance);
+        *counter(by_model, model).entry(r.status).or_default() += 1;
         for a in r.attempts {
-            let c = self.instances.entry(a.instance.clone()).or_default();
+            let c = counter(&mut self.instances, &a.instance);
             c.attempts += 1;
             if a.end.is_error() {
                 c.errors += 1;
-                *c.errors_by_kind.entry(a.end.label()).or_default() += 1;
+                *c.errors_by_kind.entry(a.end).or_default() += 1;
             }
             if a.end == AttemptEnd::Status(429) {
                 c.rate_limited += 1;
             }
         }
         if let Some(name) = r.instance {
-            let c = self.instances.entry(name.to_string()).or_default();
+            let c = counter(&mut self.instances, name);
             c.latency.record(r.latency);
             if let Some(u) = r.usage {
                 c.prompt_tokens += u.prompt_tokens;
@@ -438,16 +443,16 @@ mod tests {
             },
         );
         assert_eq!(s.instances["a"].rate_limited, 1);
-        assert_eq!(s.instances["a"].errors_by_kind["429"], 1);
-        assert_eq!(s.instances["b"].errors_by_kind["timeout"], 1);
+        assert_eq!(s.instances["a"].errors_by_kind[&AttemptEnd::Status(429)], 1);
+        assert_eq!(s.instances["b"].errors_by_kind[&AttemptEnd::Timeout], 1);
         assert_eq!(s.instances["c"].errors, 0);
         assert_eq!(s.instances["c"].latency.count(), 1);
         assert_eq!(s.totals.upstream_attempts, 3);
         assert_eq!(s.totals.upstream_errors, 2);
         assert_eq!(s.totals.retries, 2);
         assert_eq!(s.totals.by_model["other"], 1);
-        assert_eq!(s.requests_by_key[&("none".into(), "other".into(), 404)], 1);
-        assert_eq!(s.requests_by_key[&("c".into(), "m".into(), 200)], 1);
+        assert_eq!(s.requests["none"]["other"][&404], 1);
+        assert_eq!(s.requests["c"]["m"][&200], 1);
         s.reset();
         assert_eq!(s.totals, Counts::default());
         assert!(s.instances.is_empty());

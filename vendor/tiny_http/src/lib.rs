@@ -318,7 +318,12 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
         if shared.is_draining() {
             break;
         }
-        if let Err(e) = stream.set_write_timeout(Some(shared.limits.write)) {
+        // Without TCP_NODELAY, a stream's next small event waits for the client's
+        // (delayed) acknowledgement of the last one. Answers leave in one write anyway.
+        let configured = stream
+            .set_nodelay(true)
+            .and_then(|()| stream.set_write_timeout(Some(shared.limits.write)));
+        if let Err(e) = configured {
             log::warn!(target: "azure_openai_proxy::accept", "a new connection failed: {e}");
             continue;
         }

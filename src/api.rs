@@ -195,7 +195,8 @@ struct Outgoing<'a> {
     model: &'a str,
     body_model: Option<&'a str>,
     body: &'a [u8],
-    headers: Vec<(String, String)>,
+    /// The client's headers that travel, borrowed from its request.
+    headers: Vec<(&'a str, &'a str)>,
     stream: bool,
     ask_usage: bool,
 }
@@ -245,12 +246,13 @@ fn attempt(g: &Generation, i: usize, out: &Outgoing) -> (Report, Result<Reply, F
     } else {
         out.body
     };
-    let mut call = g.agent.post(upstream::url(inst, deployment, out.op));
-    for (name, value) in &out.headers {
+    let address = &g.addresses[i];
+    let mut call = g.agent.post(address.url(deployment, out.op));
+    for &(name, value) in &out.headers {
         call = call.header(name, value);
     }
-    let (name, value) = upstream::credential(inst);
-    let response = match call.header(name, value).send(payload) {
+    let (name, value) = &address.credential;
+    let response = match call.header(*name, value).send(payload) {
         Ok(r) => r,
         // The request itself could not be put on the wire (a header ureq refuses): no
         // instance would take it, and none is to blame.
@@ -578,7 +580,6 @@ pub fn forward(
         headers: req
             .headers()
             .filter(|(name, value)| upstream::forward_request_header(name, value))
-            .map(|(name, value)| (name.to_string(), value.to_string()))
             .collect(),
         stream,
         ask_usage: stream && !meta.include_usage && op != "embeddings",

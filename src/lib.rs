@@ -19,6 +19,7 @@ pub mod stats;
 pub mod stream;
 #[cfg(test)]
 mod testutil;
+pub mod transport;
 pub mod upstream;
 
 pub use server::Proxy;

@@ -199,6 +199,26 @@ pub fn metrics(state: &State, g: &Generation) -> Reply {
         }
     }
     out.family(
+        "client_connections",
+        "gauge",
+        "Client connections open (each has a thread).",
+    );
+    let open = state
+        .connections
+        .get()
+        .map_or(0, tiny_http::ConnectionCount::get);
+    out.sample("client_connections", &[], open);
+    out.family(
+        "client_connections_limit",
+        "gauge",
+        "server.max_connections: client connections allowed at once.",
+    );
+    out.sample(
+        "client_connections_limit",
+        &[],
+        g.config.server.max_connections,
+    );
+    out.family(
         "upstream_permits_in_use",
         "gauge",
         "Upstream calls under way (server.workers permits taken).",

@@ -18,19 +18,22 @@ pub fn rotate(group: &[usize], last: Option<usize>) -> usize {
         .unwrap_or(group[0])
 }
 
-/// Lowest `priority` value; equals take turns.
+/// Lowest `priority` value; equals take turns (as `rotate` does).
 pub fn failover(instances: &[Instance], eligible: &[usize], last: Option<usize>) -> usize {
     let best = eligible
         .iter()
         .map(|&i| instances[i].priority)
         .min()
         .unwrap_or(0);
-    let tied: Vec<usize> = eligible
-        .iter()
-        .copied()
-        .filter(|&i| instances[i].priority == best)
-        .collect();
-    rotate(&tied, last)
+    let tied = || {
+        eligible
+            .iter()
+            .copied()
+            .filter(move |&i| instances[i].priority == best)
+    };
+    last.and_then(|l| tied().find(|&i| i > l))
+        .or_else(|| tied().next())
+        .unwrap_or(eligible[0])
 }
 
 /// Random by `weight`; `r` is a uniformly random number.

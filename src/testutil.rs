@@ -1,4 +1,5 @@
-//! Helpers shared by the unit tests: a temporary directory per test.
+//! Helpers shared by the unit tests: a temporary directory per test, and waiting for a
+//! condition.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,6 +16,18 @@ impl TempDir {
         std::fs::create_dir_all(&d).unwrap();
         TempDir(d)
     }
+}
+
+/// Polls `cond` every 10 ms, for up to 5 s; says whether it came true.
+pub fn wait_until(mut cond: impl FnMut() -> bool) -> bool {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !cond() {
+        if std::time::Instant::now() > until {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    true
 }
 
 impl Drop for TempDir {

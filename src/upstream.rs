@@ -5,7 +5,9 @@
 use crate::config::{Instance, Provider, Routing};
 use std::time::{Duration, Instant};
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
-use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
+use ureq::unversioned::transport::{
+    ConnectProxyConnector, Connector, NextTimeout, RustlsConnector,
+};
 
 /// One agent for the whole process so keep-alive connections are pooled and reused.
 pub fn agent(routing: &Routing, workers: usize) -> ureq::Agent {
@@ -31,7 +33,13 @@ pub fn agent(routing: &Routing, workers: usize) -> ureq::Agent {
         .user_agent(concat!("azure-openai-proxy/", env!("CARGO_PKG_VERSION")))
         .build();
     let resolver = CachingResolver::<DefaultResolver>::new(DNS_TTL);
-    ureq::Agent::with_parts(config, DefaultConnector::new(), resolver)
+    // ureq's own chain, with our TCP layer (`transport.rs`) and without SOCKS, which
+    // is not compiled in.
+    let connector =
+        ().chain(ConnectProxyConnector::default())
+            .chain(crate::transport::TcpConnector)
+            .chain(RustlsConnector::default());
+    ureq::Agent::with_parts(config, connector, resolver)
 }
 
 /// How long a resolved upstream address is used before it is looked up again, and how
@@ -121,41 +129,78 @@ impl<R: Resolver> Resolver for CachingResolver<R> {
 /// deployment in an Azure-style path).
 pub const OPERATIONS: [&str; 3] = ["chat/completions", "completions", "embeddings"];
 
-pub fn url(inst: &Instance, deployment: &str, op: &str) -> String {
-    match inst.provider_type {
-        Provider::Azure => format!(
-            "{}/openai/deployments/{}/{op}?api-version={}",
-            inst.api_base,
-            escape_segment(deployment),
-            escape_segment(&inst.api_version)
-        ),
-        // `https://api.openai.com/v1` and `https://api.openai.com` both work as api_base.
-        Provider::Openai if inst.api_base.ends_with("/v1") => format!("{}/{op}", inst.api_base),
-        Provider::Openai => format!("{}/v1/{op}", inst.api_base),
-    }
+/// How to address one instance: what every request to it shares, put together once
+/// per configuration rather than per request.
+pub struct Address {
+    /// The URL up to the deployment (azure) or the operation (openai).
+    prefix: String,
+    /// `?api-version=...` (azure), or nothing.
+    query: String,
+    /// The credential header. Its value is the one place a key leaves the `Secret`
+    /// wrapper.
+    pub credential: (&'static str, String),
+    per_deployment: bool,
 }
 
-/// The credential header for the instance. Its value is the one place a key leaves
-/// the `Secret` wrapper.
-pub fn credential(inst: &Instance) -> (&'static str, String) {
-    match inst.provider_type {
-        Provider::Azure => ("api-key", inst.api_key.expose().to_string()),
-        Provider::Openai => ("authorization", format!("Bearer {}", inst.api_key.expose())),
-    }
-}
-
-/// Percent-encodes everything but RFC 3986 unreserved characters, so a model name
-/// taken from the client (legacy serve-any instance) cannot change the upstream path.
-fn escape_segment(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
+impl Address {
+    pub fn new(inst: &Instance) -> Address {
+        let base = &inst.api_base;
+        let key = inst.api_key.expose();
+        match inst.provider_type {
+            Provider::Azure => {
+                let mut query = String::from("?api-version=");
+                push_escaped(&mut query, &inst.api_version);
+                Address {
+                    prefix: format!("{base}/openai/deployments/"),
+                    query,
+                    credential: ("api-key", key.to_string()),
+                    per_deployment: true,
+                }
+            }
+            // `https://api.openai.com/v1` and `https://api.openai.com` both work as api_base.
+            Provider::Openai => Address {
+                prefix: if base.ends_with("/v1") {
+                    format!("{base}/")
+                } else {
+                    format!("{base}/v1/")
+                },
+                query: String::new(),
+                credential: ("authorization", format!("Bearer {key}")),
+                per_deployment: false,
+            },
         }
     }
-    out
+
+    /// The URL of `op` on `deployment`.
+    pub fn url(&self, deployment: &str, op: &str) -> String {
+        let mut url = String::with_capacity(
+            self.prefix.len() + 3 * deployment.len() + op.len() + self.query.len() + 1,
+        );
+        url.push_str(&self.prefix);
+        if self.per_deployment {
+            push_escaped(&mut url, deployment);
+            url.push('/');
+        }
+        url.push_str(op);
+        url.push_str(&self.query);
+        url
+    }
+}
+
+/// Appends `s` percent-encoding everything but RFC 3986 unreserved characters, so a
+/// model name taken from the client (legacy serve-any instance) cannot change the
+/// upstream path.
+fn push_escaped(out: &mut String, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push('%');
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
+        }
+    }
 }
 
 /// Client headers that never reach an upstream: the client's credentials for the
@@ -344,28 +389,28 @@ mod tests {
 
     #[test]
     fn azure_and_openai_urls() {
-        let az = instance("{name: a, api_key: k, api_base: 'https://r.example.com', api_version: 2024-10-21, supported_models: [m]}");
+        let az = Address::new(&instance("{name: a, api_key: k, api_base: 'https://r.example.com', api_version: 2024-10-21, supported_models: [m]}"));
         assert_eq!(
-            url(&az, "my-dep", "chat/completions"),
+            az.url("my-dep", "chat/completions"),
             "https://r.example.com/openai/deployments/my-dep/chat/completions?api-version=2024-10-21"
         );
         assert_eq!(
-            url(&az, "../x?y", "embeddings"),
-            "https://r.example.com/openai/deployments/..%2Fx%3Fy/embeddings?api-version=2024-10-21"
+            az.url("../x?y é", "embeddings"),
+            "https://r.example.com/openai/deployments/..%2Fx%3Fy%20%C3%A9/embeddings?api-version=2024-10-21"
         );
-        assert_eq!(credential(&az), ("api-key", "k".to_string()));
+        assert_eq!(az.credential, ("api-key", "k".to_string()));
 
-        let oa = instance("{name: o, provider_type: openai, api_key: k, api_base: 'https://o.example.com/v1', supported_models: [m]}");
+        let oa = Address::new(&instance("{name: o, provider_type: openai, api_key: k, api_base: 'https://o.example.com/v1', supported_models: [m]}"));
         assert_eq!(
-            url(&oa, "m", "embeddings"),
+            oa.url("m", "embeddings"),
             "https://o.example.com/v1/embeddings"
         );
-        let oa2 = instance("{name: o, provider_type: openai, api_key: k, api_base: 'https://o.example.com', supported_models: [m]}");
+        let oa2 = Address::new(&instance("{name: o, provider_type: openai, api_key: k, api_base: 'https://o.example.com', supported_models: [m]}"));
         assert_eq!(
-            url(&oa2, "m", "completions"),
+            oa2.url("m", "completions"),
             "https://o.example.com/v1/completions"
         );
-        assert_eq!(credential(&oa2), ("authorization", "Bearer k".to_string()));
+        assert_eq!(oa2.credential, ("authorization", "Bearer k".to_string()));
     }
 
     #[test]

@@ -290,15 +290,6 @@ fn four_maximum_size_bodies_at_once_stay_under_512_mb() {
     assert!(peak_mb < 512, "peak RSS {peak_mb} MB");
 }
 
-/// A value from the proxy's `/metrics`.
-fn metric(proxy: &Running, name: &str) -> f64 {
-    let text = String::from_utf8(send("GET", &proxy.url("/metrics"), &[], None).body).unwrap();
-    let prefix = format!("aoai_proxy_{name} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics"))
-}
-
 /// Sends a head declaring a 1 MiB body and 900 KiB of it, then holds the connection.
 fn hold_a_big_body(addr: &str) -> TcpStream {
     let mut c = TcpStream::connect(addr).unwrap();

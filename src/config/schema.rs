@@ -286,6 +286,10 @@ pub struct Server {
     /// Seconds a request body may take to arrive in all, however it trickles.
     #[serde(deserialize_with = "lenient")]
     pub body_timeout: f64,
+    /// Client connections open at once (each has a thread); when full, idle ones are
+    /// closed first.
+    #[serde(deserialize_with = "lenient")]
+    pub max_connections: usize,
 }
 
 impl Default for Server {
@@ -297,6 +301,7 @@ impl Default for Server {
             shutdown_grace_seconds: 30.0,
             client_timeout: 30.0,
             body_timeout: 60.0,
+            max_connections: 4096,
         }
     }
 }
@@ -438,6 +443,9 @@ impl Config {
         }
         if self.server.workers == 0 {
             return Err(invalid("server.workers", "must be at least 1"));
+        }
+        if self.server.max_connections == 0 {
+            return Err(invalid("server.max_connections", "must be at least 1"));
         }
         let grace = self.server.shutdown_grace_seconds;
         if !(grace.is_finite() && grace >= 0.0) {

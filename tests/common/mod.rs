@@ -668,6 +668,15 @@ impl Drop for Running {
     }
 }
 
+/// A value from the proxy's `/metrics`.
+pub fn metric(proxy: &Running, name: &str) -> f64 {
+    let text = String::from_utf8(send("GET", &proxy.url("/metrics"), &[], None).body).unwrap();
+    let prefix = format!("aoai_proxy_{name} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+}
+
 /// Writes `bytes` on a new connection to `addr` and returns everything the peer sent
 /// back until it closed the connection, or until `within` passed.
 pub fn raw(addr: &str, bytes: &[u8], within: Duration) -> Vec<u8> {

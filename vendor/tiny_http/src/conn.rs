@@ -83,6 +83,8 @@ pub(crate) struct Io {
     pub(crate) unread_input: bool,
     /// Set once the current request has been answered (or its answer begun).
     pub(crate) answered: bool,
+    /// Where an answer's head is put together, reused from one answer to the next.
+    head_buffer: String,
 }
 
 impl Io {
@@ -98,6 +100,20 @@ impl Io {
             reusable: false,
             unread_input: false,
             answered: false,
+            head_buffer: String::new(),
+        }
+    }
+
+    pub(crate) fn take_head_buffer(&mut self) -> String {
+        let mut head = std::mem::take(&mut self.head_buffer);
+        head.clear();
+        head
+    }
+
+    /// Keeps `head`'s allocation for the next answer (unless a long head grew it).
+    pub(crate) fn give_back(&mut self, head: String) {
+        if head.capacity() <= 4 * 1024 {
+            self.head_buffer = head;
         }
     }
 
@@ -229,7 +245,8 @@ impl Io {
             r#"{{"error":{{"message":"{}","type":"invalid_request_error","param":null,"code":"{}"}}}}"#,
             r.message, r.code
         );
-        let mut head = status_line(r.status);
+        let mut head = String::new();
+        status_line(&mut head, r.status);
         head.push_str("Content-Type: application/json\r\nConnection: close\r\n");
         head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
         let deadline = self.answer_deadline();
@@ -266,11 +283,9 @@ impl Io {
 }
 
 /// `HTTP/1.1 {status} {reason}` and the `Date` header, the start of every answer.
-pub(crate) fn status_line(status: u16) -> String {
-    let mut head = String::with_capacity(256);
-    head.push_str("HTTP/1.1 ");
-    head.push_str(&status.to_string());
-    head.push(' ');
+pub(crate) fn status_line(head: &mut String, status: u16) {
+    use std::fmt::Write as _;
+    let _ = write!(head, "HTTP/1.1 {status} ");
     head.push_str(crate::StatusCode(status).default_reason_phrase());
     head.push_str("\r\nDate: ");
     DATE.with(|d| {
@@ -285,7 +300,6 @@ pub(crate) fn status_line(status: u16) -> String {
         head.push_str(&d.1);
     });
     head.push_str("\r\n");
-    head
 }
 
 thread_local! {
@@ -480,7 +494,6 @@ pub(crate) fn serve(entry: Arc<Entry>, shared: &Shared) {
     let mut io = Io::new(entry, shared.limits.write);
     let mut head = Head::new();
     loop {
-        io.entry.set_idle(shared);
         if shared.is_draining() {
             return io.close();
         }
@@ -534,5 +547,6 @@ pub(crate) fn serve(entry: Arc<Entry>, shared: &Shared) {
             return io.close();
         }
         io.shrink();
+        io.entry.set_idle(shared);
     }
 }

@@ -45,6 +45,10 @@ pub struct Limits {
     pub write: Duration,
     /// Stack size of each connection's thread.
     pub stack_size: usize,
+    /// Most connections open at once (each has a thread). When a new one comes and the
+    /// server is full, the connection idle the longest is closed to make room; if none
+    /// is idle, the new one gets a 503 and is closed.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -55,6 +59,7 @@ impl Default for Limits {
             body: Duration::from_secs(60),
             write: Duration::from_secs(30),
             stack_size: 2 << 20,
+            max_connections: 4096,
         }
     }
 }
@@ -143,8 +148,10 @@ impl Shared {
         let entry = Arc::new(Entry {
             stream,
             peer,
-            state: AtomicU8::new(BUSY),
-            idle_since: AtomicU64::new(0),
+            // Idle from the moment it is accepted: a connection that has said nothing
+            // gives way to a new one like a kept-alive one does.
+            state: AtomicU8::new(IDLE),
+            idle_since: AtomicU64::new(self.started.elapsed().as_millis() as u64),
             write: Mutex::new(STREAM_FINISHED),
             chunked: AtomicBool::new(false),
             slot,
@@ -152,6 +159,25 @@ impl Shared {
         r.slots[slot] = Some(entry.clone());
         r.open += 1;
         entry
+    }
+
+    /// Closes the connection idle the longest, to make room for a new one; false when
+    /// none is idle.
+    fn evict_idle(&self) -> bool {
+        let r = self.registry();
+        let oldest = r
+            .slots
+            .iter()
+            .flatten()
+            .filter(|e| e.state.load(Ordering::Acquire) == IDLE)
+            .min_by_key(|e| e.idle_since.load(Ordering::Relaxed));
+        match oldest {
+            Some(entry) => {
+                let _ = entry.stream.shutdown(Shutdown::Both);
+                true
+            }
+            None => false,
+        }
     }
 
     fn remove(&self, entry: &Entry) {
@@ -169,6 +195,15 @@ struct Registered<'a>(&'a Shared, Arc<Entry>);
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
         self.0.remove(&self.1);
+    }
+}
+
+/// Reads how many connections a server has open (see `Server::connection_count`).
+pub struct ConnectionCount(Arc<Shared>);
+
+impl ConnectionCount {
+    pub fn get(&self) -> usize {
+        self.0.registry().open
     }
 }
 
@@ -214,6 +249,11 @@ impl Server {
     /// Connections open now.
     pub fn connections(&self) -> usize {
         self.shared.registry().open
+    }
+
+    /// A handle that reads `connections()` without the server itself.
+    pub fn connection_count(&self) -> ConnectionCount {
+        ConnectionCount(self.shared.clone())
     }
 
     /// Stops accepting (the listening socket is closed when this returns) and closes
@@ -318,6 +358,11 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
         if shared.is_draining() {
             break;
         }
+        let full = shared.registry().open >= shared.limits.max_connections;
+        if full && !shared.evict_idle() {
+            refuse_busy(stream);
+            continue;
+        }
         // Without TCP_NODELAY, a stream's next small event waits for the client's
         // (delayed) acknowledgement of the last one. Answers leave in one write anyway.
         let configured = stream
@@ -346,4 +391,17 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
         }
     }
     // The listener is dropped by the caller's return: new connections are refused.
+}
+
+/// Answers a connection the full server has no room for: one non-blocking write of a
+/// 503 (OpenAI-shaped) and a close, so the accept thread never waits on it.
+fn refuse_busy(stream: TcpStream) {
+    const BODY: &str = r#"{"error":{"message":"The server has as many connections open as it allows (server.max_connections), all busy; retry shortly.","type":"server_error","param":null,"code":"server_busy"}}"#;
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let _ = stream.set_nonblocking(true);
+    let _ = io::Write::write_all(&mut &stream, answer.as_bytes());
+    let _ = stream.shutdown(Shutdown::Write);
 }

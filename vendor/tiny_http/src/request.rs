@@ -12,6 +12,7 @@ use crate::conn::{
     refuse, status_line, Head, Io, Refusal, MAX_HEAD, MAX_HEADERS, MAX_HEAD_LINE, READ_BUFFER,
 };
 use crate::{Shared, STREAM_CUT, STREAM_FINISHED, STREAM_OPEN};
+use std::fmt::Write as _;
 use std::io::{self, ErrorKind, Read};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -168,8 +169,9 @@ impl<'c> Request<'c> {
         &self.head.method
     }
 
-    /// The request target as sent (path and query).
-    pub fn url(&self) -> &str {
+    /// The request target as sent (path and query). Like the headers, it lives in the
+    /// connection's head buffer, so it outlives the request's answer.
+    pub fn url(&self) -> &'c str {
         self.head.get(&self.head.target)
     }
 
@@ -178,15 +180,15 @@ impl<'c> Request<'c> {
     }
 
     /// Every header as (name, value), in the order sent.
-    pub fn headers(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
-        self.head
-            .headers
+    pub fn headers(&self) -> impl Iterator<Item = (&'c str, &'c str)> + 'c {
+        let head = self.head;
+        head.headers
             .iter()
-            .map(|(k, v)| (self.head.get(k), self.head.get(v)))
+            .map(move |(k, v)| (head.get(k), head.get(v)))
     }
 
     /// The first header called `name` (any case).
-    pub fn header(&self, name: &str) -> Option<&str> {
+    pub fn header(&self, name: &str) -> Option<&'c str> {
         let head = self.head;
         head.headers
             .iter()
@@ -217,15 +219,17 @@ impl<'c> Request<'c> {
         body_read && self.persistent && !close_asked && !self.shared.is_draining()
     }
 
-    /// The status line, `Date`, the handler's headers and the framing headers.
+    /// The status line, `Date`, the handler's headers and the framing headers, in the
+    /// connection's reused head buffer (taken; give it back with `Io::give_back`).
     fn head_for<K: AsRef<str>, V: AsRef<str>>(
-        &self,
+        &mut self,
         status: u16,
         headers: &[(K, V)],
         length: Option<usize>,
         keep: bool,
     ) -> String {
-        let mut head = status_line(status);
+        let mut head = self.io.take_head_buffer();
+        status_line(&mut head, status);
         for (k, v) in headers {
             let (k, v) = (k.as_ref(), v.as_ref());
             let framing = ["content-length", "transfer-encoding", "connection"]
@@ -240,7 +244,9 @@ impl<'c> Request<'c> {
             head.push_str("\r\n");
         }
         match length {
-            Some(n) => head.push_str(&format!("Content-Length: {n}\r\n")),
+            Some(n) => {
+                let _ = write!(head, "Content-Length: {n}\r\n");
+            }
             None if self.head.version >= HTTPVersion(1, 1) => {
                 head.push_str("Transfer-Encoding: chunked\r\n")
             }
@@ -275,6 +281,7 @@ impl<'c> Request<'c> {
         let body = if no_body { &[][..] } else { body };
         let deadline = self.io.answer_deadline();
         let written = self.io.write_parts(&[head.as_bytes(), body], deadline);
+        self.io.give_back(head);
         self.io.reusable = keep && written.is_ok();
         written
     }
@@ -301,7 +308,9 @@ impl<'c> Request<'c> {
         // never lands before it.
         let entry = writer.io.entry.clone();
         let mut state = entry.write.lock().unwrap_or_else(|e| e.into_inner());
-        writer.write(&[head.as_bytes()])?;
+        let written = writer.write(&[head.as_bytes()]);
+        writer.io.give_back(head);
+        written?;
         *state = STREAM_OPEN;
         entry.set_streaming(chunked);
         drop(state);

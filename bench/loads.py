@@ -1,0 +1,159 @@
+"""Loads for scripts/bench.sh that wrk cannot make. Each prints one line of numbers.
+
+  loads.py startup BINARY CONFIG_DIR PORT
+      median ms, over 5 starts, from exec to the first served /v1/models
+  loads.py held BINARY CONFIG_DIR PORT UPSTREAM_PORT N
+      N streams held open at once through the proxy, against a slow SSE upstream started
+      here: "<started> <seconds to start them all> <proxy RSS kB>"
+  loads.py crowd PORT IDLE SLOW
+      IDLE idle connections and SLOW slowloris heads (a byte every second) held open
+      against a running proxy, then 20 normal requests one after another:
+      "<idle open> <slow open> <median ms> <max ms>"
+"""
+
+import asyncio
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+
+
+def rss_kb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(l for l in f if l.startswith("VmRSS")).split()[1])
+
+
+def wait_ready(port, path="/health", tries=2000):
+    for _ in range(tries):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1).read()
+            return
+        except Exception:
+            time.sleep(0.0005)
+    raise SystemExit("the proxy did not start")
+
+
+def startup(binary, cfg, port):
+    runs = []
+    for _ in range(5):
+        t = time.perf_counter()
+        p = subprocess.Popen([binary, "--config-dir", cfg], stderr=subprocess.DEVNULL)
+        wait_ready(port, "/v1/models")
+        runs.append((time.perf_counter() - t) * 1000)
+        p.terminate()
+        p.wait()
+    print(f"{statistics.median(runs):.1f}")
+
+
+async def slow_upstream(reader, writer):
+    # Azure-like SSE that keeps the stream open: an event every second for 60 s.
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int([l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0])
+        await reader.readexactly(length)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        ev = b'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\n'
+        for _ in range(60):
+            writer.write(b"%x\r\n%s\r\n" % (len(ev), ev))
+            await writer.drain()
+            await asyncio.sleep(1)
+    except BaseException:  # includes the cancellation at the end: the stream just stops
+        pass
+    writer.close()
+
+
+async def stream_client(port, started, writers):
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    writers.append(w)
+    body = b'{"model":"gpt-4o","stream":true,"messages":[]}'
+    w.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    await w.drain()
+    await r.readuntil(b"data:")
+    started.append(time.perf_counter())
+
+
+async def held(binary, cfg, port, upstream_port, n):
+    server = await asyncio.start_server(slow_upstream, "127.0.0.1", upstream_port, backlog=4096)
+    proxy = subprocess.Popen([binary, "--config-dir", cfg], stderr=subprocess.DEVNULL)
+    try:
+        await asyncio.to_thread(wait_ready, port)
+        started, writers = [], []
+        t0 = time.perf_counter()
+        batch = 500  # so that the listen backlogs keep up
+        for i in range(0, n, batch):
+            results = await asyncio.gather(
+                *[stream_client(port, started, writers) for _ in range(min(batch, n - i))],
+                return_exceptions=True)
+            if all(isinstance(r, BaseException) for r in results):
+                break
+        took = (max(started) - t0) if started else float("nan")
+        await asyncio.sleep(1)
+        rss = rss_kb(proxy.pid)
+        print(f"{len(started)} {took:.2f} {rss}")
+        for w in writers:
+            w.close()
+    finally:
+        proxy.terminate()
+        proxy.wait()
+        server.close()
+
+
+async def crowd(port, idle, slow):
+    conns = []
+    for _ in range(idle):
+        try:
+            conns.append(await asyncio.open_connection("127.0.0.1", port))
+        except OSError:
+            break
+    idle_open = len(conns)
+    slow_writers = []
+    for _ in range(slow):
+        try:
+            _, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+            slow_writers.append(w)
+        except OSError:
+            break
+
+    async def trickle():
+        while True:
+            await asyncio.sleep(1)
+            for w in slow_writers:
+                w.write(b"X")
+
+    dripping = asyncio.create_task(trickle())
+    await asyncio.sleep(1)
+    body = b'{"model":"gpt-4o","messages":[{"role":"user","content":"Say hello."}],"max_tokens":16}'
+
+    def one():
+        t = time.perf_counter()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(req, timeout=10).read()
+        return (time.perf_counter() - t) * 1000
+
+    times = [await asyncio.to_thread(one) for _ in range(20)]
+    dripping.cancel()
+    print(f"{idle_open} {len(slow_writers)} {statistics.median(times):.2f} {max(times):.2f}")
+    for _, w in conns:
+        w.close()
+    for w in slow_writers:
+        w.close()
+
+
+def main():
+    what, args = sys.argv[1], sys.argv[2:]
+    if what == "startup":
+        startup(*args)
+    elif what == "held":
+        asyncio.run(held(args[0], args[1], int(args[2]), int(args[3]), int(args[4])))
+    elif what == "crowd":
+        asyncio.run(crowd(int(args[0]), int(args[1]), int(args[2])))
+    else:
+        raise SystemExit(__doc__)
+
+
+if __name__ == "__main__":
+    main()

@@ -3,8 +3,11 @@
   loads.py startup BINARY CONFIG_DIR PORT
       median ms, over 5 starts, from exec to the first served /v1/models
   loads.py held BINARY CONFIG_DIR PORT UPSTREAM_PORT N
-      N streams held open at once through the proxy, against a slow SSE upstream started
-      here: "<started> <seconds to start them all> <proxy RSS kB>"
+      N streams held open at once through the proxy, against a slow SSE upstream (in a
+      process of its own, so that neither runs out of descriptors):
+      "<started> <seconds to start them all> <proxy RSS kB>"
+  loads.py slow-upstream PORT
+      that upstream: an event every second on each stream
   loads.py crowd PORT IDLE SLOW
       IDLE idle connections and SLOW slowloris heads (a byte every second) held open
       against a running proxy, then 20 normal requests one after another:
@@ -22,6 +25,17 @@ import urllib.request
 def rss_kb(pid):
     with open(f"/proc/{pid}/status") as f:
         return int(next(l for l in f if l.startswith("VmRSS")).split()[1])
+
+
+def wait_listening(port, tries=2000):
+    import socket
+    for _ in range(tries):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.005)
+    raise SystemExit(f"nothing listens on {port}")
 
 
 def wait_ready(port, path="/health", tries=2000):
@@ -47,17 +61,18 @@ def startup(binary, cfg, port):
 
 
 async def slow_upstream(reader, writer):
-    # Azure-like SSE that keeps the stream open: an event every second for 60 s.
+    # Azure-like SSE that keeps the stream open: an event at once, then one every 10 s
+    # for 2 minutes (sparse, so that the load generator keeps up with 10,000 streams).
     try:
         head = await reader.readuntil(b"\r\n\r\n")
         length = int([l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0])
         await reader.readexactly(length)
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
         ev = b'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\n'
-        for _ in range(60):
+        for _ in range(12):
             writer.write(b"%x\r\n%s\r\n" % (len(ev), ev))
             await writer.drain()
-            await asyncio.sleep(1)
+            await asyncio.sleep(10)
     except BaseException:  # includes the cancellation at the end: the stream just stops
         pass
     writer.close()
@@ -74,20 +89,27 @@ async def stream_client(port, started, writers):
     started.append(time.perf_counter())
 
 
+async def serve_slow(port):
+    server = await asyncio.start_server(slow_upstream, "127.0.0.1", port, backlog=4096)
+    async with server:
+        await server.serve_forever()
+
+
 async def held(binary, cfg, port, upstream_port, n):
-    server = await asyncio.start_server(slow_upstream, "127.0.0.1", upstream_port, backlog=4096)
+    upstream = subprocess.Popen([sys.executable, __file__, "slow-upstream", str(upstream_port)])
     proxy = subprocess.Popen([binary, "--config-dir", cfg], stderr=subprocess.DEVNULL)
     try:
+        await asyncio.to_thread(wait_listening, upstream_port)
         await asyncio.to_thread(wait_ready, port)
         started, writers = [], []
+        in_flight = asyncio.Semaphore(500)  # so that the listen backlogs keep up
+
+        async def one():
+            async with in_flight:
+                await stream_client(port, started, writers)
+
         t0 = time.perf_counter()
-        batch = 500  # so that the listen backlogs keep up
-        for i in range(0, n, batch):
-            results = await asyncio.gather(
-                *[stream_client(port, started, writers) for _ in range(min(batch, n - i))],
-                return_exceptions=True)
-            if all(isinstance(r, BaseException) for r in results):
-                break
+        await asyncio.gather(*[one() for _ in range(n)], return_exceptions=True)
         took = (max(started) - t0) if started else float("nan")
         await asyncio.sleep(1)
         rss = rss_kb(proxy.pid)
@@ -95,9 +117,10 @@ async def held(binary, cfg, port, upstream_port, n):
         for w in writers:
             w.close()
     finally:
-        proxy.terminate()
+        proxy.kill()
         proxy.wait()
-        server.close()
+        upstream.kill()
+        upstream.wait()
 
 
 async def crowd(port, idle, slow):
@@ -149,6 +172,8 @@ def main():
         startup(*args)
     elif what == "held":
         asyncio.run(held(args[0], args[1], int(args[2]), int(args[3]), int(args[4])))
+    elif what == "slow-upstream":
+        asyncio.run(serve_slow(int(args[0])))
     elif what == "crowd":
         asyncio.run(crowd(int(args[0]), int(args[1]), int(args[2])))
     else:

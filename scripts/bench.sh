@@ -6,18 +6,20 @@
 # requests/s and latency p50/p99 at 1, 16, 64 and 256 connections (wrk), in ROUNDS
 # interleaved rounds reported as medians (this class of machine moves 10-50 % from one
 # run to the next); SSE time to first byte; a normal request's latency with 2,000 idle
-# and 500 slowloris connections open; RSS idle and holding 1,000 and 10,000 streams;
+# and 500 slowloris connections open; RSS idle and holding 1,000 and 10,000 streams
+# (from an upstream that sends an event at once, then one every 10 s);
 # start-up time; the static binary's size. Each target row shows the measured value,
 # the target, and met or missed.
+#
+# Holding 10,000 streams takes 20,010 descriptors in the proxy: with a lower hard limit
+# (`ulimit -Hn`), the script holds as many as fit and says how many.
 #
 #   scripts/bench.sh            # prints the report
 #   scripts/bench.sh --write    # ... and writes it to bench/results.md
 #   DURATION=10s ROUNDS=5 MANY_STREAMS=10000 scripts/bench.sh
 #
 # Installs nginx, wrk and musl-tools from Debian's packages when missing. Everything
-# listens on 127.0.0.1 and stops when the script ends. Holding 10,000 streams takes
-# about 20,000 descriptors in the proxy and in the load generator: run as root (the
-# script raises its own limit) or with a hard limit of 65,536.
+# listens on 127.0.0.1 and stops when the script ends.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,7 +36,10 @@ DURATION=${DURATION:-5s}
 ROUNDS=${ROUNDS:-3}
 CONNS=(1 16 64 256)
 STREAMS=${STREAMS:-1000}
-MANY_STREAMS=${MANY_STREAMS:-10000}
+# Room for the held streams: each is two descriptors in the proxy (and one in each load
+# process). As many as 10,000 if the descriptor limit allows, else as many as it does.
+ulimit -n "$(ulimit -Hn)"
+MANY_STREAMS=${MANY_STREAMS:-$(( $(ulimit -n) / 2 - 32 < 10000 ? $(ulimit -n) / 2 - 32 : 10000 ))}
 IDLE=${IDLE:-2000}
 SLOWLORIS=${SLOWLORIS:-500}
 UP=18181       # the fast upstream (nginx)
@@ -55,8 +60,6 @@ need wrk curl python3
 NGINX_BIN=$(command -v nginx || true)
 if [ -z "$NGINX_BIN" ]; then need nginx || true; NGINX_BIN=$(command -v nginx || true); fi
 [ -n "$NGINX_BIN" ] || { echo "nginx could not be installed; this benchmark needs it as upstream and reference" >&2; exit 1; }
-# Room for the held streams (each is two descriptors in the proxy and two in the load).
-ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 tmp=$(mktemp -d)
 pids=()
@@ -192,19 +195,20 @@ ttfb_proxy=$(ttfb "${url[proxy]}" "X-Stream: 1")
 say "SSE TTFB: direct $ttfb_direct ms, proxy $ttfb_proxy ms"
 
 # ---- idle and slowloris connections ---------------------------------------------------
-read -r idle_open slow_open crowd_p50 crowd_max < <(python3 bench/loads.py crowd "$PX" "$IDLE" "$SLOWLORIS")
+read -r idle_open slow_open crowd_p50 crowd_max <<<"$(python3 bench/loads.py crowd "$PX" "$IDLE" "$SLOWLORIS")"
 rss_crowd=$(rss_kb "$px_pid")
 say "$idle_open idle + $slow_open slowloris open: a request took $crowd_p50 ms (median), $crowd_max ms (max); RSS $rss_crowd kB"
 kill "$px_pid"; wait "$px_pid" 2>/dev/null || true
 
 # ---- held streams -----------------------------------------------------------------------
 held() {  # held N -> "<started> <seconds> <rss kB>"
-  config "$tmp/cfg-$1" "$((PX + 10))" "$SLOW" "workers: $(( $1 + 100 )), max_connections: $(( $1 + 200 ))"
+  config "$tmp/cfg-$1" "$((PX + 10))" "$SLOW" \
+    "workers: $(( $1 + 100 )), max_connections: $(( $1 + 200 )), shutdown_grace_seconds: 0"
   python3 bench/loads.py held "$bin" "$tmp/cfg-$1" "$((PX + 10))" "$SLOW" "$1"
 }
-read -r streams_open streams_secs rss_streams < <(held "$STREAMS")
+read -r streams_open streams_secs rss_streams <<<"$(held "$STREAMS")"
 say "$streams_open streams held: RSS $rss_streams kB"
-read -r many_open many_secs rss_many < <(held "$MANY_STREAMS")
+read -r many_open many_secs rss_many <<<"$(held "$MANY_STREAMS")"
 say "$many_open streams held: all started in $many_secs s, RSS $rss_many kB"
 
 # ---- the report ----------------------------------------------------------------------
@@ -251,8 +255,11 @@ report() {
   echo "| RSS idle | $(mb "$rss_idle") MB | ≤ 20 MB | $(atmost "$(mb "$rss_idle")" 20) |"
   echo "| RSS peak under load (up to 256 conns) | $(mb "$rss_peak") MB | | |"
   echo "| RSS holding $streams_open concurrent streams | $(mb "$rss_streams") MB | ≤ 100 MB | $(atmost "$(mb "$rss_streams")" 100) |"
-  echo "| $many_open of $MANY_STREAMS streams started, all within | $many_secs s | ≤ 10 s | $( [ "$many_open" = "$MANY_STREAMS" ] && atmost "$many_secs" 10 || echo '**missed**') |"
+  local limit_note=""
+  [ "$MANY_STREAMS" -lt 10000 ] && limit_note=" (the most $(ulimit -Hn) descriptors allow; the target is for 10,000)"
+  echo "| $many_open of $MANY_STREAMS streams started$limit_note, all within | $many_secs s | ≤ 10 s | $( [ "$many_open" = "$MANY_STREAMS" ] && atmost "$many_secs" 10 || echo '**missed**') |"
   echo "| RSS holding $many_open concurrent streams | $(mb "$rss_many") MB | ≤ 700 MB | $(atmost "$(mb "$rss_many")" 700) |"
+  echo "| ... per stream | $(awk -v r="$rss_many" -v i="$rss_idle" -v n="$many_open" 'BEGIN{ printf "%.1f", (r - i) / n }') kB | ≤ 70 kB | $(atmost "$(awk -v r="$rss_many" -v i="$rss_idle" -v n="$many_open" 'BEGIN{ printf "%.1f", (r - i) / n }')" 70) |"
   echo "| start-up to first served request (median of 5) | $startup_ms ms | ≤ 50 ms | $(atmost "$startup_ms" 50) |"
   echo "| static binary size | $size_mb MB | ≤ 6 MB | $(atmost "$size_mb" 6) |"
 }

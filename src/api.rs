@@ -113,6 +113,7 @@ pub fn models(g: &Generation) -> Reply {
 /// fits, and needs no `mmap`), by half again each time, and each growth is reserved
 /// from `memory` first: when the process holds as much body data as it allows, the
 /// request gets 503 instead.
+#[inline(never)]
 fn read_body<'m>(
     req: &mut tiny_http::Request<'_>,
     limit: u64,
@@ -247,7 +248,16 @@ fn attempt(g: &Generation, i: usize, out: &Outgoing) -> (Report, Result<Reply, F
         out.body
     };
     let address = &g.addresses[i];
-    let mut call = g.agent.post(address.url(deployment, out.op));
+    let url = address.url(deployment, out.op);
+    if !upstream::head_line_fits(&["POST ", &url, " HTTP/1.1"]) {
+        let reply = ApiError::invalid_request(
+            "The model name is too long to be sent to an upstream as a deployment.",
+        )
+        .param("model")
+        .into();
+        return (Report::NotSent, Ok(reply));
+    }
+    let mut call = g.agent.post(url);
     for &(name, value) in &out.headers {
         call = call.header(name, value);
     }
@@ -424,6 +434,7 @@ fn admit(
 }
 
 /// 429 or 503 for a request no instance can take, with when to come back.
+#[inline(never)]
 fn blocked_reply(blocked: Blocked, model: &str, need: u64) -> Reply {
     let (until, error) = match blocked {
         Blocked::RateLimited { until } => (
@@ -454,6 +465,7 @@ fn blocked_reply(blocked: Blocked, model: &str, need: u64) -> Reply {
 
 /// Raises the alerts an attempt calls for: an instance that rejects the proxy's key or
 /// lacks the deployment, and a circuit that just opened.
+#[inline(never)]
 fn alert_on(
     g: &Generation,
     i: usize,
@@ -554,6 +566,21 @@ pub fn forward(
         return with_model(reply, model);
     }
 
+    let forwarded = || {
+        req.headers()
+            .filter(|(name, value)| upstream::forward_request_header(name, value))
+    };
+    if let Some((name, _)) = forwarded().find(|(n, v)| !upstream::head_line_fits(&[n, ": ", v])) {
+        let reply = ApiError::new(
+            431,
+            "invalid_request_error",
+            format!("The header {} is too long to be forwarded upstream (about 4 KiB per line at most).", Clean(name)),
+        )
+        .code("request_header_fields_too_large")
+        .into();
+        return with_model(reply, model);
+    }
+
     let deadline = Instant::now() + Duration::from_secs_f64(config.routing.queue_timeout);
     let Some(permit) = state.permits.acquire(deadline) else {
         let reply = ApiError::new(
@@ -577,10 +604,7 @@ pub fn forward(
         model: &model,
         body_model: meta.model.as_deref(),
         body: &body,
-        headers: req
-            .headers()
-            .filter(|(name, value)| upstream::forward_request_header(name, value))
-            .collect(),
+        headers: forwarded().collect(),
         stream,
         ask_usage: stream && !meta.include_usage && op != "embeddings",
     };

@@ -33,6 +33,7 @@ const TOKENS_PER_REPLY: u64 = 3;
 
 impl Meta {
     /// Reads `body`, which must be one JSON object.
+    #[inline(never)]
     pub fn parse(body: &[u8]) -> Result<Meta, ApiError> {
         if body.trim_ascii_start().first() != Some(&b'{') {
             return Err(ApiError::invalid_request(

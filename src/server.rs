@@ -298,20 +298,38 @@ fn serve(state: &State, request: Request<'_>, router: Router) {
     let answered = catch_unwind(AssertUnwindSafe(|| {
         answer(state, &g, &mut slot, (id, &method, path), router)
     }));
-    let (status, trace, end) = match answered {
-        Ok(done) => done,
-        Err(_) => {
-            if let Some(request) = slot.take() {
-                let reply: Reply =
-                    ApiError::internal("The proxy failed while handling this request.").into();
-                let Body::Full(body) = &reply.body else {
-                    unreachable!("errors have a full body")
-                };
-                let _ = request.respond(reply.status, &reply.headers, body);
-            }
-            (500, Trace::default(), None)
+    let (status, trace, end) = answered.unwrap_or_else(|_| internal_error(&mut slot));
+    record(
+        state,
+        &g,
+        (id, &method, path, started),
+        (status, trace, end),
+    );
+}
+
+/// The answer to a request whose handler panicked, if it had not answered yet.
+#[inline(never)]
+fn internal_error(slot: &mut Option<Request<'_>>) -> (u16, Trace, Option<End>) {
+    if let Some(request) = slot.take() {
+        let reply: Reply =
+            ApiError::internal("The proxy failed while handling this request.").into();
+        if let Body::Full(body) = &reply.body {
+            let _ = request.respond(reply.status, &reply.headers, body);
         }
-    };
+    }
+    (500, Trace::default(), None)
+}
+
+/// The access log line and the statistics of one answered request. Out of line, like
+/// the other work before or after the upstream call: a stream's thread keeps the stack
+/// pages that its deepest frames touched, so the frames live during the call stay small.
+#[inline(never)]
+fn record(
+    state: &State,
+    g: &Generation,
+    (id, method, path, started): (u64, &Method, &str, Instant),
+    (status, trace, end): (u16, Trace, Option<End>),
+) {
     let usage = trace.usage.unwrap_or_default();
     log::info!(
         "request={id} {method} {} model={} instance={} status={status} tokens={}/{} latency_ms={} attempts={}{}",

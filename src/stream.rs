@@ -86,22 +86,25 @@ pub fn error_event(message: &str) -> Vec<u8> {
 /// Relays `upstream` to the client event by event until `[DONE]`, the upstream's end
 /// or failure, or the client's disconnect. The caller ends the response.
 pub fn relay(upstream: &mut dyn Read, send: &mut Send<'_>, strip_usage_chunk: bool) -> Summary {
-    // Small on purpose: a held stream keeps these for its whole life, and events are
-    // far smaller (the pending buffer grows if one is not).
-    let mut pending: Vec<u8> = Vec::with_capacity(4 * 1024);
-    let mut buf = vec![0u8; 4 * 1024];
+    // One small buffer, read into at its end: a held stream keeps it for its whole
+    // life, and events are far smaller (it grows if one is not).
+    const READ: usize = 4 * 1024;
+    let mut pending: Vec<u8> = Vec::with_capacity(READ);
     let mut usage = None;
     let mut done = false;
     let failure = loop {
-        let n = match upstream.read(&mut buf) {
+        let filled = pending.len();
+        pending.resize(filled + READ, 0);
+        let read = upstream.read(&mut pending[filled..]);
+        pending.truncate(filled + *read.as_ref().unwrap_or(&0));
+        match read {
             Ok(0) => {
                 break (!done).then(|| "the upstream closed the stream before [DONE]".to_string())
             }
-            Ok(n) => n,
+            Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => break Some(format!("the upstream stream failed: {e}")),
-        };
-        pending.extend_from_slice(&buf[..n]);
+        }
         let mut start = 0;
         while let Some(len) = event_end(&pending[start..]) {
             let event = &pending[start..start + len];

@@ -27,7 +27,7 @@ pub fn agent(routing: &Routing, workers: usize) -> ureq::Agent {
         // the input buffer; 8 KiB is also nginx's default limit for an upstream's head.
         .input_buffer_size(10 * 1024)
         .max_response_header_size(8 * 1024)
-        .output_buffer_size(4 * 1024)
+        .output_buffer_size(OUTPUT_BUFFER)
         .max_idle_connections(workers.max(16))
         .max_idle_connections_per_host(workers.max(16))
         .user_agent(concat!("azure-openai-proxy/", env!("CARGO_PKG_VERSION")))
@@ -40,6 +40,19 @@ pub fn agent(routing: &Routing, workers: usize) -> ureq::Agent {
             .chain(crate::transport::TcpConnector)
             .chain(RustlsConnector::default());
     ureq::Agent::with_parts(config, connector, resolver)
+}
+
+/// ureq writes a request's head through this buffer a line at a time: a line that does
+/// not fit cannot be sent at all (ureq fails the attempt), so longer ones are refused
+/// before they are tried (see `head_line_fits`).
+const OUTPUT_BUFFER: usize = 4 * 1024;
+
+/// Whether a head line of `parts` (joined, with its framing) can be sent upstream.
+/// A client controls header values and, with an instance that serves any model, the
+/// deployment in the URL: a line too long to send must be its error, never a failed
+/// attempt counted against the instance.
+pub fn head_line_fits(parts: &[&str]) -> bool {
+    parts.iter().map(|p| p.len()).sum::<usize>() + 16 <= OUTPUT_BUFFER
 }
 
 /// How long a resolved upstream address is used before it is looked up again, and how
@@ -87,6 +100,31 @@ impl<R: Resolver> Resolver for CachingResolver<R> {
     ) -> Result<ResolvedSocketAddrs, ureq::Error> {
         let scheme = uri.scheme_str().unwrap_or_default();
         let authority = uri.authority().map_or("", |a| a.as_str());
+        let fresh = self
+            .cache
+            .lock()
+            .iter()
+            .find(|r| r.scheme == scheme && r.authority == authority && r.at.elapsed() < self.ttl)
+            .map(|r| r.addrs.clone());
+        match fresh {
+            Some(addrs) => Ok(addrs),
+            None => self.look_up(uri, config, timeout),
+        }
+    }
+}
+
+impl<R: Resolver> CachingResolver<R> {
+    /// A lookup, remembered; on failure, the last answer while it is recent enough. Out
+    /// of line: the common path above runs deep in ureq's stack, on every request.
+    #[inline(never)]
+    fn look_up(
+        &self,
+        uri: &ureq::http::Uri,
+        config: &ureq::config::Config,
+        timeout: NextTimeout,
+    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
+        let scheme = uri.scheme_str().unwrap_or_default();
+        let authority = uri.authority().map_or("", |a| a.as_str());
         let now = Instant::now();
         let cached = self
             .cache
@@ -94,11 +132,6 @@ impl<R: Resolver> Resolver for CachingResolver<R> {
             .iter()
             .find(|r| r.scheme == scheme && r.authority == authority)
             .map(|r| (now.saturating_duration_since(r.at), r.addrs.clone()));
-        if let Some((age, addrs)) = &cached {
-            if *age < self.ttl {
-                return Ok(addrs.clone());
-            }
-        }
         match self.inner.resolve(uri, config, timeout) {
             Ok(addrs) => {
                 let mut cache = self.cache.lock();

@@ -155,6 +155,14 @@ fn control_bytes_in_a_header_are_the_clients_error_not_the_instances() {
         assert_eq!(answer.status, 400, "{value:?}");
         answer.openai_error();
     }
+    // A header too long for the upstream request's head (it may be up to 16 KiB here)
+    // is refused too: ureq cannot send it, and that failed the instance.
+    for _ in 0..4 {
+        let long = "a".repeat(10_000);
+        let answer = chat(&proxy, &[("x-long", &long)]);
+        assert_eq!(answer.status, 431);
+        answer.openai_error();
+    }
     assert_eq!(up.count(), 0, "nothing reached the instance");
     let health = send("GET", &proxy.url("/health"), &[], None);
     assert_eq!(health.status, 200);
@@ -347,14 +355,21 @@ fn small_window_client(addr: &str) -> TcpStream {
     socket.into()
 }
 
-/// An upstream that streams 400 events of 8 kB, 5 ms apart.
+/// An upstream whose streams are 2,000 events of 8 kB, 1 ms apart: 16 MB, more than
+/// the kernel's socket buffers can take for a client that stopped reading.
 fn big_stream() -> Mock {
     let word: &'static str = Box::leak("x".repeat(8000).into_boxed_str());
-    let words = vec![word; 400];
-    Mock::start(Arc::new(move |_: &Recorded| MockReply::Sse {
-        events: chat_events("d", &words, false),
-        gap: Duration::from_millis(5),
-        end: SseEnd::Done,
+    let words = vec![word; 2000];
+    let plain = azure_like(KEY);
+    Mock::start(Arc::new(move |r: &Recorded| {
+        if r.json()["stream"] != json!(true) {
+            return plain(r);
+        }
+        MockReply::Sse {
+            events: chat_events("d", &words, false),
+            gap: Duration::from_millis(1),
+            end: SseEnd::Done,
+        }
     }))
 }
 

@@ -139,7 +139,7 @@ impl Io {
                 self.end -= self.start;
                 self.start = 0;
             } else if self.buf.len() < cap {
-                let grown = (self.buf.len() * 2).min(cap);
+                let grown = (self.buf.len() * 2).clamp(READ_BUFFER, cap);
                 self.buf.resize(grown, 0);
             } else {
                 return Err(io::Error::new(ErrorKind::InvalidData, "read buffer full"));
@@ -268,6 +268,16 @@ impl Io {
                 Ok(0) | Err(_) => break,
                 Ok(n) => seen += n,
             }
+        }
+    }
+
+    /// Frees the read buffer while nothing is buffered (a streamed answer reads nothing
+    /// from the client); `fill` allocates it again when needed.
+    pub(crate) fn release_buffer(&mut self) {
+        if self.start == self.end {
+            self.buf = Vec::new();
+            self.start = 0;
+            self.end = 0;
         }
     }
 

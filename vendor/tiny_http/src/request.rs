@@ -311,6 +311,8 @@ impl<'c> Request<'c> {
         let written = writer.write(&[head.as_bytes()]);
         writer.io.give_back(head);
         written?;
+        // A held stream keeps its thread; it need not keep a read buffer too.
+        writer.io.release_buffer();
         *state = STREAM_OPEN;
         entry.set_streaming(chunked);
         drop(state);

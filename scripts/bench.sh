@@ -4,8 +4,9 @@
 #   nginx:   nginx proxy_pass in front of it,
 #   proxy:   this proxy (the static binary, default settings) in front of it;
 # requests/s and latency p50/p99 at 1, 16, 64 and 256 connections (wrk), in ROUNDS
-# interleaved rounds reported as medians (this class of machine moves 10-50 % from one
-# run to the next); SSE time to first byte; a normal request's latency with 2,000 idle
+# interleaved rounds (this class of machine moves 10-50 % from one minute to the next):
+# the table shows medians, and each ratio is the median of the ratios within a round,
+# where the targets were measured back to back; SSE time to first byte; a normal request's latency with 2,000 idle
 # and 500 slowloris connections open; RSS idle and holding 1,000 and 10,000 streams
 # (from an upstream that sends an event at once, then one every 10 s);
 # start-up time; the static binary's size. Each target row shows the measured value,
@@ -33,7 +34,7 @@ for arg in "$@"; do
 done
 
 DURATION=${DURATION:-5s}
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-5}
 CONNS=(1 16 64 256)
 STREAMS=${STREAMS:-1000}
 # Room for the held streams: each is two descriptors in the proxy (and one in each load
@@ -57,6 +58,12 @@ need() {
   $sudo apt-get update -qq >&2 && $sudo apt-get install -y -qq "${missing[@]}" >&2
 }
 need wrk curl python3
+# A leftover server on one of these ports would be measured in place of ours.
+for port in $UP $NGX $PX $SLOW $((PX + 10)); do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "port $port is already in use on 127.0.0.1 (a leftover nginx or proxy?): stop it first" >&2; exit 1
+  fi
+done
 NGINX_BIN=$(command -v nginx || true)
 if [ -z "$NGINX_BIN" ]; then need nginx || true; NGINX_BIN=$(command -v nginx || true); fi
 [ -n "$NGINX_BIN" ] || { echo "nginx could not be installed; this benchmark needs it as upstream and reference" >&2; exit 1; }
@@ -132,7 +139,8 @@ startup_ms=$(python3 bench/loads.py startup "$bin" "$tmp/cfg" "$PX")
 "$bin" --config-dir "$tmp/cfg" 2>>"$tmp/proxy.log" &
 px_pid=$!
 pids+=("$px_pid")
-wait_http "http://127.0.0.1:$UP/openai/deployments/gpt-4o/chat/completions" || { echo "nginx did not start" >&2; exit 1; }
+wait_http "http://127.0.0.1:$UP/openai/deployments/gpt-4o/chat/completions" && kill -0 "${pids[0]}" 2>/dev/null ||
+  { echo "nginx did not start" >&2; cat "$tmp/ngx/logs/error.log" >&2; exit 1; }
 wait_http "http://127.0.0.1:$PX/health" || { echo "the proxy did not start" >&2; cat "$tmp/proxy.log" >&2; exit 1; }
 rss_kb() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
 rss_idle=$(rss_kb "$px_pid")
@@ -172,6 +180,29 @@ for round in $(seq 1 "$ROUNDS"); do
     say "round $round, $c connections: direct ${rps[direct,$c]##* }, nginx ${rps[nginx,$c]##* }, proxy ${rps[proxy,$c]##* } req/s"
   done
 done
+# Within-round comparisons (the same round's values, paired), then their median.
+paired() {  # paired OP A B -> median over rounds of (A op B); A, B are "target,conns" keys
+  local -a a b; read -ra a <<<"$2"; read -ra b <<<"$3"
+  for i in "${!a[@]}"; do
+    awk -v x="${a[$i]}" -v y="${b[$i]}" -v op="$1" 'BEGIN{ printf "%.3f ", (op == "/") ? x / y : x - y }'
+  done | median
+}
+range() { tr ' ' '\n' | grep -v '^$' | sort -g | awk 'NR==1{lo=$1} {hi=$1} END{printf "%s–%s", lo, hi}'; }
+per_round() {  # per_round OP A B -> the per-round values, for the range
+  local -a a b; read -ra a <<<"$2"; read -ra b <<<"$3"
+  for i in "${!a[@]}"; do
+    awk -v x="${a[$i]}" -v y="${b[$i]}" -v op="$1" 'BEGIN{ printf "%.2f ", (op == "/") ? x / y : x - y }'
+  done
+}
+tput16=$(paired / "${rps[proxy,16]}" "${rps[nginx,16]}")
+tput16_range=$(per_round / "${rps[proxy,16]}" "${rps[nginx,16]}" | range)
+tput64=$(paired / "${rps[proxy,64]}" "${rps[nginx,64]}")
+tput64_range=$(per_round / "${rps[proxy,64]}" "${rps[nginx,64]}" | range)
+hold256=$(paired / "${rps[proxy,256]}" "${rps[proxy,16]}")
+hold256_range=$(per_round / "${rps[proxy,256]}" "${rps[proxy,16]}" | range)
+added_p50=$(paired - "${p50[proxy,16]}" "${p50[direct,16]}")
+added_p99=$(paired - "${p99[proxy,16]}" "${p99[direct,16]}")
+added_p50_1=$(paired - "${p50[proxy,1]}" "${p50[direct,1]}")
 for key in "${!rps[@]}"; do
   rps[$key]=$(echo "${rps[$key]}" | median)
   p50[$key]=$(echo "${p50[$key]}" | median)
@@ -219,11 +250,6 @@ atmost() { awk -v v="$1" -v lim="$2" 'BEGIN{ print (v != "" && v+0 <= lim+0) ? "
 atleast() { awk -v v="$1" -v lim="$2" 'BEGIN{ print (v != "" && v+0 >= lim+0) ? "met" : "**missed**" }'; }
 cpu=$(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)
 mem=$(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo)
-added_p50=$(minus "${p50[proxy,16]}" "${p50[direct,16]}")
-added_p99=$(minus "${p99[proxy,16]}" "${p99[direct,16]}")
-tput16=$(ratio "${rps[proxy,16]}" "${rps[nginx,16]}")
-tput64=$(ratio "${rps[proxy,64]}" "${rps[nginx,64]}")
-hold256=$(ratio "${rps[proxy,256]}" "${rps[proxy,16]}")
 ttfb_over=$(minus "$ttfb_proxy" "$ttfb_direct")
 size_mb=$(awk -v s="$size" 'BEGIN{printf "%.2f", s/1000000}')
 report() {
@@ -244,11 +270,12 @@ report() {
   echo
   echo "| figure | measured | target | |"
   echo "|---|---:|---:|---|"
-  echo "| throughput at 16 conns, proxy / nginx proxy_pass | $tput16 | ≥ 0.50 | $(atleast "$tput16" 0.5) |"
-  echo "| throughput at 64 conns, proxy / nginx proxy_pass | $tput64 | ≥ 0.50 | $(atleast "$tput64" 0.5) |"
-  echo "| throughput at 256 conns / the proxy's own at 16 | $hold256 | ≥ 0.80 | $(atleast "$hold256" 0.8) |"
+  echo "| throughput at 16 conns, proxy / nginx proxy_pass (rounds: $tput16_range) | $tput16 | ≥ 0.50 | $(atleast "$tput16" 0.5) |"
+  echo "| throughput at 64 conns, proxy / nginx proxy_pass (rounds: $tput64_range) | $tput64 | ≥ 0.50 | $(atleast "$tput64" 0.5) |"
+  echo "| throughput at 256 conns / the proxy's own at 16 (rounds: $hold256_range) | $hold256 | ≥ 0.80 | $(atleast "$hold256" 0.8) |"
   echo "| added latency p50 at 16 conns (proxy − direct) | $added_p50 ms | ≤ 0.3 ms | $(atmost "$added_p50" 0.3) |"
   echo "| added latency p99 at 16 conns (proxy − direct) | $added_p99 ms | ≤ 2 ms | $(atmost "$added_p99" 2) |"
+  echo "| added latency p50 at 1 conn (proxy − direct), no queueing | $added_p50_1 ms | | |"
   echo "| SSE time to first byte, median (direct → proxy) | $ttfb_direct → $ttfb_proxy ms (+$ttfb_over) | | |"
   echo "| a request with $idle_open idle + $slow_open slowloris connections open, max of 20 (median) | $crowd_max ms ($crowd_p50) | < 50 ms | $(atmost "$crowd_max" 50) |"
   echo "| RSS with those connections open | $(mb "$rss_crowd") MB | < 150 MB | $(atmost "$(mb "$rss_crowd")" 150) |"

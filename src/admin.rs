@@ -1,12 +1,13 @@
 //! The operator's endpoints (DESIGN §9): `/stats*` with the field names dashboards
-//! built for the earlier Python proxy read, `/health` for load balancers, and the
-//! admin-only `/stats/reset`. `/metrics` is in `metrics.rs`.
+//! built for the earlier Python proxy read, `/health` for load balancers, `/metrics`
+//! for Prometheus, and the admin-only `/config`, `/config/reload` and `/stats/reset`.
 
-use crate::api::Reply;
-use crate::error::ApiError;
-use crate::instances::{Health, View};
-use crate::server::{Generation, State};
-use crate::stats::{Counts, Histogram};
+use crate::error::Error;
+use crate::http::Reply;
+use crate::observe::metrics::{self, Gauges, InstanceGauges};
+use crate::observe::stats::{Counts, Histogram};
+use crate::routing::table::{Health, View};
+use crate::state::{Generation, State};
 use serde_json::{json, Map, Value};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -71,13 +72,7 @@ pub fn stats(state: &State, g: &Generation, query: &str) -> Reply {
         None => g.config.monitoring.stats_window_minutes,
         Some(n) => match n.parse::<u32>() {
             Ok(m @ 1..=60) => m,
-            _ => {
-                return ApiError::invalid_request(format!(
-                    "window must be whole minutes from 1 to 60, not {n:?}"
-                ))
-                .param("window")
-                .into()
-            }
+            _ => return Error::BadWindow(n.to_string()).into(),
         },
     };
     let now = state.uptime_secs();
@@ -179,7 +174,7 @@ pub fn stats_instances(state: &State, g: &Generation) -> Reply {
                 "completion_tokens_served": counts.completion_tokens,
                 "total_requests": counts.attempts,
                 "error_count": counts.errors,
-                "errors_by_status": counts.errors_by_kind.iter().map(|(k, n)| (k.label(), json!(n))).collect::<Map<_, _>>(),
+                "errors_by_status": counts.errors_by_kind.iter().map(|(k, n)| (k.to_string(), json!(n))).collect::<Map<_, _>>(),
                 "rate_limited_count": counts.rate_limited,
                 "last_error": v.last_error,
                 "rate_limited_until": v.rate_limited_until.map(|t| wall(t, now, wall_now)),
@@ -275,6 +270,43 @@ pub fn health(state: &State, g: &Generation) -> Reply {
     )
 }
 
+/// `GET /metrics`.
+pub fn metrics(state: &State, g: &Generation) -> Reply {
+    let (views, _) = views(state, g);
+    let instances: Vec<InstanceGauges> = g
+        .config
+        .instances
+        .iter()
+        .zip(&views)
+        .map(|(inst, v)| InstanceGauges {
+            name: &inst.name,
+            tpm_used: v.current_tpm,
+            tpm_limit: inst.max_tpm,
+            rpm_used: v.current_rpm,
+            state: v.health.as_str(),
+        })
+        .collect();
+    let gauges = Gauges {
+        connections: (
+            state
+                .connections
+                .get()
+                .map_or(0, tiny_http::ConnectionCount::get),
+            g.config.server.max_connections,
+        ),
+        permits: (state.permits.in_use(), state.permits.total()),
+        body_bytes: (state.bodies.used(), state.bodies.limit()),
+        uptime_secs: state.uptime_secs(),
+    };
+    let states = Health::ALL.map(Health::as_str);
+    let text = metrics::render(&state.stats.lock(), &instances, &states, &gauges);
+    Reply::full(
+        200,
+        "text/plain; version=0.0.4; charset=utf-8",
+        text.into_bytes(),
+    )
+}
+
 /// `GET /config` (admin): the effective configuration, every secret masked by
 /// `Secret`'s serialisation.
 pub fn config(g: &Generation) -> Reply {
@@ -290,9 +322,7 @@ pub fn reload(state: &State) -> Reply {
             &json!({"status": "success", "message": "configuration reloaded",
                     "instances": done.instances, "restart_needed": done.restart_needed}),
         ),
-        Err(e) => ApiError::invalid_request(format!("The configuration was not reloaded: {e}"))
-            .code("invalid_config")
-            .into(),
+        Err(e) => Error::ReloadFailed(e).into(),
     }
 }
 

@@ -1,81 +1,255 @@
-//! The one error type of the request path and its OpenAI-shaped JSON body
-//! (`{"error":{"message","type","param","code"}}`), so every answer the proxy itself
-//! produces looks like one from OpenAI to an SDK client.
+//! The proxy's own errors: every answer the proxy gives rather than an upstream, each
+//! variant documented by when it happens, and their OpenAI-shaped JSON body
+//! (`{"error":{"message","type","param","code"}}`), so that an SDK client reads them as
+//! it reads OpenAI's. (The HTTP parser's own answers, for requests too malformed to
+//! reach a handler, are in `vendor/tiny_http`.)
 
 use serde_json::json;
+use std::time::Duration;
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct ApiError {
-    pub status: u16,
-    pub message: String,
-    pub kind: &'static str,
-    pub param: Option<&'static str>,
-    pub code: Option<&'static str>,
-    /// Extra response headers, e.g. `Allow` on 405 or `Retry-After` on 429.
-    pub headers: Vec<(&'static str, String)>,
+pub enum Error {
+    // The request.
+    /// The body is not one JSON object, or does not parse; the message says where.
+    InvalidJson(String),
+    /// Neither the body nor the path names a model.
+    MissingModel,
+    /// The body is larger than `server.max_body_bytes`: by its declared length, at
+    /// once, or as it arrives. The connection is closed rather than the body drained.
+    BodyTooLarge { limit: u64 },
+    /// The body did not arrive within `server.body_timeout`.
+    BodyTimeout,
+    /// Reading the body failed: the client closed, or its chunked framing broke.
+    BodyUnreadable(String),
+    /// No instance serves this exact model; `served` lists those that are.
+    ModelNotFound { model: String, served: String },
+    /// The request's token estimate is larger than every serving instance's
+    /// `max_tpm`: no instance could ever admit it.
+    TokensExceedLimit {
+        model: String,
+        need: u64,
+        largest: u64,
+    },
+    /// A header that would be forwarded is too long for a head line upstream.
+    HeaderTooLong { name: String },
+    /// The model, as a deployment in the upstream URL, makes that line too long.
+    ModelTooLong,
+    /// The request could not be put on the wire (the upstream client refused it).
+    NotForwardable(String),
+
+    // Capacity.
+    /// All `server.workers` upstream calls stayed under way for `routing.queue_timeout`.
+    NoPermit { total: usize },
+    /// Request bodies already hold `server.max_body_memory` bytes.
+    BodyMemoryFull { limit: u64 },
+    /// Every instance serving the model is cooling down or has a full window; room
+    /// comes in `wait`.
+    RateLimited {
+        model: String,
+        need: u64,
+        wait: Duration,
+    },
+    /// Every instance serving the model is failing or has its circuit open; the
+    /// soonest may be back in `wait`.
+    AllDown { model: String, wait: Duration },
+    /// Instances were tried (`tried` of them) and the best failure was a timeout.
+    UpstreamTimeout { model: String, tried: usize },
+    /// Instances were tried and none could be reached, or every answer broke off.
+    UpstreamUnreachable { model: String, tried: usize },
+
+    // Authentication.
+    /// `auth.api_keys` is set and the request presents no key.
+    MissingKey,
+    /// `auth.api_keys` is set and the request's key is not one of them.
+    WrongKey,
+    /// An admin endpoint, `auth.admin_key` is set, and the request does not present it.
+    AdminKeyNeeded,
+    /// An admin endpoint, no `auth.admin_key`, and the client is not on loopback.
+    AdminLoopbackOnly,
+
+    // Routes.
+    /// No endpoint at this path.
+    UnknownUrl { method: String, path: String },
+    /// The endpoint exists, for `allowed` only.
+    MethodNotAllowed {
+        method: String,
+        path: String,
+        allowed: &'static str,
+    },
+    /// `/stats?window=` is not whole minutes from 1 to 60.
+    BadWindow(String),
+    /// `POST /config/reload` found the files invalid; the running configuration stays.
+    ReloadFailed(String),
+    /// The handler panicked; the proxy serves on.
+    Internal,
 }
 
-impl ApiError {
-    pub fn new(status: u16, kind: &'static str, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            message: message.into(),
-            kind,
-            param: None,
-            code: None,
-            headers: Vec::new(),
+impl Error {
+    pub fn status(&self) -> u16 {
+        use Error::*;
+        match self {
+            InvalidJson(_) | MissingModel | BodyUnreadable(_) | TokensExceedLimit { .. } => 400,
+            ModelTooLong | NotForwardable(_) | BadWindow(_) | ReloadFailed(_) => 400,
+            MissingKey | WrongKey | AdminKeyNeeded => 401,
+            AdminLoopbackOnly => 403,
+            ModelNotFound { .. } | UnknownUrl { .. } => 404,
+            MethodNotAllowed { .. } => 405,
+            BodyTimeout => 408,
+            BodyTooLarge { .. } => 413,
+            RateLimited { .. } => 429,
+            HeaderTooLong { .. } => 431,
+            Internal => 500,
+            UpstreamUnreachable { .. } => 502,
+            NoPermit { .. } | BodyMemoryFull { .. } | AllDown { .. } => 503,
+            UpstreamTimeout { .. } => 504,
         }
     }
 
-    pub fn code(mut self, code: &'static str) -> Self {
-        self.code = Some(code);
-        self
+    /// OpenAI's `type`.
+    fn kind(&self) -> &'static str {
+        use Error::*;
+        match self {
+            RateLimited { .. } => "requests",
+            AllDown { .. } | UpstreamTimeout { .. } | UpstreamUnreachable { .. } => {
+                "upstream_error"
+            }
+            NoPermit { .. } | BodyMemoryFull { .. } | Internal => "server_error",
+            _ => "invalid_request_error",
+        }
     }
 
-    pub fn param(mut self, param: &'static str) -> Self {
-        self.param = Some(param);
-        self
+    fn code(&self) -> Option<&'static str> {
+        use Error::*;
+        Some(match self {
+            InvalidJson(_) | MissingModel | BodyUnreadable(_) | ModelTooLong => return None,
+            NotForwardable(_) | BadWindow(_) => return None,
+            BodyTooLarge { .. } => "request_too_large",
+            BodyTimeout => "request_timeout",
+            ModelNotFound { .. } => "model_not_found",
+            TokensExceedLimit { .. } => "tokens_exceed_limit",
+            HeaderTooLong { .. } => "request_header_fields_too_large",
+            NoPermit { .. } | BodyMemoryFull { .. } => "server_busy",
+            RateLimited { .. } => "rate_limit_exceeded",
+            AllDown { .. } => "service_unavailable",
+            UpstreamTimeout { .. } => "upstream_timeout",
+            UpstreamUnreachable { .. } => "upstream_unreachable",
+            MissingKey | WrongKey | AdminKeyNeeded => "invalid_api_key",
+            AdminLoopbackOnly => "forbidden",
+            UnknownUrl { .. } => "unknown_url",
+            MethodNotAllowed { .. } => "method_not_allowed",
+            ReloadFailed(_) => "invalid_config",
+            Internal => "internal_error",
+        })
     }
 
-    pub fn header(mut self, name: &'static str, value: impl Into<String>) -> Self {
-        self.headers.push((name, value.into()));
-        self
+    fn param(&self) -> Option<&'static str> {
+        use Error::*;
+        match self {
+            MissingModel | ModelNotFound { .. } | ModelTooLong => Some("model"),
+            TokensExceedLimit { .. } => Some("max_tokens"),
+            BadWindow(_) => Some("window"),
+            _ => None,
+        }
     }
 
-    pub fn invalid_request(message: impl Into<String>) -> Self {
-        Self::new(400, "invalid_request_error", message)
+    pub fn message(&self) -> String {
+        use Error::*;
+        match self {
+            InvalidJson(why) => why.clone(),
+            MissingModel => "You must provide a model parameter.".into(),
+            BodyTooLarge { limit } => {
+                format!("The request body is larger than the limit of {limit} bytes")
+            }
+            BodyTimeout => "The request body did not arrive within server.body_timeout.".into(),
+            BodyUnreadable(why) => format!("Could not read the request body: {why}"),
+            ModelNotFound { model, served } => format!(
+                "The model `{model}` is not served by this proxy. Served models: {served}."
+            ),
+            TokensExceedLimit { model, need, largest } => format!(
+                "This request may use about {need} tokens (prompt estimate plus completion reserve), \
+                 more than any instance serving `{model}` admits per minute (largest max_tpm: {largest}). \
+                 Lower max_tokens or split the request."
+            ),
+            HeaderTooLong { name } => format!(
+                "The header {name} is too long to be forwarded upstream (about 4 KiB per line at most)."
+            ),
+            ModelTooLong => {
+                "The model name is too long to be sent to an upstream as a deployment.".into()
+            }
+            NotForwardable(why) => format!("The request could not be forwarded: {why}"),
+            NoPermit { total } => format!(
+                "All {total} upstream calls this proxy allows at once (server.workers) are under way."
+            ),
+            BodyMemoryFull { limit } => format!(
+                "The proxy holds as much request body data as it allows at once (server.max_body_memory, {limit} bytes); retry shortly."
+            ),
+            RateLimited { model, need, .. } => format!(
+                "Every instance serving `{model}` is at its rate limit for a request of about {need} tokens. Retry after the time in the Retry-After header."
+            ),
+            AllDown { model, .. } => format!(
+                "Every instance serving `{model}` is unavailable (failing or circuit open)."
+            ),
+            UpstreamTimeout { model, tried } => {
+                format!("No instance answered for model `{model}` in time ({tried} tried).")
+            }
+            UpstreamUnreachable { model, tried } => {
+                format!("No instance could be reached for model `{model}` ({tried} tried).")
+            }
+            MissingKey => {
+                "Missing API key: send it as `Authorization: Bearer <key>` or `api-key: <key>`."
+                    .into()
+            }
+            WrongKey => "Incorrect API key provided.".into(),
+            AdminKeyNeeded => "This admin endpoint needs auth.admin_key.".into(),
+            AdminLoopbackOnly => {
+                "Admin endpoints answer only loopback clients while auth.admin_key is not set."
+                    .into()
+            }
+            UnknownUrl { method, path } => format!("Invalid URL ({method} {path})"),
+            MethodNotAllowed {
+                method,
+                path,
+                allowed,
+            } => format!("Method {method} is not allowed on {path}; use {allowed}"),
+            BadWindow(given) => {
+                format!("window must be whole minutes from 1 to 60, not {given:?}")
+            }
+            ReloadFailed(why) => format!("The configuration was not reloaded: {why}"),
+            Internal => "The proxy failed while handling this request.".into(),
+        }
     }
 
-    pub fn not_found(method: &str, path: &str) -> Self {
-        Self::new(
-            404,
-            "invalid_request_error",
-            format!("Invalid URL ({method} {path})"),
-        )
-        .code("unknown_url")
-    }
-
-    pub fn method_not_allowed(method: &str, path: &str, allowed: &'static str) -> Self {
-        Self::new(
-            405,
-            "invalid_request_error",
-            format!("Method {method} is not allowed on {path}; use {allowed}"),
-        )
-        .code("method_not_allowed")
-        .header("Allow", allowed)
-    }
-
-    pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(500, "server_error", message).code("internal_error")
+    /// Headers the answer carries besides its content type.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        use Error::*;
+        let retry = |wait: &Duration| {
+            let wait = (*wait).max(Duration::from_millis(1));
+            vec![
+                ("Retry-After", wait.as_secs_f64().ceil().to_string()),
+                ("retry-after-ms", wait.as_millis().max(1).to_string()),
+            ]
+        };
+        let close = || ("Connection", "close".to_string());
+        match self {
+            BodyTooLarge { .. } | BodyTimeout | BodyUnreadable(_) => vec![close()],
+            BodyMemoryFull { .. } => vec![("Retry-After", "1".into()), close()],
+            NoPermit { .. } => vec![("Retry-After", "1".into())],
+            RateLimited { wait, .. } | AllDown { wait, .. } => retry(wait),
+            MissingKey | WrongKey | AdminKeyNeeded => {
+                vec![("WWW-Authenticate", "Bearer".into())]
+            }
+            MethodNotAllowed { allowed, .. } => vec![("Allow", (*allowed).to_string())],
+            _ => Vec::new(),
+        }
     }
 
     pub fn body(&self) -> Vec<u8> {
         json!({
             "error": {
-                "message": self.message,
-                "type": self.kind,
-                "param": self.param,
-                "code": self.code,
+                "message": self.message(),
+                "type": self.kind(),
+                "param": self.param(),
+                "code": self.code(),
             }
         })
         .to_string()
@@ -90,7 +264,7 @@ mod tests {
     #[test]
     fn body_has_the_openai_shape_with_nulls() {
         let body: serde_json::Value =
-            serde_json::from_slice(&ApiError::invalid_request("bad").body()).unwrap();
+            serde_json::from_slice(&Error::InvalidJson("bad".into()).body()).unwrap();
         assert_eq!(
             body,
             json!({"error": {"message": "bad", "type": "invalid_request_error",
@@ -100,9 +274,29 @@ mod tests {
 
     #[test]
     fn method_not_allowed_names_the_allowed_method() {
-        let e = ApiError::method_not_allowed("GET", "/v1/embeddings", "POST");
-        assert_eq!(e.status, 405);
-        assert_eq!(e.headers, vec![("Allow", "POST".to_string())]);
-        assert!(e.message.contains("GET"), "{}", e.message);
+        let e = Error::MethodNotAllowed {
+            method: "GET".into(),
+            path: "/v1/embeddings".into(),
+            allowed: "POST",
+        };
+        assert_eq!(e.status(), 405);
+        assert_eq!(e.headers(), vec![("Allow", "POST".to_string())]);
+        assert!(e.message().contains("GET"), "{}", e.message());
+    }
+
+    #[test]
+    fn waits_are_given_in_whole_seconds_and_in_milliseconds() {
+        let e = Error::RateLimited {
+            model: "m".into(),
+            need: 10,
+            wait: Duration::from_millis(1500),
+        };
+        assert_eq!(
+            e.headers(),
+            vec![
+                ("Retry-After", "2".to_string()),
+                ("retry-after-ms", "1500".to_string())
+            ]
+        );
     }
 }

@@ -1,25 +1,23 @@
 //! azure-openai-proxy: OpenAI-style calls in, Azure OpenAI (or OpenAI-compatible)
 //! deployments out. See ARCHITECTURE.md for the map of modules and a request's path.
+//! From the top down: `proxy` (the running server and its route table), the handlers
+//! (`api`, `admin`), the HTTP layer (`http`), shared state (`state`), then `routing`,
+//! `upstream`, `observe`, `config` and the small types they share (`outcome`, `error`,
+//! `capacity`). No module imports one above it.
 
 pub mod admin;
-pub mod alerts;
 pub mod api;
-pub mod auth;
-pub mod body;
 pub mod capacity;
 pub mod config;
 pub mod error;
-pub mod instances;
-pub mod logging;
-pub mod metrics;
-pub mod ratelimit;
-pub mod router;
-pub mod server;
-pub mod stats;
-pub mod stream;
+pub mod http;
+pub mod observe;
+pub mod outcome;
+pub mod proxy;
+pub mod routing;
+pub mod state;
 #[cfg(test)]
 mod testutil;
-pub mod transport;
 pub mod upstream;
 
-pub use server::Proxy;
+pub use proxy::Proxy;

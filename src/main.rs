@@ -2,7 +2,7 @@
 //! and run the proxy.
 
 use azure_openai_proxy::config::{self, Env, Source};
-use azure_openai_proxy::logging;
+use azure_openai_proxy::observe::logging;
 use azure_openai_proxy::Proxy;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;

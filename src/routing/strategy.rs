@@ -1,15 +1,8 @@
-//! Which instances may serve a request, and the strategies that pick one among those
-//! that are eligible right now (DESIGN §6). Pure functions over indexes into
-//! `config.instances`; the state they read is passed in by `instances::Table`.
+//! The strategies that pick one instance among those eligible right now (DESIGN §6).
+//! Pure functions over indexes into `config.instances`; the state they read is passed
+//! in by `table::Table`.
 
-use crate::config::{Config, Instance};
-
-/// Every instance that serves `model` exactly, in configuration order.
-pub fn candidates(config: &Config, model: &str) -> Vec<usize> {
-    (0..config.instances.len())
-        .filter(|&i| config.instances[i].serves(model))
-        .collect()
-}
+use crate::config::Instance;
 
 /// The first of `group` (in config order) after `last`, wrapping around: a rotation
 /// that stays exact when the group changes between calls.
@@ -73,6 +66,7 @@ pub fn least_loaded(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
 
     fn config() -> Config {
         serde_yaml::from_str(
@@ -84,14 +78,6 @@ mod tests {
 ",
         )
         .unwrap()
-    }
-
-    #[test]
-    fn candidates_serve_the_model_exactly() {
-        let c = config();
-        assert_eq!(candidates(&c, "m"), [0, 1, 2]);
-        assert_eq!(candidates(&c, "other"), [3]);
-        assert!(candidates(&c, "M").is_empty());
     }
 
     #[test]

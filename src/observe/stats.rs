@@ -5,7 +5,7 @@
 //! is keyed by configured names (unknown models count as `other`), so memory stays
 //! bounded however long the proxy runs. Time is passed in as seconds since start.
 
-use crate::upstream::{Outcome, Usage};
+use crate::outcome::{Attempt, Label, Outcome, Usage};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -76,40 +76,6 @@ impl Histogram {
     }
 }
 
-/// How one upstream attempt ended, for error counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum AttemptEnd {
-    Status(u16),
-    Timeout,
-    Unreachable,
-}
-
-impl AttemptEnd {
-    /// Whether the attempt counts as the instance's error: anything another instance
-    /// might have done better (DESIGN §5.4), not a 4xx about the request itself.
-    pub fn is_error(&self) -> bool {
-        match self {
-            AttemptEnd::Status(s) => Outcome::of(*s).retry_elsewhere(),
-            AttemptEnd::Timeout | AttemptEnd::Unreachable => true,
-        }
-    }
-
-    /// The label errors are counted under: the status code, `timeout` or `connect`.
-    pub fn label(&self) -> String {
-        match self {
-            AttemptEnd::Status(s) => s.to_string(),
-            AttemptEnd::Timeout => "timeout".into(),
-            AttemptEnd::Unreachable => "connect".into(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Attempt {
-    pub instance: String,
-    pub end: AttemptEnd,
-}
-
 /// One finished request, as the statistics see it.
 #[derive(Debug, Default)]
 pub struct Record<'a> {
@@ -153,7 +119,7 @@ impl Counts {
         }
         self.upstream_attempts += r.attempts.len() as u64;
         self.retries += r.attempts.len().saturating_sub(1) as u64;
-        self.upstream_errors += r.attempts.iter().filter(|a| a.end.is_error()).count() as u64;
+        self.upstream_errors += r.attempts.iter().filter(|a| a.outcome.is_error()).count() as u64;
         if let Some(u) = r.usage {
             self.prompt_tokens += u.prompt_tokens;
             self.completion_tokens += u.completion_tokens;
@@ -205,8 +171,8 @@ fn counter<'m, V: Default>(map: &'m mut BTreeMap<String, V>, key: &str) -> &'m m
 pub struct InstanceCounts {
     pub attempts: u64,
     pub errors: u64,
-    /// Errors by how the attempt ended; `AttemptEnd::label` names them.
-    pub errors_by_kind: BTreeMap<AttemptEnd, u64>,
+    /// Errors by how the attempt ended.
+    pub errors_by_kind: BTreeMap<Label, u64>,
     /// 429 answers, each of which started or extended a cooldown.
     pub rate_limited: u64,
     pub prompt_tokens: u64,
@@ -258,11 +224,11 @@ impl Stats {
         for a in r.attempts {
             let c = counter(&mut self.instances, &a.instance);
             c.attempts += 1;
-            if a.end.is_error() {
+            if a.outcome.is_error() {
                 c.errors += 1;
-                *c.errors_by_kind.entry(a.end).or_default() += 1;
+                *c.errors_by_kind.entry(a.outcome.label()).or_default() += 1;
             }
-            if a.end == AttemptEnd::Status(429) {
+            if let Outcome::RateLimited { .. } = a.outcome {
                 c.rate_limited += 1;
             }
         }
@@ -317,7 +283,7 @@ mod tests {
     fn record(s: &mut Stats, now: u64, (status, model, ms, tokens): (u16, &'static str, u64, u64)) {
         let attempts = [Attempt {
             instance: "a".into(),
-            end: AttemptEnd::Status(status),
+            outcome: Outcome::of_status(status, || None, || (None, None)),
         }];
         s.record(
             now,
@@ -411,15 +377,15 @@ mod tests {
         let attempts = [
             Attempt {
                 instance: "a".into(),
-                end: AttemptEnd::Status(429),
+                outcome: Outcome::RateLimited { retry_after: None },
             },
             Attempt {
                 instance: "b".into(),
-                end: AttemptEnd::Timeout,
+                outcome: Outcome::TimedOut,
             },
             Attempt {
                 instance: "c".into(),
-                end: AttemptEnd::Status(200),
+                outcome: Outcome::of_status(200, || None, || (None, None)),
             },
         ];
         s.record(
@@ -443,8 +409,8 @@ mod tests {
             },
         );
         assert_eq!(s.instances["a"].rate_limited, 1);
-        assert_eq!(s.instances["a"].errors_by_kind[&AttemptEnd::Status(429)], 1);
-        assert_eq!(s.instances["b"].errors_by_kind[&AttemptEnd::Timeout], 1);
+        assert_eq!(s.instances["a"].errors_by_kind[&Label::Status(429)], 1);
+        assert_eq!(s.instances["b"].errors_by_kind[&Label::Timeout], 1);
         assert_eq!(s.instances["c"].errors, 0);
         assert_eq!(s.instances["c"].latency.count(), 1);
         assert_eq!(s.totals.upstream_attempts, 3);
@@ -456,21 +422,5 @@ mod tests {
         s.reset();
         assert_eq!(s.totals, Counts::default());
         assert!(s.instances.is_empty());
-    }
-
-    #[test]
-    fn error_kinds() {
-        for (end, err) in [
-            (AttemptEnd::Status(200), false),
-            (AttemptEnd::Status(400), false),
-            (AttemptEnd::Status(401), true),
-            (AttemptEnd::Status(404), true),
-            (AttemptEnd::Status(429), true),
-            (AttemptEnd::Status(503), true),
-            (AttemptEnd::Timeout, true),
-            (AttemptEnd::Unreachable, true),
-        ] {
-            assert_eq!(end.is_error(), err, "{end:?}");
-        }
     }
 }

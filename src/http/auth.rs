@@ -1,8 +1,9 @@
-//! Client authentication (DESIGN §5.1): when `auth.api_keys` is set, API endpoints need
-//! one of those keys as `Authorization: Bearer <key>` or `api-key: <key>`.
+//! Authentication (DESIGN §5.1): when `auth.api_keys` is set, API endpoints need one of
+//! those keys as `Authorization: Bearer <key>` or `api-key: <key>`; admin endpoints
+//! need `auth.admin_key` when it is set, and a loopback client when it is not.
 
 use crate::config::Secret;
-use crate::error::ApiError;
+use crate::error::Error;
 use std::net::SocketAddr;
 
 /// The key a request presents: `Authorization: Bearer <key>` or `api-key: <key>`.
@@ -29,16 +30,14 @@ fn matches_any<'a>(keys: impl IntoIterator<Item = &'a Secret>, presented: &str) 
 pub fn check_client<'a>(
     keys: &[Secret],
     header: impl Fn(&str) -> Option<&'a str>,
-) -> Result<(), ApiError> {
+) -> Result<(), Error> {
     if keys.is_empty() {
         return Ok(());
     }
     match presented_key(header) {
-        None => Err(unauthorized(
-            "Missing API key: send it as `Authorization: Bearer <key>` or `api-key: <key>`.",
-        )),
+        None => Err(Error::MissingKey),
         Some(k) if matches_any(keys, k) => Ok(()),
-        Some(_) => Err(unauthorized("Incorrect API key provided.")),
+        Some(_) => Err(Error::WrongKey),
     }
 }
 
@@ -47,26 +46,15 @@ pub fn check_admin<'a>(
     admin_key: Option<&Secret>,
     header: impl Fn(&str) -> Option<&'a str>,
     peer: Option<SocketAddr>,
-) -> Result<(), ApiError> {
+) -> Result<(), Error> {
     match admin_key {
         Some(key) => match presented_key(header) {
             Some(k) if matches_any([key], k) => Ok(()),
-            _ => Err(unauthorized("This admin endpoint needs auth.admin_key.")),
+            _ => Err(Error::AdminKeyNeeded),
         },
         None if peer.is_some_and(|a| a.ip().is_loopback()) => Ok(()),
-        None => Err(ApiError::new(
-            403,
-            "invalid_request_error",
-            "Admin endpoints answer only loopback clients while auth.admin_key is not set.",
-        )
-        .code("forbidden")),
+        None => Err(Error::AdminLoopbackOnly),
     }
-}
-
-fn unauthorized(message: &str) -> ApiError {
-    ApiError::new(401, "invalid_request_error", message)
-        .code("invalid_api_key")
-        .header("WWW-Authenticate", "Bearer")
 }
 
 /// Compares without an early exit on the first differing byte (only the length leaks).
@@ -91,7 +79,7 @@ mod tests {
     fn admin_rules() {
         let key = Secret::new("adm");
         let status = |key: Option<&Secret>, from: &str, header| {
-            check_admin(key, one(header), from.parse().ok()).map_err(|e| e.status)
+            check_admin(key, one(header), from.parse().ok()).map_err(|e| e.status())
         };
         // No admin key: loopback only (IPv4 and IPv6).
         assert_eq!(status(None, "127.0.0.1:5000", None), Ok(()));

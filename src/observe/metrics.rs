@@ -1,12 +1,9 @@
-//! `GET /metrics`: Prometheus text exposition format 0.0.4, built from the statistics
-//! and a snapshot of the instance table.
+//! The Prometheus text exposition (format 0.0.4) that `GET /metrics` serves, built
+//! from the statistics and from gauges the caller reads: each instance's state and
+//! windows, and the process's capacity in use.
 
-use crate::api::{Body, Reply};
-use crate::instances::Health;
-use crate::server::{Generation, State};
-use crate::stats::{Histogram, LATENCY_BOUNDS_MS};
+use super::stats::{Histogram, Stats, LATENCY_BOUNDS_MS};
 use std::fmt::Write;
-use std::time::Instant;
 
 const PREFIX: &str = "aoai_proxy";
 
@@ -55,9 +52,32 @@ fn escape(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-pub fn metrics(state: &State, g: &Generation) -> Reply {
-    let views = state.table.lock().view(&g.config, Instant::now());
-    let stats = state.stats.lock();
+/// One instance's gauges, as the instance table shows it now.
+pub struct InstanceGauges<'a> {
+    pub name: &'a str,
+    pub tpm_used: u64,
+    pub tpm_limit: Option<u64>,
+    pub rpm_used: u64,
+    /// Its state's name, among `states`.
+    pub state: &'static str,
+}
+
+/// The process's gauges: used and limit of each bound.
+pub struct Gauges {
+    pub connections: (usize, usize),
+    pub permits: (usize, usize),
+    pub body_bytes: (u64, u64),
+    pub uptime_secs: u64,
+}
+
+/// The exposition: `states` are every name an instance state can have (each gets a 0
+/// or 1 sample).
+pub fn render(
+    stats: &Stats,
+    instances: &[InstanceGauges],
+    states: &[&str],
+    gauges: &Gauges,
+) -> String {
     let mut out = Exposition(String::with_capacity(8 * 1024));
 
     out.family("requests_total", "counter", "API requests answered, by the last instance tried (none: the proxy tried none), model and status.");
@@ -123,7 +143,7 @@ pub fn metrics(state: &State, g: &Generation) -> Reply {
         for (kind, n) in &c.errors_by_kind {
             out.sample(
                 "upstream_errors_total",
-                &[("instance", name), ("kind", &kind.label())],
+                &[("instance", name), ("kind", &kind.to_string())],
                 n,
             );
         }
@@ -149,27 +169,22 @@ pub fn metrics(state: &State, g: &Generation) -> Reply {
         );
     }
 
-    let instances = g.config.instances.iter().zip(&views);
     out.family(
         "instance_tpm_used",
         "gauge",
         "Tokens in the instance's 60 s window (reservations and upstream corrections).",
     );
-    for (inst, v) in instances.clone() {
-        out.sample(
-            "instance_tpm_used",
-            &[("instance", &inst.name)],
-            v.current_tpm,
-        );
+    for i in instances {
+        out.sample("instance_tpm_used", &[("instance", i.name)], i.tpm_used);
     }
     out.family(
         "instance_tpm_limit",
         "gauge",
         "The instance's max_tpm (absent: no limit).",
     );
-    for (inst, _) in instances.clone() {
-        if let Some(max) = inst.max_tpm {
-            out.sample("instance_tpm_limit", &[("instance", &inst.name)], max);
+    for i in instances {
+        if let Some(max) = i.tpm_limit {
+            out.sample("instance_tpm_limit", &[("instance", i.name)], max);
         }
     }
     out.family(
@@ -177,24 +192,20 @@ pub fn metrics(state: &State, g: &Generation) -> Reply {
         "gauge",
         "Requests in the instance's 60 s window.",
     );
-    for (inst, v) in instances.clone() {
-        out.sample(
-            "instance_rpm_used",
-            &[("instance", &inst.name)],
-            v.current_rpm,
-        );
+    for i in instances {
+        out.sample("instance_rpm_used", &[("instance", i.name)], i.rpm_used);
     }
     out.family(
         "instance_state",
         "gauge",
         "1 for the instance's current state, 0 for the others.",
     );
-    for (inst, v) in instances {
-        for h in Health::ALL {
+    for i in instances {
+        for &state in states {
             out.sample(
                 "instance_state",
-                &[("instance", &inst.name), ("state", h.as_str())],
-                u8::from(v.health == h),
+                &[("instance", i.name), ("state", state)],
+                u8::from(i.state == state),
             );
         }
     }
@@ -203,61 +214,45 @@ pub fn metrics(state: &State, g: &Generation) -> Reply {
         "gauge",
         "Client connections open (each has a thread).",
     );
-    let open = state
-        .connections
-        .get()
-        .map_or(0, tiny_http::ConnectionCount::get);
-    out.sample("client_connections", &[], open);
+    out.sample("client_connections", &[], gauges.connections.0);
     out.family(
         "client_connections_limit",
         "gauge",
         "server.max_connections: client connections allowed at once.",
     );
-    out.sample(
-        "client_connections_limit",
-        &[],
-        g.config.server.max_connections,
-    );
+    out.sample("client_connections_limit", &[], gauges.connections.1);
     out.family(
         "upstream_permits_in_use",
         "gauge",
         "Upstream calls under way (server.workers permits taken).",
     );
-    out.sample("upstream_permits_in_use", &[], state.permits.in_use());
+    out.sample("upstream_permits_in_use", &[], gauges.permits.0);
     out.family(
         "upstream_permits_limit",
         "gauge",
         "server.workers: upstream calls allowed at once.",
     );
-    out.sample("upstream_permits_limit", &[], state.permits.total());
+    out.sample("upstream_permits_limit", &[], gauges.permits.1);
     out.family(
         "request_body_bytes_held",
         "gauge",
         "Bytes reserved by request bodies being read or forwarded.",
     );
-    out.sample("request_body_bytes_held", &[], state.bodies.used());
+    out.sample("request_body_bytes_held", &[], gauges.body_bytes.0);
     out.family(
         "request_body_bytes_limit",
         "gauge",
         "server.max_body_memory: bytes request bodies may hold at once.",
     );
-    out.sample("request_body_bytes_limit", &[], state.bodies.limit());
+    out.sample("request_body_bytes_limit", &[], gauges.body_bytes.1);
     out.family(
         "uptime_seconds",
         "gauge",
         "Seconds since the proxy started.",
     );
-    out.sample("uptime_seconds", &[], state.started.elapsed().as_secs());
+    out.sample("uptime_seconds", &[], gauges.uptime_secs);
     out.family("build_info", "gauge", "The running version.");
     out.sample("build_info", &[("version", env!("CARGO_PKG_VERSION"))], 1);
 
-    Reply {
-        status: 200,
-        headers: vec![(
-            "Content-Type".into(),
-            "text/plain; version=0.0.4; charset=utf-8".into(),
-        )],
-        body: Body::Full(out.0.into_bytes()),
-        trace: Default::default(),
-    }
+    out.0
 }

@@ -4,8 +4,7 @@
 //! costs a counter, not nine million values. The edits the upstream needs (the
 //! deployment as `model`, asking for stream usage) are spliced into the client's bytes.
 
-use crate::error::ApiError;
-use crate::ratelimit::estimate_text;
+use crate::error::Error;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use std::fmt;
@@ -34,17 +33,18 @@ const TOKENS_PER_REPLY: u64 = 3;
 impl Meta {
     /// Reads `body`, which must be one JSON object.
     #[inline(never)]
-    pub fn parse(body: &[u8]) -> Result<Meta, ApiError> {
+    pub fn parse(body: &[u8]) -> Result<Meta, Error> {
         if body.trim_ascii_start().first() != Some(&b'{') {
-            return Err(ApiError::invalid_request(
-                "We could not parse the JSON body of your request: it must be a JSON object.",
+            return Err(Error::InvalidJson(
+                "We could not parse the JSON body of your request: it must be a JSON object."
+                    .into(),
             ));
         }
         let mut de = serde_json::Deserializer::from_slice(body);
         Meta::deserialize(&mut de)
             .and_then(|m| de.end().map(|()| m))
             .map_err(|e| {
-                ApiError::invalid_request(format!(
+                Error::InvalidJson(format!(
                     "We could not parse the JSON body of your request. ({e})"
                 ))
             })
@@ -72,6 +72,15 @@ impl Meta {
         let copies = self.n.unwrap_or(1).max(self.best_of.unwrap_or(1)).max(1);
         prompt.saturating_add(reserve.saturating_mul(copies))
     }
+}
+
+/// Tokens for a text without a BPE table: a quarter token per ASCII byte (English runs
+/// near four characters a token) and one per other character (CJK is about one a
+/// character; accented Latin is overcounted, which errs on the safe side).
+fn estimate_text(text: &str) -> u64 {
+    let ascii = text.bytes().filter(u8::is_ascii).count() as u64;
+    let other = text.chars().filter(|c| !c.is_ascii()).count() as u64;
+    ascii.div_ceil(4) + other
 }
 
 /// The top-level keys `Meta` reads; anything else is skipped.
@@ -546,6 +555,19 @@ fn skip_value(json: &[u8], mut i: usize) -> usize {
 mod tests {
     use super::*;
     use serde_json::{json, Value};
+
+    #[test]
+    fn text_estimate_is_pinned() {
+        assert_eq!(estimate_text(""), 0);
+        assert_eq!(estimate_text("Hello, world!"), 4);
+        assert_eq!(
+            estimate_text("The quick brown fox jumps over the lazy dog."),
+            11
+        );
+        assert_eq!(estimate_text("你好世界"), 4);
+        assert_eq!(estimate_text("café"), 2);
+        assert_eq!(estimate_text(&"a".repeat(4000)), 1000);
+    }
 
     fn edited(body: &str, ask_usage: bool, model: Option<&str>) -> Value {
         let out = for_upstream(body.as_bytes(), ask_usage, model);

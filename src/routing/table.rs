@@ -3,9 +3,10 @@
 //! behind one mutex; `admit` and `finish` are the only ways in, both short and free of
 //! I/O, and both take the time as an argument.
 
+use super::strategy;
+use super::window::{Window, WINDOW};
 use crate::config::{Config, Instance, Strategy};
-use crate::ratelimit::{Window, WINDOW};
-use crate::router;
+use crate::outcome::Outcome;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -71,24 +72,6 @@ pub enum Blocked {
     RateLimited { until: Instant },
     /// Every candidate's circuit is open (and none is only rate-limited).
     Down { until: Instant },
-}
-
-/// What an attempt's outcome means for the instance.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Report {
-    /// The instance answered as a healthy one does (2xx, or a 4xx about the request).
-    Healthy {
-        remaining_tokens: Option<u64>,
-        remaining_requests: Option<u64>,
-    },
-    /// 429: stay away for this long (`None`: the default cooldown).
-    RateLimited(Option<Duration>),
-    /// 5xx, timeout, or a wrong key/deployment; `refused` when the request cannot have
-    /// been counted upstream (connection failed), so its reservation is given back.
-    Failed { why: String, refused: bool },
-    /// The request could not be put on the wire (ureq refused it): the instance never
-    /// saw it, so its reservation is given back and its health is untouched.
-    NotSent,
 }
 
 pub struct Table {
@@ -189,18 +172,18 @@ impl Table {
             return Err(blocked.unwrap_or(Blocked::Down { until: now }));
         }
         let index = match config.routing.strategy {
-            Strategy::Failover => router::failover(&config.instances, &eligible, self.last_pick),
-            Strategy::RoundRobin => router::rotate(&eligible, self.last_pick),
+            Strategy::Failover => strategy::failover(&config.instances, &eligible, self.last_pick),
+            Strategy::RoundRobin => strategy::rotate(&eligible, self.last_pick),
             Strategy::Weighted => {
                 let r = self.random();
-                router::weighted(&config.instances, &eligible, r)
+                strategy::weighted(&config.instances, &eligible, r)
             }
             Strategy::LeastLoaded => {
                 let load: Vec<f64> = eligible
                     .iter()
                     .map(|&i| self.utilisation(&config.instances[i], now))
                     .collect();
-                router::least_loaded(&config.instances, &eligible, &load, self.last_pick)
+                strategy::least_loaded(&config.instances, &eligible, &load, self.last_pick)
             }
         };
         self.last_pick = Some(index);
@@ -229,27 +212,34 @@ impl Table {
         }
     }
 
+    /// Gives back the reservation of a request that was never sent.
+    pub fn cancel(&mut self, config: &Config, admission: Admission) {
+        let rt = self.runtime(&config.instances[admission.index].name);
+        rt.tokens.release(admission.at, admission.tokens);
+        rt.requests.release(admission.at, 1);
+    }
+
     /// Applies an attempt's outcome to its instance. Returns how long the instance is
     /// now out if this outcome opened its circuit (an event worth an alert).
     pub fn finish(
         &mut self,
         config: &Config,
         admission: Admission,
-        report: Report,
+        outcome: Outcome,
         now: Instant,
     ) -> Option<Duration> {
         let inst = &config.instances[admission.index];
         let routing = &config.routing;
+        if outcome.never_counted() {
+            self.cancel(config, admission);
+        }
         let rt = self.runtime(&inst.name);
-        let release = |rt: &mut Runtime| {
-            rt.tokens.release(admission.at, admission.tokens);
-            rt.requests.release(admission.at, 1);
-        };
         let was_open = matches!(rt.circuit, Circuit::Open { .. });
-        match report {
-            Report::Healthy {
+        match outcome {
+            Outcome::Answered {
                 remaining_tokens,
                 remaining_requests,
+                ..
             } => {
                 rt.failures = 0;
                 rt.circuit = Circuit::Closed;
@@ -260,27 +250,26 @@ impl Table {
                     rt.requests.correct(now, max, left);
                 }
             }
-            Report::RateLimited(after) => {
-                release(rt);
+            Outcome::RateLimited { retry_after } => {
                 // It answered, so it is alive: a trial that meets a 429 closes the circuit.
                 rt.circuit = Circuit::Closed;
                 rt.failures = 0;
-                let until = now + after.unwrap_or(DEFAULT_COOLDOWN);
+                let until = now + retry_after.unwrap_or(DEFAULT_COOLDOWN);
                 // Only ever extend: a late 429 with a short Retry-After must not cut a
                 // longer cooldown short.
                 rt.cooldown_until = Some(rt.cooldown_until.map_or(until, |c| c.max(until)));
             }
-            Report::NotSent => release(rt),
-            Report::Failed { why, refused } => {
-                if refused {
-                    release(rt);
-                }
+            Outcome::Failed { .. }
+            | Outcome::DeploymentFault { .. }
+            | Outcome::TimedOut
+            | Outcome::Unreachable { .. }
+            | Outcome::Broken => {
                 let recent = rt
                     .last_failure
                     .is_some_and(|t| now.saturating_duration_since(t) < WINDOW);
                 rt.failures = if recent { rt.failures + 1 } else { 1 };
                 rt.last_failure = Some(now);
-                rt.last_error = Some(why);
+                rt.last_error = Some(describe(&outcome));
                 rt.circuit = match rt.circuit {
                     Circuit::Trial { backoff, .. } => {
                         let backoff = (backoff * 2).min(secs(routing.circuit_max_open_seconds));
@@ -304,6 +293,18 @@ impl Table {
             Circuit::Open { backoff, .. } if !was_open => Some(backoff),
             _ => None,
         }
+    }
+}
+
+/// A failure as `last_error` shows it.
+fn describe(outcome: &Outcome) -> String {
+    match outcome.status() {
+        Some(status) => format!("HTTP {status}"),
+        None => match outcome {
+            Outcome::TimedOut => "no answer in time".into(),
+            Outcome::Broken => "the answer broke off".into(),
+            _ => "could not be reached".into(),
+        },
     }
 }
 
@@ -447,11 +448,16 @@ mod tests {
         t0 + Duration::from_secs_f64(s)
     }
 
-    fn healthy() -> Report {
-        Report::Healthy {
+    fn healthy() -> Outcome {
+        Outcome::Answered {
+            status: 200,
             remaining_tokens: None,
             remaining_requests: None,
         }
+    }
+
+    fn failed() -> Outcome {
+        Outcome::Failed { status: 500 }
     }
 
     #[test]
@@ -483,30 +489,14 @@ mod tests {
         let mut t = Table::new();
         let t0 = Instant::now();
         let adm = t.admit(&c, &[0], &[], 900, t0).unwrap();
-        t.finish(
-            &c,
-            adm,
-            Report::Failed {
-                why: "refused".into(),
-                refused: true,
-            },
-            t0,
-        );
+        t.finish(&c, adm, Outcome::Unreachable { arrived: false }, t0);
         assert_eq!(
             t.admit(&c, &[0], &[], 900, t0).unwrap().index,
             0,
             "room again"
         );
         let adm = t.admit(&c, &[1], &[], 900, t0).unwrap();
-        t.finish(
-            &c,
-            adm,
-            Report::Failed {
-                why: "500".into(),
-                refused: false,
-            },
-            t0,
-        );
+        t.finish(&c, adm, failed(), t0);
         assert!(
             t.admit(&c, &[1], &[], 900, t0).is_err(),
             "a 5xx keeps its reservation"
@@ -522,7 +512,9 @@ mod tests {
         t.finish(
             &c,
             adm,
-            Report::RateLimited(Some(Duration::from_secs(30))),
+            Outcome::RateLimited {
+                retry_after: Some(Duration::from_secs(30)),
+            },
             t0,
         );
         assert_eq!(t.admit(&c, &[0, 1], &[], 1, at(t0, 1.0)).unwrap().index, 1);
@@ -532,7 +524,9 @@ mod tests {
         t2.finish(
             &c,
             adm,
-            Report::RateLimited(Some(Duration::from_secs(30))),
+            Outcome::RateLimited {
+                retry_after: Some(Duration::from_secs(30)),
+            },
             t0,
         );
         t2.runtime("a").circuit = Circuit::Closed;
@@ -544,7 +538,9 @@ mod tests {
         t2.finish(
             &c,
             fake,
-            Report::RateLimited(Some(Duration::from_secs(2))),
+            Outcome::RateLimited {
+                retry_after: Some(Duration::from_secs(2)),
+            },
             at(t0, 1.0),
         );
         assert_eq!(
@@ -562,7 +558,7 @@ mod tests {
             at: t0,
             tokens: 1,
         };
-        t2.finish(&c, adm, Report::RateLimited(None), t0);
+        t2.finish(&c, adm, Outcome::RateLimited { retry_after: None }, t0);
         assert!(t2.admit(&c, &[1], &[], 1, at(t0, 9.9)).is_err());
         assert!(
             t2.admit(&c, &[1], &[], 1, at(t0, 10.0)).is_ok(),
@@ -577,15 +573,7 @@ mod tests {
         let t0 = Instant::now();
         let fail = |t: &mut Table, now| {
             let adm = t.admit(&c, &[0], &[], 1, now).unwrap();
-            t.finish(
-                &c,
-                adm,
-                Report::Failed {
-                    why: "503".into(),
-                    refused: false,
-                },
-                now,
-            );
+            t.finish(&c, adm, failed(), now);
         };
         fail(&mut t, t0);
         assert!(
@@ -656,15 +644,7 @@ mod tests {
         let t0 = Instant::now();
         for s in [0.0, 61.0, 122.0] {
             let adm = t.admit(&c, &[0], &[], 1, at(t0, s)).unwrap();
-            t.finish(
-                &c,
-                adm,
-                Report::Failed {
-                    why: "503".into(),
-                    refused: false,
-                },
-                at(t0, s),
-            );
+            t.finish(&c, adm, failed(), at(t0, s));
         }
         assert!(t.admit(&c, &[0], &[], 1, at(t0, 123.0)).is_ok());
     }
@@ -704,7 +684,8 @@ mod tests {
         t.finish(
             &c,
             adm,
-            Report::Healthy {
+            Outcome::Answered {
+                status: 200,
                 remaining_tokens: Some(5),
                 remaining_requests: Some(3),
             },
@@ -763,15 +744,7 @@ mod tests {
         let adm = t.admit(&c, &[0], &[], 100, t0).unwrap();
         t.finish(&c, adm, healthy(), t0);
         let adm = t.admit(&c, &[1], &[], 1, t0).unwrap();
-        t.finish(
-            &c,
-            adm,
-            Report::Failed {
-                why: "HTTP 500".into(),
-                refused: false,
-            },
-            t0,
-        );
+        t.finish(&c, adm, failed(), t0);
         assert_eq!(health(&mut t, t0), [Health::RateLimited, Health::Error]);
         let v = &t.view(&c, t0)[0];
         assert_eq!(
@@ -779,15 +752,7 @@ mod tests {
             (100, 1, Some(at(t0, 60.0)))
         );
         let adm = t.admit(&c, &[1], &[], 1, t0).unwrap();
-        t.finish(
-            &c,
-            adm,
-            Report::Failed {
-                why: "HTTP 500".into(),
-                refused: false,
-            },
-            t0,
-        );
+        t.finish(&c, adm, failed(), t0);
         assert_eq!(
             health(&mut t, at(t0, 1.0)),
             [Health::RateLimited, Health::CircuitOpen]

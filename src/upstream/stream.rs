@@ -3,7 +3,7 @@
 //! (and dropped when the proxy asked for it on the client's behalf), and a stream cut
 //! or stalled after bytes went out ends with an explicit SSE error event.
 
-use crate::upstream::Usage;
+use super::Usage;
 use std::io::{self, Read};
 
 /// Largest event the relay holds while waiting for its end; beyond it the upstream is

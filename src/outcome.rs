@@ -1,0 +1,196 @@
+//! How one attempt on one instance ended (DESIGN §5.4): the one classification of an
+//! upstream's answer, made once by `upstream::call` (or by the relay, for a stream that
+//! breaks after its first event) and read by routing (the instance's state), the
+//! statistics, the alerts and the choice of what the client is told; and the token
+//! usage an answer reports.
+
+use std::fmt;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Outcome {
+    /// The instance answered as a healthy one does: 2xx, or a 4xx about the request
+    /// itself that every instance would repeat (400, a content filter, 413, 422). The
+    /// answer goes to the client as it is. The rate-limit headers, when sent, say how
+    /// much of the instance's quota is left.
+    Answered {
+        status: u16,
+        remaining_tokens: Option<u64>,
+        remaining_requests: Option<u64>,
+    },
+    /// 429: the instance is at its limit; it cools down for `retry_after`
+    /// (`None`: the upstream did not say).
+    RateLimited { retry_after: Option<Duration> },
+    /// A 5xx, or any other status no healthy instance gives.
+    Failed { status: u16 },
+    /// 401, 403 or 404: this instance rejects the proxy's key for this deployment, or
+    /// has no such deployment. It says nothing about the instance's other models.
+    DeploymentFault { status: u16 },
+    /// Connected and sent, but no answer came within the time allowed.
+    TimedOut,
+    /// No exchange with the upstream: the connection was refused, not made in time,
+    /// or dropped before an answer. `arrived`: the request may have reached it.
+    Unreachable { arrived: bool },
+    /// The answer broke off after its head: a body that could not be read, or a
+    /// stream cut or stalled after its first event.
+    Broken,
+}
+
+/// Token usage as an upstream reports it (`usage` in a body or in a stream's last chunk).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+pub struct Usage {
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+    #[serde(default)]
+    pub total_tokens: u64,
+}
+
+/// An attempt as the statistics and the access log keep it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attempt {
+    pub instance: String,
+    pub outcome: Outcome,
+}
+
+/// The error counters' key for an outcome: its status, or what failed below HTTP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Label {
+    Status(u16),
+    Timeout,
+    Connect,
+    Broken,
+}
+
+impl fmt::Display for Label {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Label::Status(s) => write!(f, "{s}"),
+            Label::Timeout => f.write_str("timeout"),
+            Label::Connect => f.write_str("connect"),
+            Label::Broken => f.write_str("broken"),
+        }
+    }
+}
+
+impl Outcome {
+    /// The class of an upstream's answer with `status`; `retry_after` and the remaining
+    /// counts are read from its headers by the caller.
+    pub fn of_status(
+        status: u16,
+        retry_after: impl FnOnce() -> Option<Duration>,
+        remaining: impl FnOnce() -> (Option<u64>, Option<u64>),
+    ) -> Outcome {
+        match status {
+            429 => Outcome::RateLimited {
+                retry_after: retry_after(),
+            },
+            401 | 403 | 404 => Outcome::DeploymentFault { status },
+            200..=299 | 400..=499 => {
+                let (remaining_tokens, remaining_requests) = remaining();
+                Outcome::Answered {
+                    status,
+                    remaining_tokens,
+                    remaining_requests,
+                }
+            }
+            _ => Outcome::Failed { status },
+        }
+    }
+
+    /// The status the upstream answered with, if it answered.
+    pub fn status(&self) -> Option<u16> {
+        match *self {
+            Outcome::Answered { status, .. }
+            | Outcome::Failed { status }
+            | Outcome::DeploymentFault { status } => Some(status),
+            Outcome::RateLimited { .. } => Some(429),
+            Outcome::TimedOut | Outcome::Unreachable { .. } | Outcome::Broken => None,
+        }
+    }
+
+    pub fn is_success(&self) -> bool {
+        matches!(
+            self,
+            Outcome::Answered {
+                status: 200..=299,
+                ..
+            }
+        )
+    }
+
+    /// Whether another instance may do better: everything but an answer to pass on.
+    pub fn retry_elsewhere(&self) -> bool {
+        !matches!(self, Outcome::Answered { .. })
+    }
+
+    /// Whether the instance is to blame (an error in its statistics).
+    pub fn is_error(&self) -> bool {
+        self.retry_elsewhere()
+    }
+
+    /// Whether the upstream cannot have counted the request against its quota, so
+    /// its reservation in the window is given back: refused before any work (429, a
+    /// wrong key or deployment), or never delivered.
+    pub fn never_counted(&self) -> bool {
+        matches!(
+            self,
+            Outcome::RateLimited { .. }
+                | Outcome::DeploymentFault { .. }
+                | Outcome::Unreachable { arrived: false }
+        )
+    }
+
+    pub fn label(&self) -> Label {
+        match self {
+            Outcome::TimedOut => Label::Timeout,
+            Outcome::Unreachable { .. } => Label::Connect,
+            Outcome::Broken => Label::Broken,
+            other => Label::Status(other.status().unwrap_or(0)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn of(status: u16) -> Outcome {
+        Outcome::of_status(status, || Some(Duration::from_secs(3)), || (Some(1), None))
+    }
+
+    #[test]
+    fn statuses_fall_into_their_classes() {
+        assert!(of(200).is_success() && !of(200).retry_elsewhere());
+        assert_eq!(
+            of(429),
+            Outcome::RateLimited {
+                retry_after: Some(Duration::from_secs(3))
+            }
+        );
+        assert_eq!(of(503), Outcome::Failed { status: 503 });
+        assert_eq!(of(404), Outcome::DeploymentFault { status: 404 });
+        assert_eq!(of(401), Outcome::DeploymentFault { status: 401 });
+        // A 400 is about the request: any instance would say the same.
+        assert!(!of(400).retry_elsewhere() && !of(400).is_success());
+        assert!(of(404).retry_elsewhere() && of(404).never_counted());
+        assert!(!of(503).never_counted());
+        assert!(Outcome::Unreachable { arrived: false }.never_counted());
+        assert!(!Outcome::Unreachable { arrived: true }.never_counted());
+    }
+
+    #[test]
+    fn labels_name_statuses_and_failures_below_http() {
+        let labels: Vec<String> = [
+            of(500),
+            Outcome::TimedOut,
+            Outcome::Unreachable { arrived: false },
+            Outcome::Broken,
+        ]
+        .iter()
+        .map(|o| o.label().to_string())
+        .collect();
+        assert_eq!(labels, ["500", "timeout", "connect", "broken"]);
+    }
+}

@@ -1,0 +1,237 @@
+//! A running proxy (`Proxy`): the server started on its socket, the statistics
+//! rotation thread, reload and shutdown; and the route table that sends each path to
+//! its handler (`api` for the OpenAI endpoints, `admin` for the operator's).
+
+use crate::config::{Config, Source};
+use crate::error::Error;
+use crate::http::{self, auth, Reply};
+use crate::state::{Generation, Reloaded, State};
+use crate::upstream::stream;
+use crate::{admin, api, upstream};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tiny_http::{Method, Request};
+
+/// A running proxy: its server and the statistics thread.
+pub struct Proxy {
+    server: tiny_http::Server,
+    state: Arc<State>,
+    rotator: JoinHandle<()>,
+    stop_tx: crossbeam_channel::Sender<()>,
+}
+
+impl Proxy {
+    /// Binds `host:port` (port 0 picks a free one) and starts serving.
+    pub fn start(config: Config, source: Source) -> Result<Proxy, String> {
+        let bind = format!("{}:{}", config.host, config.port);
+        let listener = http::listen(&bind).map_err(|e| format!("cannot listen on {bind}: {e}"))?;
+        let state = Arc::new(State::new(config.clone(), source));
+        let server = http::start(listener, &config, state.clone(), route)
+            .map_err(|e| format!("cannot start the server: {e}"))?;
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+        let rotator = {
+            let state = state.clone();
+            std::thread::Builder::new()
+                .name("stats-rotation".into())
+                .spawn(move || {
+                    // Wakes each second; ends when the proxy drops the sender.
+                    while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+                        stop_rx.recv_timeout(Duration::from_secs(1))
+                    {
+                        state.stats.lock().rotate(state.uptime_secs());
+                    }
+                })
+                .map_err(|e| format!("cannot start the stats thread: {e}"))?
+        };
+        Ok(Proxy {
+            server,
+            state,
+            rotator,
+            stop_tx,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.server.server_addr()
+    }
+
+    /// Blocks until the proxy is stopped from another thread (it is not, unless killed).
+    pub fn wait(self) {
+        let _ = self.rotator.join();
+    }
+
+    /// Re-reads the configuration (see `State::reload`).
+    pub fn reload(&self) -> Result<Reloaded, String> {
+        self.state.reload()
+    }
+
+    /// Stops accepting at once (the listening socket closes), answers `/health` with
+    /// 503, closes idle connections, and waits up to `grace` for requests under way
+    /// (streams included). Streams still running then end with an SSE error event.
+    /// Returns whether everything finished within `grace`.
+    pub fn shutdown(self, grace: Duration) -> bool {
+        self.state.draining.store(true, Ordering::SeqCst);
+        self.server.drain();
+        let finished = self.server.wait_closed(Instant::now() + grace);
+        if !finished {
+            self.server.cut_streams(&stream::error_event(
+                "The proxy is shutting down: this stream was cut before its end.",
+            ));
+            self.server
+                .wait_closed(Instant::now() + Duration::from_secs(1));
+        }
+        drop(self.stop_tx);
+        let _ = self.rotator.join();
+        finished
+    }
+
+    /// Stops at once: `shutdown` without a grace period.
+    pub fn stop(self) {
+        self.shutdown(Duration::ZERO);
+    }
+}
+
+fn route(
+    state: &State,
+    g: &Generation,
+    request: &mut Request<'_>,
+    method: &Method,
+    path: &str,
+) -> Reply {
+    let auth = &g.config.auth;
+    if path.starts_with("/v1/") || path.starts_with("/openai/") {
+        if let Err(e) = auth::check_client(&auth.api_keys, |name| request.header(name)) {
+            return e.into();
+        }
+    }
+    let forward = |request: &mut Request<'_>, op: &str, model: Option<String>| {
+        only(method, "POST", path, || {
+            api::forward(state, g, request, op, model)
+        })
+    };
+    if let Some(op) = path
+        .strip_prefix("/v1/")
+        .filter(|op| upstream::OPERATIONS.contains(op))
+    {
+        return forward(request, op, None);
+    }
+    if let Some((model, op)) = azure_path(path) {
+        return forward(request, op, Some(model));
+    }
+    route_other(state, g, request, method, path)
+}
+
+/// The endpoints that are not forwarded. Never inlined: inlined, their locals made the
+/// frame that every held stream keeps on its thread 20 KiB larger.
+#[inline(never)]
+fn route_other(
+    state: &State,
+    g: &Generation,
+    request: &mut Request<'_>,
+    method: &Method,
+    path: &str,
+) -> Reply {
+    let auth = &g.config.auth;
+    let get = |f: &dyn Fn() -> Reply| only(method, "GET", path, f);
+    match path {
+        "/v1/models" => get(&|| api::models(g)),
+        "/health" => get(&|| admin::health(state, g)),
+        "/metrics" => get(&|| admin::metrics(state, g)),
+        "/stats" => {
+            let query = request
+                .url()
+                .split_once('?')
+                .map_or("", |(_, q)| q)
+                .to_string();
+            get(&|| admin::stats(state, g, &query))
+        }
+        "/stats/windows" => get(&|| admin::stats_windows(state, g)),
+        "/stats/instances" => get(&|| admin::stats_instances(state, g)),
+        "/stats/health" => get(&|| admin::stats_health(state, g)),
+        "/stats/status" => get(&|| admin::stats_status(state, g)),
+        "/stats/reset" | "/config" | "/config/reload" => {
+            let allowed = if path == "/config" { "GET" } else { "POST" };
+            only(method, allowed, path, || {
+                let peer = request.remote_addr();
+                if let Err(e) =
+                    auth::check_admin(auth.admin_key.as_ref(), |name| request.header(name), peer)
+                {
+                    return e.into();
+                }
+                match path {
+                    "/stats/reset" => admin::stats_reset(state),
+                    "/config" => admin::config(g),
+                    _ => admin::reload(state),
+                }
+            })
+        }
+        _ => Error::UnknownUrl {
+            method: method.as_str().into(),
+            path: path.into(),
+        }
+        .into(),
+    }
+}
+
+/// Runs `f` if the method is `allowed`, else answers 405 naming it.
+fn only(method: &Method, allowed: &'static str, path: &str, f: impl FnOnce() -> Reply) -> Reply {
+    if method.as_str() == allowed {
+        f()
+    } else {
+        Error::MethodNotAllowed {
+            method: method.as_str().into(),
+            path: path.into(),
+            allowed,
+        }
+        .into()
+    }
+}
+
+/// `/openai/deployments/{model}/{op}` → (model, op), for `AzureOpenAI` SDK clients.
+fn azure_path(path: &str) -> Option<(String, &'static str)> {
+    let rest = path.strip_prefix("/openai/deployments/")?;
+    let (model, op) = rest.split_once('/')?;
+    let op = upstream::OPERATIONS.iter().find(|o| **o == op)?;
+    let model = percent_decode(model)?;
+    (!model.is_empty()).then_some((model, op))
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn azure_paths() {
+        assert_eq!(
+            azure_path("/openai/deployments/gpt-4o/chat/completions"),
+            Some(("gpt-4o".to_string(), "chat/completions"))
+        );
+        assert_eq!(
+            azure_path("/openai/deployments/my%20model/embeddings"),
+            Some(("my model".to_string(), "embeddings"))
+        );
+        assert_eq!(azure_path("/openai/deployments/m/images/generations"), None);
+        assert_eq!(azure_path("/openai/deployments//completions"), None);
+        assert_eq!(azure_path("/openai/deployments/%zz/completions"), None);
+    }
+}

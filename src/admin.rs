@@ -179,6 +179,7 @@ pub fn stats_instances(state: &State, g: &Generation) -> Reply {
                 "last_error": v.last_error,
                 "rate_limited_until": v.rate_limited_until.map(|t| wall(t, now, wall_now)),
                 "circuit_open_until": v.circuit_open_until.map(|t| wall(t, now, wall_now)),
+                "models_out": v.models_out.iter().map(|(m, t)| (m.clone(), json!(wall(*t, now, wall_now)))).collect::<Map<_, _>>(),
                 "priority": inst.priority,
                 "weight": inst.weight,
                 "last_used": v.last_used.map(|t| wall(t, now, wall_now)),
@@ -265,6 +266,7 @@ pub fn health(state: &State, g: &Generation) -> Reply {
             "available_instances": available,
             "total_instances": views.len(),
             "version": env!("CARGO_PKG_VERSION"),
+            "config_version": g.config.version,
             "uptime_seconds": state.started.elapsed().as_secs(),
         }),
     )

@@ -11,6 +11,7 @@ pub mod capacity;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod json;
 pub mod observe;
 pub mod outcome;
 pub mod proxy;

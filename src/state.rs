@@ -70,8 +70,8 @@ impl State {
         State {
             permits: Permits::new(config.server.workers),
             bodies: BodyMemory::new(config.server.max_body_memory),
+            table: parking_lot::Mutex::new(Table::new(&config)),
             current: parking_lot::RwLock::new(Arc::new(Generation::new(config))),
-            table: parking_lot::Mutex::new(Table::new()),
             stats: parking_lot::Mutex::new(Stats::new()),
             started: Instant::now(),
             draining: AtomicBool::new(false),
@@ -125,7 +125,7 @@ impl State {
         }
         let instances = new.instances.iter().map(|i| i.name.clone()).collect();
         let generation = Generation::new(new);
-        self.table.lock().retain(&generation.config);
+        self.table.lock().update(&generation.config);
         *self.current.write() = Arc::new(generation);
         log::info!("configuration reloaded from {}", self.source.dir.display());
         if !restart_needed.is_empty() {

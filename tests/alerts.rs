@@ -15,12 +15,19 @@ fn webhook() -> Mock {
     }))
 }
 
-fn proxy_with(hook_url: &str, failing: &Mock, deployless: &Mock) -> TestProxy {
+fn proxy_with(hook_url: &str, failing: &Mock, deployless: &Mock, flaky: &Mock) -> TestProxy {
     TestProxy::start(&format!(
-        "name: alert-test\nlogging: {{feishu_webhook: '{hook_url}/open-apis/bot/v2/hook/token-abc'}}\nrouting: {{circuit_failures: 3, circuit_open_seconds: 60}}\ninstances:\n{}{}",
+        "name: alert-test\nlogging: {{feishu_webhook: '{hook_url}/open-apis/bot/v2/hook/token-abc'}}\nrouting: {{circuit_failures: 3, circuit_open_seconds: 60}}\ninstances:\n{}{}{}",
         azure_instance("badkey", &failing.url, KEY, 1, "supported_models: [m]"),
         azure_instance("nodep", &deployless.url, KEY, 1, "supported_models: [sentinel]"),
+        azure_instance("flaky", &flaky.url, KEY, 1, "supported_models: [f]"),
     ))
+}
+
+fn failing_500() -> Mock {
+    Mock::start(Arc::new(|_: &Recorded| {
+        json_reply(500, json!({"error": {"message": "internal"}}))
+    }))
 }
 
 fn texts(hook: &Mock) -> Vec<String> {
@@ -44,7 +51,8 @@ fn a_failing_instance_under_load_sends_a_handful_of_alerts() {
             json!({"error": {"code": "DeploymentNotFound", "message": "no such deployment"}}),
         )
     }));
-    let proxy = proxy_with(&hook.url, &failing, &deployless);
+    let flaky = failing_500();
+    let proxy = proxy_with(&hook.url, &failing, &deployless, &flaky);
     let chat = format!("{}/v1/chat/completions", proxy.url);
     let mut statuses = std::collections::BTreeMap::new();
     for _ in 0..100 {
@@ -54,9 +62,12 @@ fn a_failing_instance_under_load_sends_a_handful_of_alerts() {
     }
     assert_eq!(
         statuses,
-        [(401, 3), (503, 97)].into(),
-        "three 401s open the circuit"
+        [(401, 1), (503, 99)].into(),
+        "one 401 takes the instance out for m"
     );
+    for _ in 0..3 {
+        assert_eq!(post_json(&chat, &json!({"model": "f"})).status, 500);
+    }
     // A last, distinct event: alerts leave in order, so once it arrives all have.
     post_json(&chat, &json!({"model": "sentinel"}));
     assert!(wait_until(Duration::from_secs(10), || texts(&hook)
@@ -72,11 +83,11 @@ fn a_failing_instance_under_load_sends_a_handful_of_alerts() {
         "{sent:#?}"
     );
     assert!(
-        sent[1].contains("instance badkey keeps failing; it is taken out for 60 s"),
+        sent[1].contains("every instance serving m is down"),
         "{sent:#?}"
     );
     assert!(
-        sent[2].contains("every instance serving m is down"),
+        sent[2].contains("instance flaky keeps failing; it is taken out for 60 s"),
         "{sent:#?}"
     );
     assert!(
@@ -100,7 +111,8 @@ fn a_dead_webhook_never_slows_requests() {
     }));
     let failing = Mock::start(azure_like("a-different-key"));
     let deployless = Mock::start(azure_like(KEY));
-    let proxy = proxy_with(&hook.url, &failing, &deployless);
+    let flaky = failing_500();
+    let proxy = proxy_with(&hook.url, &failing, &deployless, &flaky);
     let chat = format!("{}/v1/chat/completions", proxy.url);
     let started = Instant::now();
     for _ in 0..100 {

@@ -264,6 +264,7 @@ fn sigterm_lets_a_stream_in_flight_finish_then_exits_0() {
     use std::io::Read;
     let upstream = common::Mock::start(std::sync::Arc::new(|_: &common::Recorded| {
         common::MockReply::Sse {
+            first_after: Duration::ZERO,
             events: common::chat_events("d", &["a", "b", "c", "d", "e", "f", "g", "h"], true),
             gap: Duration::from_millis(150),
             end: common::SseEnd::Done,

@@ -263,6 +263,7 @@ fn ambiguous_framing_gets_400_and_the_connection_closed() {
 #[test]
 fn four_maximum_size_bodies_at_once_stay_under_512_mb() {
     let up = Mock::start(Arc::new(|_: &Recorded| MockReply::Sse {
+        first_after: Duration::ZERO,
         events: chat_events("d", &["ok"], false),
         gap: Duration::ZERO,
         end: SseEnd::Done,
@@ -366,6 +367,7 @@ fn big_stream() -> Mock {
             return plain(r);
         }
         MockReply::Sse {
+            first_after: Duration::ZERO,
             events: chat_events("d", &words, false),
             gap: Duration::from_millis(1),
             end: SseEnd::Done,
@@ -715,6 +717,7 @@ fn configuration_errors_never_print_a_fields_value() {
 fn sigterm_stops_accepting_at_once_and_cut_streams_end_with_an_error_event() {
     let words: Vec<&'static str> = vec!["w"; 40];
     let up = Mock::start(Arc::new(move |_: &Recorded| MockReply::Sse {
+        first_after: Duration::ZERO,
         events: chat_events("d", &words, false),
         gap: Duration::from_millis(200),
         end: SseEnd::Done,

@@ -13,6 +13,7 @@ const KEY: &str = "k-stream";
 
 fn slow_stream(gap: Duration, words: &'static [&'static str], end: fn() -> SseEnd) -> Behaviour {
     Arc::new(move |req: &Recorded| MockReply::Sse {
+        first_after: Duration::ZERO,
         events: chat_events(
             "dep",
             words,

@@ -5,6 +5,7 @@
 //! deployment as `model`, asking for stream usage) are spliced into the client's bytes.
 
 use crate::error::Error;
+use crate::json::{for_each_member, skip_space};
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use std::fmt;
@@ -456,99 +457,6 @@ fn insert_members(json: &[u8], open: usize, members: Vec<Vec<u8>>) -> (Range<usi
         bytes.push(b',');
     }
     (open + 1..open + 1, bytes)
-}
-
-/// Calls `f(key, member, value)` for each member of the object that starts at `open`
-/// (a `{`), with the unescaped key when it is plain, and the byte ranges of the whole
-/// member and of its value. Keys with escapes are passed decoded.
-fn for_each_member(json: &[u8], open: usize, mut f: impl FnMut(&[u8], Range<usize>, Range<usize>)) {
-    let mut i = open + 1;
-    loop {
-        i = skip_space(json, i);
-        if i >= json.len() || json[i] != b'"' {
-            return;
-        }
-        let key_start = i;
-        let key_end = skip_string(json, i);
-        let raw_key = json
-            .get(key_start + 1..key_end.saturating_sub(1))
-            .unwrap_or_default();
-        i = skip_space(json, key_end);
-        if json.get(i) != Some(&b':') {
-            return;
-        }
-        let value_start = skip_space(json, i + 1);
-        let value_end = skip_value(json, value_start);
-        if raw_key.contains(&b'\\') {
-            if let Ok(key) = serde_json::from_slice::<String>(&json[key_start..key_end]) {
-                f(key.as_bytes(), key_start..value_end, value_start..value_end);
-            }
-        } else {
-            f(raw_key, key_start..value_end, value_start..value_end);
-        }
-        i = skip_space(json, value_end);
-        if json.get(i) != Some(&b',') {
-            return;
-        }
-        i += 1;
-    }
-}
-
-fn skip_space(json: &[u8], mut i: usize) -> usize {
-    while i < json.len() && json[i].is_ascii_whitespace() {
-        i += 1;
-    }
-    i
-}
-
-/// Index just past the string that starts at `i` (a `"`).
-fn skip_string(json: &[u8], mut i: usize) -> usize {
-    i += 1;
-    while i < json.len() {
-        match json[i] {
-            b'\\' => i += 2,
-            b'"' => return i + 1,
-            _ => i += 1,
-        }
-    }
-    json.len()
-}
-
-/// Index just past the value that starts at `i`; iterative, so depth costs nothing.
-fn skip_value(json: &[u8], mut i: usize) -> usize {
-    match json.get(i) {
-        Some(b'"') => skip_string(json, i),
-        Some(b'{' | b'[') => {
-            let mut depth = 0usize;
-            while i < json.len() {
-                match json[i] {
-                    b'"' => {
-                        i = skip_string(json, i);
-                        continue;
-                    }
-                    b'{' | b'[' => depth += 1,
-                    b'}' | b']' => {
-                        depth -= 1;
-                        if depth == 0 {
-                            return i + 1;
-                        }
-                    }
-                    _ => {}
-                }
-                i += 1;
-            }
-            json.len()
-        }
-        _ => {
-            while i < json.len()
-                && !matches!(json[i], b',' | b'}' | b']')
-                && !json[i].is_ascii_whitespace()
-            {
-                i += 1;
-            }
-            i
-        }
-    }
 }
 
 #[cfg(test)]

@@ -144,6 +144,7 @@ fn forward_traced(
                 body: payload,
                 headers: &forwarded,
                 stream: meta.stream,
+                first_byte: Duration::from_secs_f64(config.routing.first_byte_timeout()),
             };
             upstream::call(&g.agent, inst, &g.addresses[i], &call)
         },
@@ -152,9 +153,10 @@ fn forward_traced(
     match routed {
         Routed::Answered { answer, instance } => {
             trace.usage = answer.usage;
-            Ok(reply(answer, |upstream| {
+            Ok(reply(answer, |first, rest| {
                 Body::Stream(Stream {
-                    upstream,
+                    first,
+                    rest,
                     strip_usage: ask_usage,
                     instance,
                     permit: Some(permit),
@@ -165,7 +167,7 @@ fn forward_traced(
         Routed::Failed {
             answer: Some(answer),
             ..
-        } => Ok(reply(answer, |_| Body::Full(Vec::new()))),
+        } => Ok(reply(answer, |_, _| Body::Full(Vec::new()))),
         Routed::Failed { outcome, .. } => {
             let (model, tried) = (model.to_string(), trace.attempts.len());
             Err(match outcome {
@@ -179,13 +181,13 @@ fn forward_traced(
 
 /// The client's reply to an upstream's answer; `stream` makes the body of an event
 /// stream.
-fn reply(answer: Answer, stream: impl FnOnce(ureq::Body) -> Body) -> Reply {
+fn reply(answer: Answer, stream: impl FnOnce(Vec<u8>, ureq::BodyReader<'static>) -> Body) -> Reply {
     Reply {
         status: answer.status,
         headers: answer.headers,
         body: match answer.body {
             upstream::Body::Full(bytes) => Body::Full(bytes),
-            upstream::Body::Stream(s) => stream(s),
+            upstream::Body::Stream { first, rest } => stream(first, rest),
         },
         trace: Trace::default(),
     }

@@ -185,9 +185,15 @@ pub struct Routing {
     /// Further attempts after the first, each on an instance not yet tried.
     #[serde(deserialize_with = "lenient")]
     pub retries: u32,
-    /// Seconds to wait for an upstream's response headers, and for each read of its body.
+    /// Seconds an upstream may stay silent between two reads of its answer: the longest
+    /// gap between a stream's events. Also the time to first byte when
+    /// `first_byte_timeout` is not set.
     #[serde(deserialize_with = "lenient")]
     pub timeout: f64,
+    /// Seconds from sending a request to its answer's head, and for a stream to its
+    /// first event. A stream that misses it is retried on another instance.
+    #[serde(deserialize_with = "lenient_opt")]
+    pub first_byte_timeout: Option<f64>,
     /// Seconds to establish a connection (TCP + TLS) to an upstream.
     #[serde(deserialize_with = "lenient")]
     pub connect_timeout: f64,
@@ -197,14 +203,26 @@ pub struct Routing {
     /// Completion tokens reserved when a request sets no `max_tokens`.
     #[serde(deserialize_with = "lenient")]
     pub default_completion_tokens: u64,
-    /// Consecutive failures (each within a minute of the last) that open a circuit.
+    /// Failures that open a circuit: this many in a row, or this many in the last
+    /// minute when they are also at least `circuit_failure_rate` of its attempts.
     #[serde(deserialize_with = "lenient")]
     pub circuit_failures: u32,
+    #[serde(deserialize_with = "lenient")]
+    pub circuit_failure_rate: f64,
     /// Seconds a circuit first stays open; doubles on each failed trial.
     #[serde(deserialize_with = "lenient")]
     pub circuit_open_seconds: f64,
     #[serde(deserialize_with = "lenient")]
     pub circuit_max_open_seconds: f64,
+    /// The longest cooldown an upstream's 429 can impose, in seconds.
+    #[serde(deserialize_with = "lenient")]
+    pub max_cooldown: f64,
+}
+
+impl Routing {
+    pub fn first_byte_timeout(&self) -> f64 {
+        self.first_byte_timeout.unwrap_or(self.timeout)
+    }
 }
 
 impl Default for Routing {
@@ -213,12 +231,15 @@ impl Default for Routing {
             strategy: Strategy::Failover,
             retries: 3,
             timeout: 60.0,
+            first_byte_timeout: None,
             connect_timeout: 10.0,
             queue_timeout: 1.0,
             default_completion_tokens: 1024,
             circuit_failures: 3,
+            circuit_failure_rate: 0.5,
             circuit_open_seconds: 5.0,
             circuit_max_open_seconds: 300.0,
+            max_cooldown: 300.0,
         }
     }
 }
@@ -421,9 +442,11 @@ impl Config {
         let r = &self.routing;
         for (key, secs) in [
             ("timeout", r.timeout),
+            ("first_byte_timeout", r.first_byte_timeout()),
             ("connect_timeout", r.connect_timeout),
             ("circuit_open_seconds", r.circuit_open_seconds),
             ("circuit_max_open_seconds", r.circuit_max_open_seconds),
+            ("max_cooldown", r.max_cooldown),
         ] {
             if !(secs.is_finite() && secs > 0.0) {
                 return Err(invalid(
@@ -440,6 +463,12 @@ impl Config {
         }
         if r.circuit_failures == 0 {
             return Err(invalid("routing.circuit_failures", "must be at least 1"));
+        }
+        if !(r.circuit_failure_rate > 0.0 && r.circuit_failure_rate <= 1.0) {
+            return Err(invalid(
+                "routing.circuit_failure_rate",
+                "must be a share of attempts above 0 and at most 1",
+            ));
         }
         if self.server.workers == 0 {
             return Err(invalid("server.workers", "must be at least 1"));

@@ -14,8 +14,11 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::observe::logging::Clean;
 use crate::observe::stats::Record;
+use crate::outcome::Outcome;
+use crate::routing;
 use crate::state::{Generation, State};
 use crate::upstream::stream::{self, End};
+use std::io::Read;
 use std::net::{TcpListener, ToSocketAddrs};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -137,7 +140,7 @@ fn record(
         match end {
             None | Some(End::Completed) => String::new(),
             Some(End::ClientGone) => " stream=client_gone".into(),
-            Some(End::UpstreamFailed(why)) => format!(" stream=failed ({why})"),
+            Some(End::UpstreamFailed(ref why)) => format!(" stream=failed ({why})"),
         }
     );
     if trace.api {
@@ -149,11 +152,23 @@ fn record(
             model,
             instance: trace.instance.as_deref(),
             status,
+            broke: matches!(end, Some(End::UpstreamFailed(_))),
             latency: started.elapsed(),
             usage: trace.usage,
             attempts: &trace.attempts,
         };
         state.stats.lock().record(state.uptime_secs(), &record);
+    }
+}
+
+/// A stream that broke after its answer began is its instance's failure: in the
+/// instance's state (and circuit), and in the statistics as a broken attempt.
+#[inline(never)]
+fn broke(state: &State, g: &Generation, instance: usize, trace: &mut Trace) {
+    let model = trace.model.as_deref().unwrap_or_default();
+    routing::broke(&state.table, &g.config, &g.alerts, instance, model);
+    if let Some(last) = trace.attempts.last_mut() {
+        last.outcome = Outcome::Broken;
     }
 }
 
@@ -185,9 +200,10 @@ fn answer(
             (status, reply.trace, None)
         }
         Body::Stream(Stream {
-            upstream,
+            first,
+            mut rest,
             strip_usage,
-            instance: _,
+            instance,
             permit,
         }) => {
             let mut trace = reply.trace;
@@ -197,7 +213,7 @@ fn answer(
             let end = match request.into_stream(status, &reply.headers) {
                 Ok(mut client) => {
                     let summary = stream::relay(
-                        &mut upstream.into_reader(),
+                        &mut first.as_slice().chain(&mut rest),
                         &mut |event| client.send(event),
                         strip_usage,
                     );
@@ -211,6 +227,9 @@ fn answer(
                 Err(_) => End::ClientGone,
             };
             drop(permit);
+            if let End::UpstreamFailed(_) = end {
+                broke(state, g, instance, &mut trace);
+            }
             (status, trace, Some(end))
         }
     }

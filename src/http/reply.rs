@@ -27,7 +27,9 @@ pub enum Body {
 
 /// An upstream event stream and what its relay needs.
 pub struct Stream {
-    pub upstream: ureq::Body,
+    /// The stream's first event, already read.
+    pub first: Vec<u8>,
+    pub rest: ureq::BodyReader<'static>,
     /// The proxy asked for the usage chunk on the client's behalf: it is not passed on.
     pub strip_usage: bool,
     /// The instance streaming, by its index in the request's configuration.

@@ -84,6 +84,8 @@ pub struct Record<'a> {
     /// The instance that gave the final answer, if any did.
     pub instance: Option<&'a str>,
     pub status: u16,
+    /// A stream that broke after its head went out with `status`: a failed request.
+    pub broke: bool,
     pub latency: Duration,
     pub usage: Option<Usage>,
     pub attempts: &'a [Attempt],
@@ -112,7 +114,7 @@ impl Counts {
     fn record(&mut self, r: &Record) {
         self.requests += 1;
         match r.status {
-            200..=299 => self.successes += 1,
+            200..=299 if !r.broke => self.successes += 1,
             500 => self.status_500 += 1,
             503 => self.status_503 += 1,
             _ => self.status_other_error += 1,
@@ -291,6 +293,7 @@ mod tests {
                 model: Some(model),
                 instance: Some("a"),
                 status,
+                broke: false,
                 latency: Duration::from_millis(ms),
                 usage: (status == 200).then_some(Usage {
                     prompt_tokens: tokens,
@@ -394,6 +397,7 @@ mod tests {
                 model: Some("m"),
                 instance: Some("c"),
                 status: 200,
+                broke: false,
                 latency: Duration::from_millis(30),
                 usage: None,
                 attempts: &attempts,

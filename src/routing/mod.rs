@@ -49,7 +49,8 @@ pub enum Routed<A> {
 
 /// Routes one request: admits it to an instance, calls `attempt` there, and tries
 /// untried instances (up to `routing.retries` more) while the outcome says another
-/// may do better. Each attempt is recorded in `attempts`.
+/// may do better. Each attempt is recorded in `attempts`. When every attempt fails,
+/// the client hears the most useful failure (`precedence`), not the last one.
 pub fn run<A>(
     table: &Mutex<Table>,
     config: &Config,
@@ -59,20 +60,26 @@ pub fn run<A>(
     mut attempt: impl FnMut(usize) -> Result<(Outcome, Option<A>), Error>,
 ) -> Routed<A> {
     let mut tried: Vec<usize> = Vec::new();
-    let mut last = None;
+    let mut best: Option<(Outcome, Option<A>)> = None;
     while tried.len() <= config.routing.retries as usize {
-        // Only the first admission waits; a retry takes what is free now or stops.
-        let wait_until = if tried.is_empty() {
-            plan.deadline
-        } else {
-            Instant::now()
-        };
-        let admission = match admit(table, config, plan, &tried, wait_until) {
-            Ok(a) => a,
-            Err(blocked) if tried.is_empty() => {
-                return Routed::Refused(refusal(alerts, plan, blocked))
+        let admission = if tried.is_empty() {
+            match admit(table, config, plan) {
+                Ok(a) => a,
+                Err(blocked) => return Routed::Refused(refusal(alerts, plan, blocked)),
             }
-            Err(_) => break,
+        } else {
+            // A retry takes what is free now, or stops.
+            let now = Instant::now();
+            match table.lock().admit(
+                config,
+                plan.candidates,
+                &tried,
+                (plan.model, plan.need),
+                now,
+            ) {
+                Ok(a) => a,
+                Err(_) => break,
+            }
         };
         let i = admission.index;
         tried.push(i);
@@ -87,10 +94,10 @@ pub fn run<A>(
             instance: config.instances[i].name.clone(),
             outcome,
         });
-        let opened = table
+        let finished = table
             .lock()
-            .finish(config, admission, outcome, Instant::now());
-        alert_on(config, alerts, i, plan.model, &outcome, opened);
+            .finish(config, admission, plan.model, outcome, Instant::now());
+        report(config, alerts, i, plan.model, &outcome, &finished);
         if !outcome.retry_elsewhere() {
             if let Some(answer) = answer {
                 return Routed::Answered {
@@ -99,38 +106,92 @@ pub fn run<A>(
                 };
             }
         }
-        last = Some((outcome, answer));
+        if best
+            .as_ref()
+            .is_none_or(|(kept, _)| precedence(&outcome) >= precedence(kept))
+        {
+            best = Some((outcome, answer));
+        }
     }
-    match last {
-        Some((outcome, answer)) => Routed::Failed { outcome, answer },
-        None => Routed::Failed {
-            outcome: Outcome::Unreachable { arrived: false },
-            answer: None,
-        },
+    let (outcome, answer) = best.unwrap_or((Outcome::Unreachable { arrived: false }, None));
+    Routed::Failed { outcome, answer }
+}
+
+/// Which of two failures the client should hear (the higher; between equals, the
+/// later). A 429 first: it says when to come back, and among 429s the soonest
+/// Retry-After wins; then an upstream's 5xx answer (its body says what failed); then a
+/// timeout (504); then no connection or a broken answer (502); last a deployment fault
+/// (401, 403 or 404: the proxy's configuration is wrong, not the client's request).
+fn precedence(outcome: &Outcome) -> (u8, std::cmp::Reverse<Duration>) {
+    use std::cmp::Reverse;
+    match outcome {
+        Outcome::RateLimited { retry_after } => {
+            (5, Reverse(retry_after.unwrap_or(table::DEFAULT_COOLDOWN)))
+        }
+        Outcome::Failed { .. } => (4, Reverse(Duration::ZERO)),
+        Outcome::TimedOut => (3, Reverse(Duration::ZERO)),
+        Outcome::Unreachable { .. } | Outcome::Broken => (2, Reverse(Duration::ZERO)),
+        Outcome::DeploymentFault { .. } => (1, Reverse(Duration::ZERO)),
+        Outcome::Answered { .. } => (0, Reverse(Duration::ZERO)),
     }
 }
 
-/// Admits the request to an instance, waiting (until `deadline`) for window room that
-/// will come by then. Refusals that cannot end by the deadline return at once.
-fn admit(
-    table: &Mutex<Table>,
-    config: &Config,
-    plan: &Plan,
-    tried: &[usize],
-    deadline: Instant,
-) -> Result<Admission, Blocked> {
-    loop {
-        let now = Instant::now();
-        let result = table
-            .lock()
-            .admit(config, plan.candidates, tried, plan.need, now);
-        match result {
-            Err(Blocked::RateLimited { until }) if until <= deadline => {
-                std::thread::sleep(until.saturating_duration_since(now));
-            }
-            other => return other,
+/// Admits the request to an instance, waiting until the plan's deadline for window
+/// room that will come by then. Requests wait in line per model: only the first looks
+/// for room, when its room is due or a reservation is given back, and each that is
+/// admitted or gives up wakes the next; a request that arrives while others wait joins
+/// the line. Refusals that cannot end by the deadline return at once.
+fn admit(table: &Mutex<Table>, config: &Config, plan: &Plan) -> Result<Admission, Blocked> {
+    let want = (plan.model, plan.need);
+    let mut t = table.lock();
+    let mut now = Instant::now();
+    if !t.has_waiters(plan.model) {
+        match t.admit(config, plan.candidates, &[], want, now) {
+            Err(Blocked::RateLimited { until }) if until <= plan.deadline => {}
+            done => return done,
         }
     }
+    let ticket = t.wait_in_line(plan.model);
+    loop {
+        let first = t.is_first(plan.model, ticket);
+        let result = if first || now >= plan.deadline {
+            t.admit(config, plan.candidates, &[], want, now)
+        } else {
+            Err(Blocked::RateLimited {
+                until: plan.deadline,
+            })
+        };
+        let wake_at = match result {
+            Err(Blocked::RateLimited { until })
+                if until <= plan.deadline && now < plan.deadline =>
+            {
+                if first {
+                    until
+                } else {
+                    plan.deadline
+                }
+            }
+            done => {
+                t.leave_line(plan.model, ticket);
+                return done;
+            }
+        };
+        drop(t);
+        std::thread::park_timeout(wake_at.saturating_duration_since(now));
+        t = table.lock();
+        now = Instant::now();
+    }
+}
+
+/// A stream that broke after its answer began: a failure of `instance`, as an attempt's
+/// would be.
+pub fn broke(table: &Mutex<Table>, config: &Config, alerts: &Alerts, instance: usize, model: &str) {
+    let opened = table.lock().broke(config, instance, Instant::now());
+    let finished = table::Finished {
+        opened,
+        capped: None,
+    };
+    report(config, alerts, instance, model, &Outcome::Broken, &finished);
 }
 
 /// The answer for a request no instance can take now: 429 with when room comes, or
@@ -165,16 +226,16 @@ fn refusal(alerts: &Alerts, plan: &Plan, blocked: Blocked) -> Error {
     }
 }
 
-/// Raises the alerts an attempt calls for: an instance that rejects the proxy's key or
-/// lacks the deployment, and a circuit that just opened.
+/// Logs and alerts what an attempt did to its instance: a key rejected or a deployment
+/// missing, a cooldown capped, a circuit opened.
 #[inline(never)]
-fn alert_on(
+fn report(
     config: &Config,
     alerts: &Alerts,
     i: usize,
     model: &str,
     outcome: &Outcome,
-    opened: Option<Duration>,
+    finished: &table::Finished,
 ) {
     let inst = &config.instances[i];
     let name = &inst.name;
@@ -193,7 +254,14 @@ fn alert_on(
         ),
         _ => {}
     }
-    if let Some(out_for) = opened {
+    if let Some(asked) = finished.capped {
+        log::warn!(
+            "instance {name} asked for a cooldown of {} s; capped at routing.max_cooldown ({} s)",
+            asked.as_secs_f64(),
+            config.routing.max_cooldown
+        );
+    }
+    if let Some(out_for) = finished.opened {
         alerts.error(
             &format!("circuit:{name}"),
             &format!(
@@ -207,6 +275,68 @@ fn alert_on(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn requests_waiting_for_room_get_it_in_arrival_order_and_look_once_each() {
+        let c: Config = serde_yaml::from_str(
+            "instances: [{name: a, api_key: k, api_base: 'http://a', max_tpm: 1000, supported_models: [m]}]",
+        )
+        .unwrap();
+        let table = Arc::new(Mutex::new(Table::new(&c)));
+        let start = Instant::now();
+        // A full window whose ten reservations of 100 leave one by one, 100 ms apart,
+        // from 400 ms on (a window is 60 s; these were made 59.6 s ago and later).
+        let minute_ago = start.checked_sub(window::WINDOW).unwrap();
+        for k in 0..10 {
+            let at = minute_ago + Duration::from_millis(400 + 100 * k);
+            table.lock().admit(&c, &[0], &[], ("m", 100), at).unwrap();
+        }
+        let checks_before = table.lock().checks;
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let waiters: Vec<_> = (0..10)
+            .map(|k| {
+                let (shared, c, order) = (table.clone(), c.clone(), order.clone());
+                let waiter = std::thread::spawn(move || {
+                    let plan = Plan {
+                        model: "m",
+                        candidates: &[0],
+                        need: 100,
+                        deadline: start + Duration::from_secs(5),
+                    };
+                    let admitted = admit(&shared, &c, &plan);
+                    order.lock().push(k);
+                    admitted.is_ok()
+                });
+                // The next arrives once this one waits in line (or 20 ms later).
+                let spawned = Instant::now();
+                while table.lock().waiting("m") < k + 1
+                    && spawned.elapsed() < Duration::from_millis(20)
+                {
+                    std::thread::yield_now();
+                }
+                waiter
+            })
+            .collect();
+        assert!(
+            start.elapsed() < Duration::from_millis(400),
+            "all arrived before room came"
+        );
+        for w in waiters {
+            assert!(w.join().unwrap(), "admitted");
+        }
+        assert_eq!(
+            *order.lock(),
+            (0..10).collect::<Vec<_>>(),
+            "first come, first served"
+        );
+        let looks = table.lock().checks - checks_before;
+        // Each waiter looks once on arrival, once when it is first (woken by the one
+        // before it), and once when its room is due: 30. Waking every waiter whenever
+        // room came would make it 10 + 10 + 9 + ... + 1 = 65.
+        assert!(looks <= 30, "{looks} admission checks for 10 waiters");
+        assert_eq!(table.lock().waiting("m"), 0);
+    }
 
     #[test]
     fn candidates_serve_the_model_exactly() {

@@ -1,17 +1,25 @@
-//! Runtime state of each instance (DESIGN §6–§7): cooldown after a 429, the circuit
-//! that opens on repeated failures, and the TPM/RPM windows. The whole table sits
-//! behind one mutex; `admit` and `finish` are the only ways in, both short and free of
-//! I/O, and both take the time as an argument.
+//! Runtime state of each instance (DESIGN §6–§7): its cooldown after a 429, its
+//! circuit (opened by a run or a rate of failures, closed only by its trial), the
+//! models it is taken out for after a deployment fault, and its TPM/RPM windows; and
+//! the requests waiting for window room, in arrival order. The whole table sits behind
+//! one mutex; every method is short and free of I/O, and takes the time as an argument.
 
 use super::strategy;
 use super::window::{Window, WINDOW};
 use crate::config::{Config, Instance, Strategy};
 use crate::outcome::Outcome;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 /// How long a 429 keeps an instance out when the upstream does not say.
 pub const DEFAULT_COOLDOWN: Duration = Duration::from_secs(10);
+/// Models an instance remembers being taken out for; past this, the one back soonest
+/// is forgotten (a client names the model on an instance that serves any).
+const MAX_FAULTS: usize = 64;
+/// The minute over which a failure rate is read, in buckets of this many seconds.
+const RATE_BUCKET_SECS: u64 = 10;
+const RATE_BUCKETS: usize = 6;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Circuit {
@@ -21,48 +29,102 @@ enum Circuit {
         until: Instant,
         backoff: Duration,
     },
-    /// One trial request is out; its outcome closes or reopens the circuit. A trial
-    /// that never reports back (its worker died) stops counting at `expires`.
+    /// One trial request is out; only its outcome closes or reopens the circuit. A
+    /// trial that never reports back stops counting at `expires`.
     Trial {
         backoff: Duration,
         expires: Instant,
     },
 }
 
+/// Attempts and failures over about the last minute, in 10-second buckets.
+#[derive(Debug, Default)]
+struct Recent {
+    /// (bucket number since the table's origin, attempts, failures)
+    buckets: [(u64, u32, u32); RATE_BUCKETS],
+}
+
+impl Recent {
+    fn count(&mut self, slot: u64, failed: bool) {
+        let bucket = &mut self.buckets[(slot % RATE_BUCKETS as u64) as usize];
+        if bucket.0 != slot {
+            *bucket = (slot, 0, 0);
+        }
+        bucket.1 += 1;
+        bucket.2 += u32::from(failed);
+    }
+
+    /// (attempts, failures) in the buckets of the last minute.
+    fn sum(&self, slot: u64) -> (u32, u32) {
+        self.buckets
+            .iter()
+            .filter(|b| b.0 + RATE_BUCKETS as u64 > slot && b.0 <= slot)
+            .fold((0, 0), |(a, f), b| (a + b.1, f + b.2))
+    }
+}
+
+/// A model an instance is taken out for: it answered 401, 403 or 404 for it.
 #[derive(Debug)]
-pub struct Runtime {
+struct Fault {
+    model: String,
+    until: Instant,
+    backoff: Duration,
+}
+
+#[derive(Debug)]
+struct Runtime {
+    /// Which runtime this is: a request admitted before a reload removed and re-added
+    /// its instance must not touch the new one.
+    epoch: u64,
     cooldown_until: Option<Instant>,
     circuit: Circuit,
-    failures: u32,
+    /// Failures since the last success.
+    consecutive: u32,
+    recent: Recent,
     last_failure: Option<Instant>,
+    faults: Vec<Fault>,
     tokens: Window,
     requests: Window,
-    pub last_used: Option<Instant>,
-    pub last_error: Option<String>,
+    last_used: Option<Instant>,
+    last_error: Option<String>,
 }
 
 impl Runtime {
-    fn new() -> Runtime {
+    fn new(epoch: u64) -> Runtime {
         Runtime {
+            epoch,
             cooldown_until: None,
             circuit: Circuit::Closed,
-            failures: 0,
+            consecutive: 0,
+            recent: Recent::default(),
             last_failure: None,
+            faults: Vec::new(),
             tokens: Window::default(),
             requests: Window::default(),
             last_used: None,
             last_error: None,
         }
     }
+
+    fn release(&mut self, admission: &Admission) {
+        self.tokens.release(admission.at, admission.tokens);
+        self.requests.release(admission.at, 1);
+    }
+
+    fn fault(&mut self, model: &str) -> Option<&Fault> {
+        self.faults.iter().find(|f| f.model == model)
+    }
 }
 
 /// A request's claim on an instance: its place in the windows, to give back if the
-/// upstream refuses it.
+/// upstream refuses it, and whether it is the trial of an open circuit.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Admission {
     pub index: usize,
     at: Instant,
     tokens: u64,
+    epoch: u64,
+    trial: bool,
 }
 
 /// Why no instance could take a request, and the soonest one might.
@@ -70,34 +132,62 @@ pub struct Admission {
 pub enum Blocked {
     /// Every candidate is cooling down or has a full window.
     RateLimited { until: Instant },
-    /// Every candidate's circuit is open (and none is only rate-limited).
+    /// Every candidate's circuit is open or it is out for this model (and none is
+    /// only rate-limited).
     Down { until: Instant },
+}
+
+/// What an attempt's outcome did to its instance, for the log and the alerts.
+#[derive(Debug, Default, PartialEq)]
+pub struct Finished {
+    /// Its circuit opened, for this long.
+    pub opened: Option<Duration>,
+    /// The upstream asked for a cooldown longer than `routing.max_cooldown`: this one.
+    pub capped: Option<Duration>,
+}
+
+/// A request waiting for window room, by its ticket.
+struct Waiter {
+    ticket: u64,
+    thread: Thread,
 }
 
 pub struct Table {
     /// By instance name, so state carries over a reload that keeps the name.
     runtimes: HashMap<String, Runtime>,
+    epochs: u64,
+    /// Where the failure-rate buckets count from.
+    origin: Instant,
     last_pick: Option<usize>,
     rng: u64,
-}
-
-impl Default for Table {
-    fn default() -> Self {
-        Table::new()
-    }
+    /// Per model, the requests waiting for room, first come first.
+    waiting: HashMap<String, VecDeque<Waiter>>,
+    tickets: u64,
+    /// Admissions tried (to show that waiting for room is not polling).
+    #[cfg(test)]
+    pub checks: usize,
 }
 
 impl Table {
-    pub fn new() -> Table {
+    /// A table with a fresh state for each instance of `config`.
+    pub fn new(config: &Config) -> Table {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1);
-        Table {
+        let mut table = Table {
             runtimes: HashMap::new(),
+            epochs: 0,
+            origin: Instant::now(),
             last_pick: None,
             rng: seed | 1,
-        }
+            waiting: HashMap::new(),
+            tickets: 0,
+            #[cfg(test)]
+            checks: 0,
+        };
+        table.update(config);
+        table
     }
 
     /// xorshift64*: weighted choice needs randomness, not cryptographic quality.
@@ -108,22 +198,43 @@ impl Table {
         self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 
-    fn runtime(&mut self, name: &str) -> &mut Runtime {
-        if !self.runtimes.contains_key(name) {
-            self.runtimes.insert(name.to_string(), Runtime::new());
-        }
-        self.runtimes.get_mut(name).expect("inserted above")
-    }
-
-    /// Keeps the state of instances `config` still names and forgets the others.
-    pub fn retain(&mut self, config: &Config) {
+    /// Follows a new configuration: keeps the state of instances it still names,
+    /// forgets the others, and starts afresh for new ones.
+    pub fn update(&mut self, config: &Config) {
         self.runtimes
             .retain(|name, _| config.instances.iter().any(|i| &i.name == name));
+        for inst in &config.instances {
+            if !self.runtimes.contains_key(&inst.name) {
+                self.epochs += 1;
+                self.runtimes
+                    .insert(inst.name.clone(), Runtime::new(self.epochs));
+            }
+        }
     }
 
-    /// When instance `i` could take `need` tokens: `Ok(())` now, or why not and until when.
-    fn check(&mut self, inst: &Instance, need: u64, now: Instant) -> Result<(), Blocked> {
-        let rt = self.runtime(&inst.name);
+    /// The runtime an admission was made on, unless a reload has removed it since.
+    fn admitted(&mut self, config: &Config, admission: &Admission) -> Option<&mut Runtime> {
+        self.runtimes
+            .get_mut(&config.instances[admission.index].name)
+            .filter(|rt| rt.epoch == admission.epoch)
+    }
+
+    fn slot(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.origin).as_secs() / RATE_BUCKET_SECS
+    }
+
+    /// Whether `inst` could take `need` tokens of `model` now, or why not and until when.
+    fn check(
+        &mut self,
+        inst: &Instance,
+        model: &str,
+        need: u64,
+        now: Instant,
+    ) -> Result<(), Blocked> {
+        // An instance a reload has removed takes no new attempts.
+        let Some(rt) = self.runtimes.get_mut(&inst.name) else {
+            return Err(Blocked::Down { until: now });
+        };
         match rt.circuit {
             Circuit::Open { until, .. } if until > now => return Err(Blocked::Down { until }),
             // A trial is out; the instance is down until it reports back.
@@ -131,6 +242,9 @@ impl Table {
                 return Err(Blocked::Down { until: expires })
             }
             _ => {}
+        }
+        if let Some(fault) = rt.fault(model).filter(|f| f.until > now) {
+            return Err(Blocked::Down { until: fault.until });
         }
         let mut until = now;
         if let Some(c) = rt.cooldown_until.filter(|c| *c > now) {
@@ -156,13 +270,17 @@ impl Table {
         config: &Config,
         candidates: &[usize],
         tried: &[usize],
-        need: u64,
+        (model, need): (&str, u64),
         now: Instant,
     ) -> Result<Admission, Blocked> {
+        #[cfg(test)]
+        {
+            self.checks += 1;
+        }
         let mut eligible = Vec::with_capacity(candidates.len());
         let mut blocked: Option<Blocked> = None;
         for &i in candidates.iter().filter(|i| !tried.contains(i)) {
-            match self.check(&config.instances[i], need, now) {
+            match self.check(&config.instances[i], model, need, now) {
                 Ok(()) => eligible.push(i),
                 Err(b) => blocked = Some(soonest(blocked, b)),
             }
@@ -187,62 +305,90 @@ impl Table {
             }
         };
         self.last_pick = Some(index);
-        let rt = self.runtime(&config.instances[index].name);
+        let rt = self
+            .runtimes
+            .get_mut(&config.instances[index].name)
+            .expect("checked above");
         rt.tokens.add(now, need);
         rt.requests.add(now, 1);
         rt.last_used = Some(now);
+        let mut trial = false;
         if let Circuit::Open { backoff, .. } | Circuit::Trial { backoff, .. } = rt.circuit {
-            // The trial's outcome is known once its response headers arrive.
+            // The trial's outcome is known once its first byte arrives.
             let routing = &config.routing;
-            let expires = now + secs(routing.connect_timeout + routing.timeout + 1.0);
+            let expires = now + secs(routing.connect_timeout + routing.first_byte_timeout() + 1.0);
             rt.circuit = Circuit::Trial { backoff, expires };
+            trial = true;
         }
         Ok(Admission {
             index,
             at: now,
             tokens: need,
+            epoch: rt.epoch,
+            trial,
         })
     }
 
     /// TPM used / max_tpm; an instance without a limit counts as empty.
-    pub fn utilisation(&mut self, inst: &Instance, now: Instant) -> f64 {
-        match inst.max_tpm {
-            Some(max) => self.runtime(&inst.name).tokens.used(now) as f64 / max as f64,
-            None => 0.0,
+    fn utilisation(&mut self, inst: &Instance, now: Instant) -> f64 {
+        match (inst.max_tpm, self.runtimes.get_mut(&inst.name)) {
+            (Some(max), Some(rt)) => rt.tokens.used(now) as f64 / max as f64,
+            _ => 0.0,
         }
     }
 
     /// Gives back the reservation of a request that was never sent.
     pub fn cancel(&mut self, config: &Config, admission: Admission) {
-        let rt = self.runtime(&config.instances[admission.index].name);
-        rt.tokens.release(admission.at, admission.tokens);
-        rt.requests.release(admission.at, 1);
+        if let Some(rt) = self.admitted(config, &admission) {
+            rt.release(&admission);
+            if admission.trial {
+                // It tested nothing: the next request is the trial.
+                if let Circuit::Trial { backoff, .. } = rt.circuit {
+                    rt.circuit = Circuit::Open {
+                        until: admission.at,
+                        backoff,
+                    };
+                }
+            }
+            self.wake_waiters();
+        }
     }
 
-    /// Applies an attempt's outcome to its instance. Returns how long the instance is
-    /// now out if this outcome opened its circuit (an event worth an alert).
+    /// Applies an attempt's outcome (for `model`) to its instance.
     pub fn finish(
         &mut self,
         config: &Config,
         admission: Admission,
+        model: &str,
         outcome: Outcome,
         now: Instant,
-    ) -> Option<Duration> {
+    ) -> Finished {
+        let slot = self.slot(now);
         let inst = &config.instances[admission.index];
         let routing = &config.routing;
+        let Some(rt) = self.admitted(config, &admission) else {
+            return Finished::default();
+        };
+        let mut finished = Finished::default();
         if outcome.never_counted() {
-            self.cancel(config, admission);
+            rt.release(&admission);
         }
-        let rt = self.runtime(&inst.name);
-        let was_open = matches!(rt.circuit, Circuit::Open { .. });
+        // An outcome speaks for the circuit only if the circuit was closed when its
+        // request was admitted, or if it is the trial's: a late answer from before the
+        // circuit opened says nothing about now.
+        let speaks = admission.trial || rt.circuit == Circuit::Closed;
         match outcome {
             Outcome::Answered {
                 remaining_tokens,
                 remaining_requests,
                 ..
             } => {
-                rt.failures = 0;
-                rt.circuit = Circuit::Closed;
+                rt.consecutive = 0;
+                rt.recent.count(slot, false);
+                rt.faults.retain(|f| f.model != model);
+                if speaks {
+                    rt.circuit = Circuit::Closed;
+                }
                 if let (Some(max), Some(left)) = (inst.max_tpm, remaining_tokens) {
                     rt.tokens.correct(now, max, left);
                 }
@@ -252,46 +398,179 @@ impl Table {
             }
             Outcome::RateLimited { retry_after } => {
                 // It answered, so it is alive: a trial that meets a 429 closes the circuit.
-                rt.circuit = Circuit::Closed;
-                rt.failures = 0;
-                let until = now + retry_after.unwrap_or(DEFAULT_COOLDOWN);
+                if admission.trial {
+                    rt.circuit = Circuit::Closed;
+                }
+                let asked = retry_after.unwrap_or(DEFAULT_COOLDOWN);
+                let cap = secs(routing.max_cooldown);
+                if asked > cap {
+                    finished.capped = Some(asked);
+                }
+                let until = now + asked.min(cap);
                 // Only ever extend: a late 429 with a short Retry-After must not cut a
                 // longer cooldown short.
                 rt.cooldown_until = Some(rt.cooldown_until.map_or(until, |c| c.max(until)));
             }
+            Outcome::DeploymentFault { status } => {
+                if admission.trial {
+                    rt.circuit = Circuit::Closed;
+                }
+                rt.last_error = Some(format!("HTTP {status} for model {model}"));
+                take_out(rt, model, routing, now);
+            }
             Outcome::Failed { .. }
-            | Outcome::DeploymentFault { .. }
             | Outcome::TimedOut
             | Outcome::Unreachable { .. }
             | Outcome::Broken => {
-                let recent = rt
-                    .last_failure
-                    .is_some_and(|t| now.saturating_duration_since(t) < WINDOW);
-                rt.failures = if recent { rt.failures + 1 } else { 1 };
-                rt.last_failure = Some(now);
                 rt.last_error = Some(describe(&outcome));
-                rt.circuit = match rt.circuit {
-                    Circuit::Trial { backoff, .. } => {
-                        let backoff = (backoff * 2).min(secs(routing.circuit_max_open_seconds));
-                        Circuit::Open {
-                            until: now + backoff,
-                            backoff,
-                        }
-                    }
-                    Circuit::Closed if rt.failures >= routing.circuit_failures => {
-                        let backoff = secs(routing.circuit_open_seconds);
-                        Circuit::Open {
-                            until: now + backoff,
-                            backoff,
-                        }
-                    }
-                    other => other,
-                };
+                finished.opened = fail(rt, slot, routing, speaks, now);
             }
         }
-        match rt.circuit {
-            Circuit::Open { backoff, .. } if !was_open => Some(backoff),
-            _ => None,
+        if outcome.never_counted() {
+            self.wake_waiters();
+        }
+        finished
+    }
+
+    /// A failure after the answer began (a stream cut or stalled): it counts against
+    /// the instance like a failed attempt. Returns how long its circuit is now out, if
+    /// this opened it.
+    pub fn broke(&mut self, config: &Config, index: usize, now: Instant) -> Option<Duration> {
+        let slot = self.slot(now);
+        let rt = self.runtimes.get_mut(&config.instances[index].name)?;
+        rt.last_error = Some(describe(&Outcome::Broken));
+        let speaks = rt.circuit == Circuit::Closed;
+        fail(rt, slot, &config.routing, speaks, now)
+    }
+
+    /// Adds the calling thread to the requests waiting for `model`, last.
+    pub fn wait_in_line(&mut self, model: &str) -> u64 {
+        self.tickets += 1;
+        let waiter = Waiter {
+            ticket: self.tickets,
+            thread: std::thread::current(),
+        };
+        match self.waiting.get_mut(model) {
+            Some(line) => line.push_back(waiter),
+            None => {
+                self.waiting
+                    .insert(model.to_string(), VecDeque::from([waiter]));
+            }
+        }
+        self.tickets
+    }
+
+    /// How many wait for room for `model`.
+    #[cfg(test)]
+    pub fn waiting(&self, model: &str) -> usize {
+        self.waiting.get(model).map_or(0, VecDeque::len)
+    }
+
+    /// Whether anyone waits for room for `model`.
+    pub fn has_waiters(&self, model: &str) -> bool {
+        self.waiting.contains_key(model)
+    }
+
+    /// Whether `ticket` is first in line for `model`.
+    pub fn is_first(&self, model: &str, ticket: u64) -> bool {
+        self.waiting
+            .get(model)
+            .and_then(VecDeque::front)
+            .is_some_and(|w| w.ticket == ticket)
+    }
+
+    /// Takes `ticket` out of the line for `model` and wakes whoever is first now. A
+    /// request usually leaves from the front (all wait up to the same
+    /// `routing.queue_timeout`), so this costs O(1).
+    pub fn leave_line(&mut self, model: &str, ticket: u64) {
+        let Some(line) = self.waiting.get_mut(model) else {
+            return;
+        };
+        if let Some(at) = line.iter().position(|w| w.ticket == ticket) {
+            line.remove(at);
+        }
+        match line.front() {
+            Some(first) => first.thread.unpark(),
+            None => {
+                self.waiting.remove(model);
+            }
+        }
+    }
+
+    /// Room may have come back (a reservation was given back): the first in each line
+    /// looks again.
+    fn wake_waiters(&self) {
+        for line in self.waiting.values() {
+            if let Some(first) = line.front() {
+                first.thread.unpark();
+            }
+        }
+    }
+}
+
+/// Counts a failure against `rt` and, if it `speaks` for the circuit, opens or reopens
+/// it: a failed trial doubles the time out; a closed circuit opens on
+/// `circuit_failures` failures in a row, or as many in the last minute that are also
+/// `circuit_failure_rate` of its attempts.
+fn fail(
+    rt: &mut Runtime,
+    slot: u64,
+    routing: &crate::config::Routing,
+    speaks: bool,
+    now: Instant,
+) -> Option<Duration> {
+    // Failures far apart (each a minute or more after the last) do not make a run.
+    let recent = rt
+        .last_failure
+        .is_some_and(|t| now.saturating_duration_since(t) < WINDOW);
+    rt.consecutive = if recent { rt.consecutive + 1 } else { 1 };
+    rt.recent.count(slot, true);
+    rt.last_failure = Some(now);
+    if !speaks {
+        return None;
+    }
+    let backoff = match rt.circuit {
+        Circuit::Trial { backoff, .. } | Circuit::Open { backoff, .. } => {
+            (backoff * 2).min(secs(routing.circuit_max_open_seconds))
+        }
+        Circuit::Closed => {
+            let (attempts, failures) = rt.recent.sum(slot);
+            let rate_high = failures >= routing.circuit_failures
+                && f64::from(failures) >= routing.circuit_failure_rate * f64::from(attempts);
+            if rt.consecutive < routing.circuit_failures && !rate_high {
+                return None;
+            }
+            secs(routing.circuit_open_seconds)
+        }
+    };
+    rt.circuit = Circuit::Open {
+        until: now + backoff,
+        backoff,
+    };
+    Some(backoff)
+}
+
+/// Takes `rt` out for `model` after a deployment fault: first for
+/// `circuit_open_seconds`, twice as long on each fault after that.
+fn take_out(rt: &mut Runtime, model: &str, routing: &crate::config::Routing, now: Instant) {
+    let first = secs(routing.circuit_open_seconds);
+    let max = secs(routing.circuit_max_open_seconds);
+    match rt.faults.iter_mut().find(|f| f.model == model) {
+        Some(fault) => {
+            fault.backoff = (fault.backoff * 2).min(max);
+            fault.until = now + fault.backoff;
+        }
+        None => {
+            if rt.faults.len() >= MAX_FAULTS {
+                if let Some(soonest) = (0..rt.faults.len()).min_by_key(|&i| rt.faults[i].until) {
+                    rt.faults.swap_remove(soonest);
+                }
+            }
+            rt.faults.push(Fault {
+                model: model.to_string(),
+                until: now + first,
+                backoff: first,
+            });
         }
     }
 }
@@ -347,6 +626,8 @@ pub struct View {
     /// When a cooldown ends or a full window has room again.
     pub rate_limited_until: Option<Instant>,
     pub circuit_open_until: Option<Instant>,
+    /// Models it is taken out for after a deployment fault, and until when.
+    pub models_out: Vec<(String, Instant)>,
     pub last_used: Option<Instant>,
     pub last_error: Option<String>,
 }
@@ -357,10 +638,19 @@ impl Table {
             .instances
             .iter()
             .map(|inst| {
-                let rt = self
-                    .runtimes
-                    .entry(inst.name.clone())
-                    .or_insert_with(Runtime::new);
+                let Some(rt) = self.runtimes.get_mut(&inst.name) else {
+                    // An old configuration's instance, removed since: nothing to show.
+                    return View {
+                        health: Health::Healthy,
+                        current_tpm: 0,
+                        current_rpm: 0,
+                        rate_limited_until: None,
+                        circuit_open_until: None,
+                        models_out: Vec::new(),
+                        last_used: None,
+                        last_error: None,
+                    };
+                };
                 let circuit_open_until = match rt.circuit {
                     Circuit::Open { until, .. } if until > now => Some(until),
                     Circuit::Trial { expires, .. } if expires > now => Some(expires),
@@ -378,10 +668,9 @@ impl Table {
                         full_until = Some(full_until.map_or(room, |u| u.max(room)));
                     }
                 }
-                let failing = rt.failures > 0
-                    && rt
-                        .last_failure
-                        .is_some_and(|t| now.saturating_duration_since(t) < WINDOW);
+                let failing = rt
+                    .last_failure
+                    .is_some_and(|t| now.saturating_duration_since(t) < WINDOW);
                 let health = if circuit_open_until.is_some() {
                     Health::CircuitOpen
                 } else if full_until.is_some() {
@@ -397,6 +686,12 @@ impl Table {
                     current_rpm,
                     rate_limited_until: full_until,
                     circuit_open_until,
+                    models_out: rt
+                        .faults
+                        .iter()
+                        .filter(|f| f.until > now)
+                        .map(|f| (f.model.clone(), f.until))
+                        .collect(),
                     last_used: rt.last_used,
                     last_error: rt.last_error.clone(),
                 }
@@ -463,42 +758,54 @@ mod tests {
     #[test]
     fn tpm_full_spills_to_the_next_and_then_blocks_until_room() {
         let c = two(", max_tpm: 1000", ", max_tpm: 500");
-        let mut t = Table::new();
+        let mut t = Table::new(&c);
         let t0 = Instant::now();
         let all = [0, 1];
-        assert_eq!(t.admit(&c, &all, &[], 600, t0).unwrap().index, 0);
-        assert_eq!(t.admit(&c, &all, &[], 300, at(t0, 1.0)).unwrap().index, 0);
+        assert_eq!(t.admit(&c, &all, &[], ("m", 600), t0).unwrap().index, 0);
         assert_eq!(
-            t.admit(&c, &all, &[], 300, at(t0, 2.0)).unwrap().index,
+            t.admit(&c, &all, &[], ("m", 300), at(t0, 1.0))
+                .unwrap()
+                .index,
+            0
+        );
+        assert_eq!(
+            t.admit(&c, &all, &[], ("m", 300), at(t0, 2.0))
+                .unwrap()
+                .index,
             1,
             "a is full"
         );
         assert_eq!(
-            t.admit(&c, &all, &[], 300, at(t0, 3.0)),
+            t.admit(&c, &all, &[], ("m", 300), at(t0, 3.0)),
             Err(Blocked::RateLimited {
                 until: at(t0, 60.0)
             }),
             "a has room again when its first 600 leave at 60 s; b not before 62 s"
         );
-        assert_eq!(t.admit(&c, &all, &[], 300, at(t0, 60.0)).unwrap().index, 0);
+        assert_eq!(
+            t.admit(&c, &all, &[], ("m", 300), at(t0, 60.0))
+                .unwrap()
+                .index,
+            0
+        );
     }
 
     #[test]
     fn a_refused_request_gives_its_reservation_back() {
         let c = two(", max_tpm: 1000", ", max_tpm: 1000");
-        let mut t = Table::new();
+        let mut t = Table::new(&c);
         let t0 = Instant::now();
-        let adm = t.admit(&c, &[0], &[], 900, t0).unwrap();
-        t.finish(&c, adm, Outcome::Unreachable { arrived: false }, t0);
+        let adm = t.admit(&c, &[0], &[], ("m", 900), t0).unwrap();
+        t.finish(&c, adm, "m", Outcome::Unreachable { arrived: false }, t0);
         assert_eq!(
-            t.admit(&c, &[0], &[], 900, t0).unwrap().index,
+            t.admit(&c, &[0], &[], ("m", 900), t0).unwrap().index,
             0,
             "room again"
         );
-        let adm = t.admit(&c, &[1], &[], 900, t0).unwrap();
-        t.finish(&c, adm, failed(), t0);
+        let adm = t.admit(&c, &[1], &[], ("m", 900), t0).unwrap();
+        t.finish(&c, adm, "m", failed(), t0);
         assert!(
-            t.admit(&c, &[1], &[], 900, t0).is_err(),
+            t.admit(&c, &[1], &[], ("m", 900), t0).is_err(),
             "a 5xx keeps its reservation"
         );
     }
@@ -506,62 +813,74 @@ mod tests {
     #[test]
     fn cooldown_follows_retry_after_and_only_extends() {
         let c = two("", "");
-        let mut t = Table::new();
+        let mut t = Table::new(&c);
         let t0 = Instant::now();
-        let adm = t.admit(&c, &[0], &[], 1, t0).unwrap();
+        let adm = t.admit(&c, &[0], &[], ("m", 1), t0).unwrap();
         t.finish(
             &c,
             adm,
+            "m",
             Outcome::RateLimited {
                 retry_after: Some(Duration::from_secs(30)),
             },
             t0,
         );
-        assert_eq!(t.admit(&c, &[0, 1], &[], 1, at(t0, 1.0)).unwrap().index, 1);
+        assert_eq!(
+            t.admit(&c, &[0, 1], &[], ("m", 1), at(t0, 1.0))
+                .unwrap()
+                .index,
+            1
+        );
         // A later 429 with a shorter wait does not shorten the cooldown.
-        let mut t2 = Table::new();
-        let adm = t2.admit(&c, &[0], &[], 1, t0).unwrap();
+        let mut t2 = Table::new(&c);
+        let adm = t2.admit(&c, &[0], &[], ("m", 1), t0).unwrap();
         t2.finish(
             &c,
             adm,
+            "m",
             Outcome::RateLimited {
                 retry_after: Some(Duration::from_secs(30)),
             },
             t0,
         );
-        t2.runtime("a").circuit = Circuit::Closed;
+        t2.runtimes.get_mut("a").unwrap().circuit = Circuit::Closed;
         let fake = Admission {
             index: 0,
             at: at(t0, 1.0),
             tokens: 1,
+            epoch: t2.runtimes["a"].epoch,
+            trial: false,
         };
         t2.finish(
             &c,
             fake,
+            "m",
             Outcome::RateLimited {
                 retry_after: Some(Duration::from_secs(2)),
             },
             at(t0, 1.0),
         );
         assert_eq!(
-            t2.admit(&c, &[0], &[], 1, at(t0, 5.0)),
+            t2.admit(&c, &[0], &[], ("m", 1), at(t0, 5.0)),
             Err(Blocked::RateLimited {
                 until: at(t0, 30.0)
             })
         );
         assert!(
-            t2.admit(&c, &[0], &[], 1, at(t0, 30.0)).is_ok(),
+            t2.admit(&c, &[0], &[], ("m", 1), at(t0, 30.0)).is_ok(),
             "back after 30 s"
         );
         let adm = Admission {
             index: 1,
             at: t0,
             tokens: 1,
+            epoch: t2.runtimes["b"].epoch,
+            trial: false,
         };
-        t2.finish(&c, adm, Outcome::RateLimited { retry_after: None }, t0);
-        assert!(t2.admit(&c, &[1], &[], 1, at(t0, 9.9)).is_err());
+        t2.finish(&c, adm, "m", Outcome::RateLimited { retry_after: None }, t0);
+        assert!(t2.admit(&c, &[1], &[], ("m", 1), at(t0, 9.9)).is_err());
         assert!(
-            t2.admit(&c, &[1], &[], 1, at(t0, 10.0)).is_ok(),
+            t2.admit(&c, &[1], &[], ("m", 1), at(t0, 10.0)).is_ok(),
             "default cooldown is 10 s"
         );
     }
@@ -569,28 +888,28 @@ mod tests {
     #[test]
     fn circuit_opens_on_repeated_failures_and_a_trial_decides() {
         let c = two("", "");
-        let mut t = Table::new();
+        let mut t = Table::new(&c);
         let t0 = Instant::now();
         let fail = |t: &mut Table, now| {
-            let adm = t.admit(&c, &[0], &[], 1, now).unwrap();
-            t.finish(&c, adm, failed(), now);
+            let adm = t.admit(&c, &[0], &[], ("m", 1), now).unwrap();
+            t.finish(&c, adm, "m", failed(), now);
         };
         fail(&mut t, t0);
         assert!(
-            t.admit(&c, &[0], &[], 1, t0).is_ok(),
+            t.admit(&c, &[0], &[], ("m", 1), t0).is_ok(),
             "one stray failure does not take it out"
         );
-        let mut t = Table::new();
+        let mut t = Table::new(&c);
         fail(&mut t, t0);
         fail(&mut t, at(t0, 1.0));
         assert_eq!(
-            t.admit(&c, &[0], &[], 1, at(t0, 2.0)),
+            t.admit(&c, &[0], &[], ("m", 1), at(t0, 2.0)),
             Err(Blocked::Down { until: at(t0, 6.0) })
         );
         // The trial fails: open twice as long.
         fail(&mut t, at(t0, 6.0));
         assert_eq!(
-            t.admit(&c, &[0], &[], 1, at(t0, 7.0)),
+            t.admit(&c, &[0], &[], ("m", 1), at(t0, 7.0)),
             Err(Blocked::Down {
                 until: at(t0, 16.0)
             })
@@ -598,41 +917,41 @@ mod tests {
         // The next trial fails too: capped at circuit_max_open_seconds (12).
         fail(&mut t, at(t0, 16.0));
         assert_eq!(
-            t.admit(&c, &[0], &[], 1, at(t0, 17.0)),
+            t.admit(&c, &[0], &[], ("m", 1), at(t0, 17.0)),
             Err(Blocked::Down {
                 until: at(t0, 28.0)
             })
         );
         // During a trial no other request goes there; a success closes the circuit.
-        let trial = t.admit(&c, &[0], &[], 1, at(t0, 28.0)).unwrap();
+        let trial = t.admit(&c, &[0], &[], ("m", 1), at(t0, 28.0)).unwrap();
         assert!(matches!(
-            t.admit(&c, &[0], &[], 1, at(t0, 28.1)),
+            t.admit(&c, &[0], &[], ("m", 1), at(t0, 28.1)),
             Err(Blocked::Down { .. })
         ));
-        t.finish(&c, trial, healthy(), at(t0, 28.2));
-        assert!(t.admit(&c, &[0], &[], 1, at(t0, 28.3)).is_ok());
-        assert_eq!(t.runtime("a").circuit, Circuit::Closed);
+        t.finish(&c, trial, "m", healthy(), at(t0, 28.2));
+        assert!(t.admit(&c, &[0], &[], ("m", 1), at(t0, 28.3)).is_ok());
+        assert_eq!(t.runtimes.get_mut("a").unwrap().circuit, Circuit::Closed);
     }
 
     #[test]
     fn a_trial_that_never_reports_back_expires() {
         let c = two("", "");
-        let mut t = Table::new();
+        let mut t = Table::new(&c);
         let t0 = Instant::now();
-        t.runtime("a").circuit = Circuit::Open {
+        t.runtimes.get_mut("a").unwrap().circuit = Circuit::Open {
             until: t0,
             backoff: Duration::from_secs(5),
         };
-        t.admit(&c, &[0], &[], 1, t0).unwrap();
+        t.admit(&c, &[0], &[], ("m", 1), t0).unwrap();
         // Default timeouts: 10 s connect + 60 s response + 1 s.
         assert_eq!(
-            t.admit(&c, &[0], &[], 1, at(t0, 70.0)),
+            t.admit(&c, &[0], &[], ("m", 1), at(t0, 70.0)),
             Err(Blocked::Down {
                 until: at(t0, 71.0)
             })
         );
         assert!(
-            t.admit(&c, &[0], &[], 1, at(t0, 71.0)).is_ok(),
+            t.admit(&c, &[0], &[], ("m", 1), at(t0, 71.0)).is_ok(),
             "a new trial"
         );
     }
@@ -640,37 +959,37 @@ mod tests {
     #[test]
     fn failures_far_apart_do_not_add_up() {
         let c = two("", "");
-        let mut t = Table::new();
+        let mut t = Table::new(&c);
         let t0 = Instant::now();
         for s in [0.0, 61.0, 122.0] {
-            let adm = t.admit(&c, &[0], &[], 1, at(t0, s)).unwrap();
-            t.finish(&c, adm, failed(), at(t0, s));
+            let adm = t.admit(&c, &[0], &[], ("m", 1), at(t0, s)).unwrap();
+            t.finish(&c, adm, "m", failed(), at(t0, s));
         }
-        assert!(t.admit(&c, &[0], &[], 1, at(t0, 123.0)).is_ok());
+        assert!(t.admit(&c, &[0], &[], ("m", 1), at(t0, 123.0)).is_ok());
     }
 
     #[test]
     fn rate_limited_is_reported_over_down_and_tried_instances_are_skipped() {
         let c = two(", max_tpm: 100", "");
-        let mut t = Table::new();
+        let mut t = Table::new(&c);
         let t0 = Instant::now();
-        t.admit(&c, &[0], &[], 100, t0).unwrap();
-        t.runtime("b").circuit = Circuit::Open {
+        t.admit(&c, &[0], &[], ("m", 100), t0).unwrap();
+        t.runtimes.get_mut("b").unwrap().circuit = Circuit::Open {
             until: at(t0, 5.0),
             backoff: Duration::from_secs(5),
         };
         assert_eq!(
-            t.admit(&c, &[0, 1], &[], 10, at(t0, 1.0)),
+            t.admit(&c, &[0, 1], &[], ("m", 10), at(t0, 1.0)),
             Err(Blocked::RateLimited {
                 until: at(t0, 60.0)
             })
         );
         assert_eq!(
-            t.admit(&c, &[0, 1], &[0], 10, at(t0, 1.0)),
+            t.admit(&c, &[0, 1], &[0], ("m", 10), at(t0, 1.0)),
             Err(Blocked::Down { until: at(t0, 5.0) })
         );
         assert_eq!(
-            t.admit(&c, &[0, 1], &[0, 1], 10, at(t0, 1.0)),
+            t.admit(&c, &[0, 1], &[0, 1], ("m", 10), at(t0, 1.0)),
             Err(Blocked::Down { until: at(t0, 1.0) })
         );
     }
@@ -678,12 +997,13 @@ mod tests {
     #[test]
     fn upstream_remaining_headers_fill_the_local_window() {
         let c = two(", max_tpm: 1000, max_rpm: 10", "");
-        let mut t = Table::new();
+        let mut t = Table::new(&c);
         let t0 = Instant::now();
-        let adm = t.admit(&c, &[0], &[], 10, t0).unwrap();
+        let adm = t.admit(&c, &[0], &[], ("m", 10), t0).unwrap();
         t.finish(
             &c,
             adm,
+            "m",
             Outcome::Answered {
                 status: 200,
                 remaining_tokens: Some(5),
@@ -692,13 +1012,13 @@ mod tests {
             t0,
         );
         assert_eq!(
-            t.admit(&c, &[0], &[], 10, t0),
+            t.admit(&c, &[0], &[], ("m", 10), t0),
             Err(Blocked::RateLimited {
                 until: at(t0, 60.0)
             })
         );
         assert!(
-            t.admit(&c, &[0], &[], 5, t0).is_ok(),
+            t.admit(&c, &[0], &[], ("m", 5), t0).is_ok(),
             "exactly the remaining 5 fit"
         );
     }
@@ -706,17 +1026,17 @@ mod tests {
     #[test]
     fn state_follows_the_name_across_a_new_config() {
         let c = two(", max_tpm: 1000", "");
-        let mut t = Table::new();
+        let mut t = Table::new(&c);
         let t0 = Instant::now();
-        t.admit(&c, &[0], &[], 1000, t0).unwrap();
+        let before = t.admit(&c, &[0], &[], ("m", 1000), t0).unwrap();
         // The reloaded config lists b first and a second, and drops nothing.
         let swapped = config(
             "failover",
             "  - {name: b, api_key: k, api_base: 'http://b', supported_models: [m]}\n  - {name: a, api_key: k, api_base: 'http://a', max_tpm: 1000, supported_models: [m]}\n",
         );
-        t.retain(&swapped);
+        t.update(&swapped);
         assert_eq!(
-            t.admit(&swapped, &[1], &[], 1, t0),
+            t.admit(&swapped, &[1], &[], ("m", 1), t0),
             Err(Blocked::RateLimited {
                 until: at(t0, 60.0)
             }),
@@ -726,9 +1046,20 @@ mod tests {
             "failover",
             "  - {name: b, api_key: k, api_base: 'http://b', supported_models: [m]}\n",
         );
-        t.retain(&only_b);
+        t.update(&only_b);
+        assert_eq!(
+            t.admit(&swapped, &[1], &[], ("m", 1), t0),
+            Err(Blocked::Down { until: t0 }),
+            "a request on the old configuration cannot reach a removed instance"
+        );
+        t.update(&swapped);
+        // The request admitted before a was removed fails late: it must not touch the
+        // new a.
+        let late = t.finish(&c, before, "m", Outcome::Unreachable { arrived: false }, t0);
+        assert_eq!(late, Finished::default());
+        assert_eq!(t.runtimes["a"].last_error, None);
         assert!(
-            t.admit(&swapped, &[1], &[], 1, t0).is_ok(),
+            t.admit(&swapped, &[1], &[], ("m", 1000), t0).is_ok(),
             "a removed and re-added starts afresh"
         );
     }
@@ -736,23 +1067,23 @@ mod tests {
     #[test]
     fn views_name_each_state() {
         let c = two(", max_tpm: 100", "");
-        let mut t = Table::new();
+        let mut t = Table::new(&c);
         let t0 = Instant::now();
         let health =
             |t: &mut Table, now| t.view(&c, now).iter().map(|v| v.health).collect::<Vec<_>>();
         assert_eq!(health(&mut t, t0), [Health::Healthy, Health::Healthy]);
-        let adm = t.admit(&c, &[0], &[], 100, t0).unwrap();
-        t.finish(&c, adm, healthy(), t0);
-        let adm = t.admit(&c, &[1], &[], 1, t0).unwrap();
-        t.finish(&c, adm, failed(), t0);
+        let adm = t.admit(&c, &[0], &[], ("m", 100), t0).unwrap();
+        t.finish(&c, adm, "m", healthy(), t0);
+        let adm = t.admit(&c, &[1], &[], ("m", 1), t0).unwrap();
+        t.finish(&c, adm, "m", failed(), t0);
         assert_eq!(health(&mut t, t0), [Health::RateLimited, Health::Error]);
         let v = &t.view(&c, t0)[0];
         assert_eq!(
             (v.current_tpm, v.current_rpm, v.rate_limited_until),
             (100, 1, Some(at(t0, 60.0)))
         );
-        let adm = t.admit(&c, &[1], &[], 1, t0).unwrap();
-        t.finish(&c, adm, failed(), t0);
+        let adm = t.admit(&c, &[1], &[], ("m", 1), t0).unwrap();
+        t.finish(&c, adm, "m", failed(), t0);
         assert_eq!(
             health(&mut t, at(t0, 1.0)),
             [Health::RateLimited, Health::CircuitOpen]
@@ -772,12 +1103,12 @@ mod tests {
     #[test]
     fn rpm_limits_requests() {
         let c = two(", max_rpm: 2", "");
-        let mut t = Table::new();
+        let mut t = Table::new(&c);
         let t0 = Instant::now();
-        assert!(t.admit(&c, &[0], &[], 1, t0).is_ok());
-        assert!(t.admit(&c, &[0], &[], 1, at(t0, 1.0)).is_ok());
+        assert!(t.admit(&c, &[0], &[], ("m", 1), t0).is_ok());
+        assert!(t.admit(&c, &[0], &[], ("m", 1), at(t0, 1.0)).is_ok());
         assert_eq!(
-            t.admit(&c, &[0], &[], 1, at(t0, 2.0)),
+            t.admit(&c, &[0], &[], ("m", 1), at(t0, 2.0)),
             Err(Blocked::RateLimited {
                 until: at(t0, 60.0)
             })

@@ -18,7 +18,7 @@ use crate::observe::logging::Clean;
 use crate::outcome::Outcome;
 pub use crate::outcome::Usage;
 use std::io::Read;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 /// One request as it is sent to an instance.
 pub struct Call<'a> {
@@ -32,12 +32,18 @@ pub struct Call<'a> {
     pub headers: &'a [(&'a str, &'a str)],
     /// The client asked for a stream.
     pub stream: bool,
+    /// The longest wait from sending to the answer's head, and for a stream to its
+    /// first event (`routing.first_byte_timeout`).
+    pub first_byte: Duration,
 }
 
 pub enum Body {
     Full(Vec<u8>),
-    /// A 2xx event stream, still to be read.
-    Stream(ureq::Body),
+    /// A 2xx event stream: its first event, read, and the rest, still to be read.
+    Stream {
+        first: Vec<u8>,
+        rest: ureq::BodyReader<'static>,
+    },
 }
 
 /// An upstream's answer as the client gets it: the headers that come back (the
@@ -72,6 +78,7 @@ pub fn call(
         request = request.header(name, value);
     }
     let (name, value) = &address.credential;
+    let sent = Instant::now();
     let response = match request.header(*name, value).send(c.body) {
         Ok(r) => r,
         Err(e @ (ureq::Error::Http(_) | ureq::Error::BadUri(_))) => {
@@ -120,10 +127,29 @@ pub fn call(
     returned.push(("x-proxy-instance".into(), inst.name.clone()));
     let is_sse = header("content-type").is_some_and(|ct| ct.starts_with("text/event-stream"));
     if outcome.is_success() && c.stream && is_sse {
+        // Nothing has reached the client yet: a stream that does not start in time is
+        // retried elsewhere.
+        let mut rest = response.into_body().into_reader();
+        let first = match stream::first_event(&mut rest, sent + c.first_byte) {
+            Ok(mut first) => {
+                first.shrink_to_fit();
+                first
+            }
+            Err(e) => {
+                let e = ureq::Error::from(e);
+                log::warn!(
+                    "instance {}: {} for {}: no first event: {e}",
+                    inst.name,
+                    c.op,
+                    Clean(c.model)
+                );
+                return Ok((broken(&e), None));
+            }
+        };
         let answer = Answer {
             status,
             headers: returned,
-            body: Body::Stream(response.into_body()),
+            body: Body::Stream { first, rest },
             usage: None,
         };
         return Ok((outcome, Some(answer)));
@@ -144,11 +170,7 @@ pub fn call(
             "instance {}: reading the {status} response failed: {e}",
             inst.name
         );
-        let broke = match e {
-            ureq::Error::Timeout(_) => Outcome::TimedOut,
-            _ => Outcome::Broken,
-        };
-        return Ok((broke, None));
+        return Ok((broken(&e), None));
     }
     let usage = if outcome.is_success() {
         usage_of(&bytes)
@@ -173,6 +195,14 @@ pub fn call(
         usage,
     };
     Ok((outcome, Some(answer)))
+}
+
+/// The outcome of an answer that could not be read: too slow, or broken off.
+fn broken(e: &ureq::Error) -> Outcome {
+    match e {
+        ureq::Error::Timeout(_) => Outcome::TimedOut,
+        _ => Outcome::Broken,
+    }
 }
 
 /// The outcome of a call that got no answer.

@@ -1,10 +1,15 @@
-//! SSE pass-through (DESIGN §8): each upstream event is sent to the client as soon as
-//! it is complete (the server writes it as one HTTP chunk), the usage chunk is read
-//! (and dropped when the proxy asked for it on the client's behalf), and a stream cut
-//! or stalled after bytes went out ends with an explicit SSE error event.
+//! SSE pass-through (DESIGN §8): a stream's first event is awaited before anything
+//! reaches the client (so that a stream that never starts can be retried elsewhere);
+//! then each event is sent as soon as it is complete (the server writes it as one HTTP
+//! chunk), the usage chunk is read, and when the proxy asked for usage on the client's
+//! behalf, the usage chunk and the `"usage": null` of every other chunk are removed, so
+//! the client gets the stream it asked for. A stream cut or stalled after bytes went
+//! out ends with an explicit SSE error event.
 
+use super::transport;
 use super::Usage;
 use std::io::{self, Read};
+use std::time::Instant;
 
 /// Largest event the relay holds while waiting for its end; beyond it the upstream is
 /// not speaking SSE and the stream is ended with an error.
@@ -77,6 +82,58 @@ fn classify(event: &[u8]) -> Event {
     Event::Other(usage)
 }
 
+/// A chunk without its top-level `"usage": null`, which the upstream adds to every
+/// chunk once it is asked for usage; `None` when it has none.
+fn without_null_usage(event: &[u8]) -> Option<Vec<u8>> {
+    let mut edited = false;
+    let lines: Vec<Vec<u8>> = event
+        .split_inclusive(|&b| b == b'\n')
+        .map(|line| {
+            let open = line
+                .strip_prefix(b"data:")
+                .and_then(|data| data.iter().position(|&b| b == b'{'))
+                .map(|at| at + 5);
+            match open.and_then(|open| crate::json::without_member(line, open, b"usage", b"null")) {
+                Some(shorter) => {
+                    edited = true;
+                    shorter
+                }
+                None => line.to_vec(),
+            }
+        })
+        .collect();
+    edited.then(|| lines.concat())
+}
+
+/// Reads from a stream that has just started until its first event is complete, for up
+/// to `by` (`routing.first_byte_timeout` from when the request was sent), whatever the
+/// gap allowed between later reads. The bytes read are the start of the relay.
+pub fn first_event(upstream: &mut dyn Read, by: Instant) -> io::Result<Vec<u8>> {
+    let _limit = transport::reads_until(by);
+    let mut first = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    while event_end(&first).is_none() {
+        match upstream.read(&mut buf) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the stream ended before its first event",
+                ))
+            }
+            Ok(n) => first.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+        if first.len() > MAX_EVENT_BYTES {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the first event is larger than 8 MiB",
+            ));
+        }
+    }
+    Ok(first)
+}
+
 pub fn error_event(message: &str) -> Vec<u8> {
     let body = serde_json::json!({"error": {"message": message, "type": "upstream_error",
                                               "param": null, "code": "stream_interrupted"}});
@@ -84,8 +141,10 @@ pub fn error_event(message: &str) -> Vec<u8> {
 }
 
 /// Relays `upstream` to the client event by event until `[DONE]`, the upstream's end
-/// or failure, or the client's disconnect. The caller ends the response.
-pub fn relay(upstream: &mut dyn Read, send: &mut Send<'_>, strip_usage_chunk: bool) -> Summary {
+/// or failure, or the client's disconnect. `strip_usage`: the proxy asked for usage on
+/// the client's behalf, so the usage chunk and each chunk's `"usage": null` are not
+/// passed on. The caller ends the response.
+pub fn relay(upstream: &mut dyn Read, send: &mut Send<'_>, strip_usage: bool) -> Summary {
     // One small buffer, read into at its end: a held stream keeps it for its whole
     // life, and events are far smaller (it grows if one is not).
     const READ: usize = 4 * 1024;
@@ -109,21 +168,27 @@ pub fn relay(upstream: &mut dyn Read, send: &mut Send<'_>, strip_usage_chunk: bo
         while let Some(len) = event_end(&pending[start..]) {
             let event = &pending[start..start + len];
             start += len;
+            let edited;
             let forward = match classify(event) {
                 Event::Done => {
                     done = true;
-                    true
+                    Some(event)
                 }
                 Event::UsageOnly(u) => {
                     usage = Some(u);
-                    !strip_usage_chunk
+                    (!strip_usage).then_some(event)
                 }
                 Event::Other(u) => {
                     usage = u.or(usage);
-                    true
+                    edited = if strip_usage {
+                        without_null_usage(event)
+                    } else {
+                        None
+                    };
+                    Some(edited.as_deref().unwrap_or(event))
                 }
             };
-            if forward && send(event).is_err() {
+            if forward.is_some_and(|event| send(event).is_err()) {
                 return Summary {
                     usage,
                     end: End::ClientGone,
@@ -210,7 +275,7 @@ data: [DONE]\n\n";
                 total_tokens: 7
             })
         );
-        assert!(!body.contains("prompt_tokens"), "{body}");
+        assert!(!body.contains("usage"), "{body}");
         assert!(
             body.contains("\"Hi\"") && body.ends_with("data: [DONE]\n\n"),
             "{body}"

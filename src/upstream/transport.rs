@@ -8,8 +8,13 @@
 //!   calls each (non-blocking on, peek, off); here a probe is one non-blocking peek;
 //! - the socket's read timeout was set before every read; here only when the one set
 //!   would overshoot what ureq allows.
+//!
+//! It also lets a thread give its next reads a deadline of their own (`reads_until`) in
+//! place of ureq's per-read timeout: a stream's first event may take longer than the
+//! gap allowed between later events.
 
 use socket2::SockRef;
+use std::cell::Cell;
 use std::io::{self, ErrorKind, Read, Write};
 use std::mem::MaybeUninit;
 use std::net::TcpStream;
@@ -28,6 +33,26 @@ const COALESCE: usize = 16 * 1024;
 const SLACK: Duration = Duration::from_millis(50);
 /// No address is given less than this to connect.
 const MIN_PER_ADDRESS: Duration = Duration::from_millis(10);
+
+thread_local! {
+    /// Set by `reads_until`: the deadline that replaces ureq's per-read timeout.
+    static READS_UNTIL: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// While the returned guard lives, upstream reads on this thread wait until `deadline`
+/// at most, instead of ureq's per-read timeout (ureq's other limits still apply).
+pub fn reads_until(deadline: Instant) -> ReadDeadline {
+    READS_UNTIL.set(Some(deadline));
+    ReadDeadline(())
+}
+
+pub struct ReadDeadline(());
+
+impl Drop for ReadDeadline {
+    fn drop(&mut self) {
+        READS_UNTIL.set(None);
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct TcpConnector;
@@ -188,7 +213,20 @@ impl Transport for TcpTransport {
 
     fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, Error> {
         self.flush(timeout)?;
-        let timeout = timeout.for_read();
+        let timeout = match READS_UNTIL.get() {
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(Error::Timeout(Timeout::PerRead));
+                }
+                NextTimeout {
+                    per_read: Some(left.into()),
+                    ..timeout
+                }
+            }
+            None => timeout,
+        }
+        .for_read();
         let budget = timeout.not_zero().map(|t| *t);
         let started = Instant::now();
         loop {

@@ -45,8 +45,10 @@ pub enum MockReply {
         headers: Vec<(String, String)>,
         body: Value,
     },
-    /// SSE events (each `data: ...` payload), `gap` apart, then how the stream ends.
+    /// The head at once, then SSE events (each `data: ...` payload): the first after
+    /// `first_after`, the others `gap` apart; then how the stream ends.
     Sse {
+        first_after: Duration,
         events: Vec<String>,
         gap: Duration,
         end: SseEnd,
@@ -72,6 +74,8 @@ pub struct Mock {
     requests: Arc<Mutex<Vec<Recorded>>>,
     /// SSE streams the mock stopped because writing to the proxy failed.
     pub aborted_streams: Arc<AtomicUsize>,
+    /// Connections the mock accepted.
+    pub connections: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
 }
 
@@ -82,13 +86,20 @@ impl Mock {
         let requests = Arc::new(Mutex::new(Vec::new()));
         let aborted = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (reqs, ab, st) = (requests.clone(), aborted.clone(), stop.clone());
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (reqs, ab, st, accepted) = (
+            requests.clone(),
+            aborted.clone(),
+            stop.clone(),
+            connections.clone(),
+        );
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if st.load(Ordering::SeqCst) {
                     return;
                 }
                 let Ok(conn) = conn else { continue };
+                accepted.fetch_add(1, Ordering::SeqCst);
                 let (b, r, a, s) = (behaviour.clone(), reqs.clone(), ab.clone(), st.clone());
                 std::thread::spawn(move || serve_conn(conn, b, r, a, s));
             }
@@ -97,6 +108,7 @@ impl Mock {
             url,
             requests,
             aborted_streams: aborted,
+            connections,
             stop,
         }
     }
@@ -192,15 +204,18 @@ fn serve_conn(
                     return;
                 }
             }
-            MockReply::Sse { events, gap, end } => {
+            MockReply::Sse {
+                first_after,
+                events,
+                gap,
+                end,
+            } => {
                 let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\napim-request-id: mock-sse\r\n\r\n";
                 if out.write_all(head.as_bytes()).is_err() {
                     return;
                 }
                 for (i, e) in events.iter().enumerate() {
-                    if i > 0 {
-                        std::thread::sleep(gap);
-                    }
+                    std::thread::sleep(if i == 0 { first_after } else { gap });
                     let ev = format!("data: {e}\n\n");
                     let chunk = format!("{:x}\r\n{ev}\r\n", ev.len());
                     if out
@@ -330,6 +345,7 @@ pub fn azure_like(key: &'static str) -> Behaviour {
         ];
         match op.as_str() {
             "chat/completions" if body["stream"] == json!(true) => MockReply::Sse {
+                first_after: Duration::ZERO,
                 events: chat_events(
                     &dep,
                     &["Hello", " world"],

@@ -118,7 +118,6 @@ fn main() -> ExitCode {
         );
     }
     let workers = config.server.workers;
-    let grace = Duration::from_secs_f64(config.server.shutdown_grace_seconds);
     let source = Source {
         dir: args.config_dir,
         env,
@@ -153,6 +152,8 @@ fn main() -> ExitCode {
             Err(e) => log::error!("SIGHUP: reload failed, keeping the running configuration: {e}"),
         }
     }
+    // The grace period of the configuration in force: a reload may have changed it.
+    let grace = proxy.shutdown_grace();
     log::info!(
         "shutting down: waiting up to {} s for requests under way",
         grace.as_secs_f64()

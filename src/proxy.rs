@@ -88,6 +88,11 @@ impl Proxy {
         finished
     }
 
+    /// `server.shutdown_grace_seconds` of the configuration in force.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs_f64(self.state.current().config.server.shutdown_grace_seconds)
+    }
+
     /// Stops at once: `shutdown` without a grace period.
     pub fn stop(self) {
         self.shutdown(Duration::ZERO);

@@ -23,13 +23,37 @@ pub struct Generation {
     pub addresses: Vec<Address>,
     /// Every model some instance names: statistics label only these.
     pub model_names: HashSet<String>,
-    pub alerts: Alerts,
+    /// Shared with the generation before when its settings did not change, so that a
+    /// reload forgets neither which alerts were just sent nor the pooled connections.
+    pub alerts: Arc<Alerts>,
 }
 
 impl Generation {
-    fn new(config: Config) -> Generation {
+    /// The generation for `config`, taking over what it can from `previous`.
+    fn new(config: Config, previous: Option<&Generation>) -> Generation {
+        let same = |f: &dyn Fn(&Config) -> bool| previous.is_some_and(|p| f(&p.config));
+        let routing = &config.routing;
+        let agent = match previous {
+            Some(p) if same(&|old| same_agent(old, &config)) => p.agent.clone(),
+            _ => upstream::agent(routing, config.server.workers),
+        };
+        let alerts = match previous {
+            Some(p)
+                if same(&|old| {
+                    old.name == config.name
+                        && old.logging.feishu_webhook.as_ref().map(|h| h.expose())
+                            == config.logging.feishu_webhook.as_ref().map(|h| h.expose())
+                }) =>
+            {
+                p.alerts.clone()
+            }
+            _ => Arc::new(match &config.logging.feishu_webhook {
+                Some(hook) => Alerts::to_webhook(hook, &config.name),
+                None => Alerts::disabled(&config.name),
+            }),
+        };
         Generation {
-            agent: upstream::agent(&config.routing, config.server.workers),
+            agent,
             addresses: config.instances.iter().map(Address::new).collect(),
             model_names: config
                 .instances
@@ -37,13 +61,18 @@ impl Generation {
                 .flat_map(|i| i.models())
                 .map(str::to_string)
                 .collect(),
-            alerts: match &config.logging.feishu_webhook {
-                Some(hook) => Alerts::to_webhook(hook, &config.name),
-                None => Alerts::disabled(&config.name),
-            },
+            alerts,
             config: Arc::new(config),
         }
     }
+}
+
+/// Whether two configurations build the same upstream agent.
+fn same_agent(a: &Config, b: &Config) -> bool {
+    let (x, y) = (&a.routing, &b.routing);
+    (x.connect_timeout, x.timeout, x.first_byte_timeout())
+        == (y.connect_timeout, y.timeout, y.first_byte_timeout())
+        && a.server.workers == b.server.workers
 }
 
 /// What outlives a reload and every request shares.
@@ -62,6 +91,9 @@ pub struct State {
     /// Client connections open, once the server runs.
     pub connections: std::sync::OnceLock<tiny_http::ConnectionCount>,
     source: Source,
+    /// Held through a reload, so that two at once take turns: the later reads the
+    /// files after the earlier has swapped its configuration in.
+    reloading: parking_lot::Mutex<()>,
     next_id: AtomicU64,
 }
 
@@ -71,12 +103,13 @@ impl State {
             permits: Permits::new(config.server.workers),
             bodies: BodyMemory::new(config.server.max_body_memory),
             table: parking_lot::Mutex::new(Table::new(&config)),
-            current: parking_lot::RwLock::new(Arc::new(Generation::new(config))),
+            current: parking_lot::RwLock::new(Arc::new(Generation::new(config, None))),
             stats: parking_lot::Mutex::new(Stats::new()),
             started: Instant::now(),
             draining: AtomicBool::new(false),
             connections: std::sync::OnceLock::new(),
             source,
+            reloading: parking_lot::Mutex::new(()),
             next_id: AtomicU64::new(1),
         }
     }
@@ -98,8 +131,9 @@ impl State {
 
     /// Reads the configuration again and, if it is valid, swaps it in: requests under
     /// way finish on the old one; instance state carries over by name. Settings that
-    /// only apply at start (listen address, worker count) are reported, not applied.
+    /// only apply at start are reported in `restart_needed`, not applied.
     pub fn reload(&self) -> Result<Reloaded, String> {
+        let _turn = self.reloading.lock();
         let old = self.current();
         let loaded = match self.source.load() {
             Ok(l) => l,
@@ -110,21 +144,12 @@ impl State {
             }
         };
         let new = loaded.config;
-        let mut restart_needed = Vec::new();
-        if (new.host.as_str(), new.port) != (old.config.host.as_str(), old.config.port) {
-            restart_needed.push("host/port");
-        }
-        if new.server.workers != old.config.server.workers {
-            restart_needed.push("server.workers");
-        }
-        if new.server.max_body_memory != old.config.server.max_body_memory {
-            restart_needed.push("server.max_body_memory");
-        }
-        if new.server.max_connections != old.config.server.max_connections {
-            restart_needed.push("server.max_connections");
+        let restart_needed = restart_needed(&old.config, &new);
+        if new.logging.level != old.config.logging.level {
+            crate::observe::logging::set_level(&new.logging.level);
         }
         let instances = new.instances.iter().map(|i| i.name.clone()).collect();
-        let generation = Generation::new(new);
+        let generation = Generation::new(new, Some(&old));
         self.table.lock().update(&generation.config);
         *self.current.write() = Arc::new(generation);
         log::info!("configuration reloaded from {}", self.source.dir.display());
@@ -139,6 +164,37 @@ impl State {
             restart_needed,
         })
     }
+}
+
+/// The settings read only at start that differ between `old` and `new`. Everything
+/// else a reload applies: instances, routing, auth, monitoring, `logging.level` and
+/// `feishu_webhook`, `server.max_body_bytes` and `server.shutdown_grace_seconds`.
+fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
+    let (o, n) = (&old.server, &new.server);
+    let (ol, nl) = (&old.logging, &new.logging);
+    [
+        ("host/port", (&old.host, old.port) != (&new.host, new.port)),
+        ("server.workers", o.workers != n.workers),
+        (
+            "server.max_connections",
+            o.max_connections != n.max_connections,
+        ),
+        (
+            "server.max_body_memory",
+            o.max_body_memory != n.max_body_memory,
+        ),
+        (
+            "server.client_timeout",
+            o.client_timeout != n.client_timeout,
+        ),
+        ("server.body_timeout", o.body_timeout != n.body_timeout),
+        ("logging.file", ol.file != nl.file),
+        ("logging.max_size", ol.max_size != nl.max_size),
+        ("logging.backup_count", ol.backup_count != nl.backup_count),
+    ]
+    .into_iter()
+    .filter_map(|(name, changed)| changed.then_some(name))
+    .collect()
 }
 
 /// What a successful reload did.

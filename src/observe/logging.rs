@@ -220,7 +220,6 @@ pub fn open_file(config: &Config) -> Result<Option<RotatingFile>, String> {
 /// written by one background thread.
 pub fn init(config: &Config) -> Result<Logging, String> {
     use simplelog::{ConfigBuilder, LevelFilter, WriteLogger};
-    let level: LevelFilter = config.logging.level.parse().unwrap_or(LevelFilter::Info);
     let log_config = ConfigBuilder::new()
         // Client libraries log connection details at debug level; they are not ours to show.
         .add_filter_ignore_str("ureq")
@@ -230,11 +229,18 @@ pub fn init(config: &Config) -> Result<Logging, String> {
     let file = open_file(config)?;
     let (sink, tx, _writer) = start_writer(Box::new(std::io::stderr()), file)
         .map_err(|e| format!("cannot start the log writer: {e}"))?;
-    log::set_boxed_logger(WriteLogger::new(level, log_config, sink))
+    // The logger passes every level; `log`'s maximum level filters, so that a reload
+    // can change it.
+    log::set_boxed_logger(WriteLogger::new(LevelFilter::Trace, log_config, sink))
         .map_err(|e| format!("cannot set up logging: {e}"))?;
-    log::set_max_level(level);
+    set_level(&config.logging.level);
     std::panic::set_hook(Box::new(|info| log::error!("panic: {info}")));
     Ok(Logging { tx })
+}
+
+/// Logs from now on at `level` (one of `LOG_LEVELS`, validated with the configuration).
+pub fn set_level(level: &str) {
+    log::set_max_level(level.parse().unwrap_or(log::LevelFilter::Info));
 }
 
 #[cfg(test)]

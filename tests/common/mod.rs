@@ -432,8 +432,14 @@ impl TestProxy {
         }
     }
 
-    fn base(yaml: &str) -> String {
+    /// `yaml` as a base.yaml of these tests: on a free loopback port.
+    pub fn base(yaml: &str) -> String {
         format!("host: 127.0.0.1\nport: 0\n{yaml}")
+    }
+
+    /// The base.yaml this proxy reads on a reload.
+    pub fn config_file(&self) -> PathBuf {
+        self.dir.0.join("base.yaml")
     }
 
     /// Replaces base.yaml (for a reload).

@@ -31,19 +31,14 @@ pub struct Generation {
 impl Generation {
     /// The generation for `config`, taking over what it can from `previous`.
     fn new(config: Config, previous: Option<&Generation>) -> Generation {
-        let same = |f: &dyn Fn(&Config) -> bool| previous.is_some_and(|p| f(&p.config));
-        let routing = &config.routing;
         let agent = match previous {
-            Some(p) if same(&|old| same_agent(old, &config)) => p.agent.clone(),
-            _ => upstream::agent(routing, config.server.workers),
+            Some(p) if same_agent(&p.config, &config) => p.agent.clone(),
+            _ => upstream::agent(&config.routing, config.server.workers),
         };
         let alerts = match previous {
             Some(p)
-                if same(&|old| {
-                    old.name == config.name
-                        && old.logging.feishu_webhook.as_ref().map(|h| h.expose())
-                            == config.logging.feishu_webhook.as_ref().map(|h| h.expose())
-                }) =>
+                if p.config.name == config.name
+                    && p.config.logging.feishu_webhook == config.logging.feishu_webhook =>
             {
                 p.alerts.clone()
             }

@@ -14,6 +14,21 @@ pub enum Error {
     InvalidJson(String),
     /// Neither the body nor the path names a model.
     MissingModel,
+    /// An audio upload that is not a readable `multipart/form-data` body.
+    InvalidUpload(String),
+    /// A `/v1/responses/{id}` or `previous_response_id` the proxy does not know: it did
+    /// not pass through this proxy, or it was deleted, or it is older than the proxy
+    /// remembers.
+    UnknownResponse { id: String },
+    /// A stored response whose instance is no longer configured.
+    ResponseGone { id: String, instance: String },
+    /// `previous_response_id` names a response made on an instance that does not serve
+    /// the model asked for now.
+    ResponseElsewhere {
+        id: String,
+        instance: String,
+        model: String,
+    },
     /// The body is larger than `server.max_body_bytes`: by its declared length, at
     /// once, or as it arrives. The connection is closed rather than the body drained.
     BodyTooLarge { limit: u64 },
@@ -89,10 +104,12 @@ impl Error {
         use Error::*;
         match self {
             InvalidJson(_) | MissingModel | BodyUnreadable(_) | TokensExceedLimit { .. } => 400,
+            InvalidUpload(_) | ResponseElsewhere { .. } => 400,
             ModelTooLong | NotForwardable(_) | BadWindow(_) | ReloadFailed(_) => 400,
             MissingKey | WrongKey | AdminKeyNeeded => 401,
             AdminLoopbackOnly => 403,
             ModelNotFound { .. } | UnknownUrl { .. } => 404,
+            UnknownResponse { .. } | ResponseGone { .. } => 404,
             MethodNotAllowed { .. } => 405,
             BodyTimeout => 408,
             BodyTooLarge { .. } => 413,
@@ -122,6 +139,9 @@ impl Error {
         use Error::*;
         Some(match self {
             InvalidJson(_) | MissingModel | BodyUnreadable(_) | ModelTooLong => return None,
+            InvalidUpload(_) => return None,
+            UnknownResponse { .. } | ResponseGone { .. } => "response_not_found",
+            ResponseElsewhere { .. } => "response_on_another_instance",
             NotForwardable(_) | BadWindow(_) => return None,
             BodyTooLarge { .. } => "request_too_large",
             BodyTimeout => "request_timeout",
@@ -146,6 +166,7 @@ impl Error {
         use Error::*;
         match self {
             MissingModel | ModelNotFound { .. } | ModelTooLong => Some("model"),
+            ResponseElsewhere { .. } => Some("previous_response_id"),
             TokensExceedLimit { .. } => Some("max_tokens"),
             BadWindow(_) => Some("window"),
             _ => None,
@@ -157,6 +178,16 @@ impl Error {
         match self {
             InvalidJson(why) => why.clone(),
             MissingModel => "You must provide a model parameter.".into(),
+            InvalidUpload(why) => format!("The upload could not be read: {why}."),
+            UnknownResponse { id } => format!(
+                "Response with id '{id}' not found: this proxy has no record of it (it did not pass through this proxy, was deleted, or is older than the proxy remembers)."
+            ),
+            ResponseGone { id, instance } => format!(
+                "Response with id '{id}' was made on instance {instance}, which is no longer configured."
+            ),
+            ResponseElsewhere { id, instance, model } => format!(
+                "previous_response_id '{id}' was made on instance {instance}, which does not serve model `{model}`; a conversation continues on the instance that holds it."
+            ),
             BodyTooLarge { limit } => {
                 format!("The request body is larger than the limit of {limit} bytes")
             }

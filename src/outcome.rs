@@ -36,15 +36,38 @@ pub enum Outcome {
     Broken,
 }
 
-/// Token usage as an upstream reports it (`usage` in a body or in a stream's last chunk).
+/// Token usage as an upstream reports it (`usage` in a body or in a stream's last
+/// chunk). The Responses API and audio name them `input_tokens` and `output_tokens`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
 pub struct Usage {
-    #[serde(default)]
+    #[serde(default, alias = "input_tokens")]
     pub prompt_tokens: u64,
-    #[serde(default)]
+    #[serde(default, alias = "output_tokens")]
     pub completion_tokens: u64,
     #[serde(default)]
     pub total_tokens: u64,
+}
+
+impl Usage {
+    /// The usage of a stream whose upstream reported none: the prompt's estimate, and
+    /// the estimated tokens of the text it streamed.
+    pub fn estimated(prompt_tokens: u64, streamed_tokens: u64) -> Usage {
+        Usage {
+            prompt_tokens,
+            completion_tokens: streamed_tokens,
+            total_tokens: prompt_tokens.saturating_add(streamed_tokens),
+        }
+    }
+}
+
+/// Tokens for a text without a BPE table: a quarter token per ASCII byte (English runs
+/// near four characters a token) and one per other character (CJK is about one a
+/// character; accented Latin is overcounted, which errs on the safe side). The
+/// admission estimate of a prompt, and the usage of a stream whose upstream reports none.
+pub fn estimate_text(text: &str) -> u64 {
+    let ascii = text.bytes().filter(u8::is_ascii).count() as u64;
+    let other = text.chars().filter(|c| !c.is_ascii()).count() as u64;
+    ascii.div_ceil(4) + other
 }
 
 /// An attempt as the statistics and the access log keep it.
@@ -178,6 +201,19 @@ mod tests {
         assert!(!of(503).never_counted());
         assert!(Outcome::Unreachable { arrived: false }.never_counted());
         assert!(!Outcome::Unreachable { arrived: true }.never_counted());
+    }
+
+    #[test]
+    fn text_estimate_is_pinned() {
+        assert_eq!(estimate_text(""), 0);
+        assert_eq!(estimate_text("Hello, world!"), 4);
+        assert_eq!(
+            estimate_text("The quick brown fox jumps over the lazy dog."),
+            11
+        );
+        assert_eq!(estimate_text("你好世界"), 4);
+        assert_eq!(estimate_text("café"), 2);
+        assert_eq!(estimate_text(&"a".repeat(4000)), 1000);
     }
 
     #[test]

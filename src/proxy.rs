@@ -7,7 +7,8 @@ use crate::error::Error;
 use crate::http::{self, auth, Reply};
 use crate::state::{Generation, Reloaded, State};
 use crate::upstream::stream;
-use crate::{admin, api, upstream};
+use crate::upstream::Op;
+use crate::{admin, api};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -112,21 +113,48 @@ fn route(
             return e.into();
         }
     }
-    let forward = |request: &mut Request<'_>, op: &str, model: Option<String>| {
-        only(method, "POST", path, || {
-            api::forward(state, g, request, op, model)
-        })
-    };
-    if let Some(op) = path
+    // `/openai/v1/...` is `/v1/...` for clients whose base URL is an Azure v1 endpoint.
+    let v1 = path
         .strip_prefix("/v1/")
-        .filter(|op| upstream::OPERATIONS.contains(op))
-    {
-        return forward(request, op, None);
+        .or_else(|| path.strip_prefix("/openai/v1/"));
+    if let Some(op) = v1.and_then(Op::from_path) {
+        return only(method, "POST", path, || {
+            api::forward(state, g, request, op, None)
+        });
     }
     if let Some((model, op)) = azure_path(path) {
-        return forward(request, op, Some(model));
+        return only(method, "POST", path, || {
+            api::forward(state, g, request, op, Some(model))
+        });
     }
-    route_other(state, g, request, method, path)
+    if let Some((id, rest)) = v1.and_then(stored_response) {
+        let allowed = match rest {
+            "" => "GET, DELETE",
+            "/input_items" => "GET",
+            _ => "POST",
+        };
+        let query = request.url().split_once('?').map_or("", |(_, q)| q);
+        return only(method, allowed, path, || {
+            api::stored_response(state, g, request, (method.as_str(), id, rest, query))
+        });
+    }
+    route_other(state, g, request, method, v1, path)
+}
+
+/// `responses/{id}`, `responses/{id}/input_items`, `responses/{id}/cancel` → (id, the
+/// rest).
+fn stored_response(path: &str) -> Option<(&str, &'static str)> {
+    let rest = path.strip_prefix("responses/")?;
+    let (id, more) = rest.split_once('/').unwrap_or((rest, ""));
+    let more = ["", "input_items", "cancel"]
+        .into_iter()
+        .find(|m| *m == more)?;
+    let rest = match more {
+        "" => "",
+        "input_items" => "/input_items",
+        _ => "/cancel",
+    };
+    (!id.is_empty()).then_some((id, rest))
 }
 
 /// The endpoints that are not forwarded. Never inlined: inlined, their locals made the
@@ -137,12 +165,15 @@ fn route_other(
     g: &Generation,
     request: &mut Request<'_>,
     method: &Method,
+    v1: Option<&str>,
     path: &str,
 ) -> Reply {
     let auth = &g.config.auth;
     let get = |f: &dyn Fn() -> Reply| only(method, "GET", path, f);
+    if v1 == Some("models") {
+        return get(&|| api::models(g));
+    }
     match path {
-        "/v1/models" => get(&|| api::models(g)),
         "/health" => get(&|| admin::health(state, g)),
         "/metrics" => get(&|| admin::metrics(state, g)),
         "/stats" => {
@@ -181,9 +212,10 @@ fn route_other(
     }
 }
 
-/// Runs `f` if the method is `allowed`, else answers 405 naming it.
+/// Runs `f` if the method is one of `allowed` (`"GET, DELETE"`), else answers 405
+/// naming them.
 fn only(method: &Method, allowed: &'static str, path: &str, f: impl FnOnce() -> Reply) -> Reply {
-    if method.as_str() == allowed {
+    if allowed.split(", ").any(|m| m == method.as_str()) {
         f()
     } else {
         Error::MethodNotAllowed {
@@ -195,11 +227,12 @@ fn only(method: &Method, allowed: &'static str, path: &str, f: impl FnOnce() -> 
     }
 }
 
-/// `/openai/deployments/{model}/{op}` → (model, op), for `AzureOpenAI` SDK clients.
-fn azure_path(path: &str) -> Option<(String, &'static str)> {
+/// `/openai/deployments/{model}/{op}` → (model, op), for `AzureOpenAI` SDK clients
+/// (every operation but the Responses API, which Azure does not serve per deployment).
+fn azure_path(path: &str) -> Option<(String, Op)> {
     let rest = path.strip_prefix("/openai/deployments/")?;
     let (model, op) = rest.split_once('/')?;
-    let op = upstream::OPERATIONS.iter().find(|o| **o == op)?;
+    let op = Op::from_path(op).filter(|op| *op != Op::Responses)?;
     let model = percent_decode(model)?;
     (!model.is_empty()).then_some((model, op))
 }
@@ -229,14 +262,35 @@ mod tests {
     fn azure_paths() {
         assert_eq!(
             azure_path("/openai/deployments/gpt-4o/chat/completions"),
-            Some(("gpt-4o".to_string(), "chat/completions"))
+            Some(("gpt-4o".to_string(), Op::Chat))
         );
         assert_eq!(
             azure_path("/openai/deployments/my%20model/embeddings"),
-            Some(("my model".to_string(), "embeddings"))
+            Some(("my model".to_string(), Op::Embeddings))
         );
-        assert_eq!(azure_path("/openai/deployments/m/images/generations"), None);
+        assert_eq!(
+            azure_path("/openai/deployments/whisper/audio/transcriptions"),
+            Some(("whisper".to_string(), Op::Transcriptions))
+        );
+        assert_eq!(azure_path("/openai/deployments/m/responses"), None);
+        assert_eq!(azure_path("/openai/deployments/m/images/edits"), None);
         assert_eq!(azure_path("/openai/deployments//completions"), None);
         assert_eq!(azure_path("/openai/deployments/%zz/completions"), None);
+    }
+
+    #[test]
+    fn stored_response_paths() {
+        assert_eq!(stored_response("responses/resp_1"), Some(("resp_1", "")));
+        assert_eq!(
+            stored_response("responses/resp_1/input_items"),
+            Some(("resp_1", "/input_items"))
+        );
+        assert_eq!(
+            stored_response("responses/resp_1/cancel"),
+            Some(("resp_1", "/cancel"))
+        );
+        assert_eq!(stored_response("responses/resp_1/other"), None);
+        assert_eq!(stored_response("responses/"), None);
+        assert_eq!(stored_response("responses"), None);
     }
 }

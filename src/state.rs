@@ -7,6 +7,7 @@ use crate::capacity::{BodyMemory, Permits};
 use crate::config::{Config, Source};
 use crate::observe::alerts::Alerts;
 use crate::observe::stats::Stats;
+use crate::routing::affinity::Affinity;
 use crate::routing::table::Table;
 use crate::upstream::{self, Address};
 use std::collections::HashSet;
@@ -75,6 +76,8 @@ pub struct State {
     current: parking_lot::RwLock<Arc<Generation>>,
     /// Runtime state of every instance, by name.
     pub table: parking_lot::Mutex<Table>,
+    /// Which instance made each Responses API answer.
+    pub affinity: parking_lot::Mutex<Affinity>,
     pub stats: parking_lot::Mutex<Stats>,
     /// `server.workers`: upstream calls under way at once.
     pub permits: Arc<Permits>,
@@ -98,6 +101,7 @@ impl State {
             permits: Permits::new(config.server.workers),
             bodies: BodyMemory::new(config.server.max_body_memory),
             table: parking_lot::Mutex::new(Table::new(&config)),
+            affinity: parking_lot::Mutex::new(Affinity::default()),
             current: parking_lot::RwLock::new(Arc::new(Generation::new(config, None))),
             stats: parking_lot::Mutex::new(Stats::new()),
             started: Instant::now(),

@@ -6,6 +6,8 @@
 
 use crate::error::Error;
 use crate::json::{for_each_member, skip_space};
+use crate::outcome::estimate_text;
+use crate::upstream::Op;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use std::fmt;
@@ -18,11 +20,15 @@ pub struct Meta {
     pub stream: bool,
     /// The client asked for `stream_options.include_usage`.
     pub include_usage: bool,
-    /// Estimated tokens of the message, prompt and input text.
+    /// The Responses API's `previous_response_id`: the conversation to continue.
+    pub previous_response_id: Option<String>,
+    /// Estimated tokens of the prompt: message, prompt, input and instructions text,
+    /// tool-call arguments, and the tool, function and response-format schemas.
     text_tokens: u64,
     messages: u64,
     max_tokens: Option<u64>,
     max_completion_tokens: Option<u64>,
+    max_output_tokens: Option<u64>,
     n: Option<u64>,
     best_of: Option<u64>,
 }
@@ -51,10 +57,16 @@ impl Meta {
             })
     }
 
-    /// The most tokens this request can use, as Azure's limiter counts it (DESIGN §7):
-    /// prompt estimate + completion reserve × the number of completions. Saturates
-    /// rather than wraps, so an absurd `max_tokens` stays absurd.
-    pub fn estimate(&self, op: &str, default_completion: u64) -> u64 {
+    /// What an upload tells: its model only.
+    pub fn of_model(model: String) -> Meta {
+        Meta {
+            model: Some(model),
+            ..Meta::default()
+        }
+    }
+
+    /// The prompt's estimated tokens, framing included.
+    pub fn prompt_tokens(&self) -> u64 {
         let framing = if self.messages > 0 {
             self.messages
                 .saturating_mul(TOKENS_PER_MESSAGE)
@@ -62,26 +74,29 @@ impl Meta {
         } else {
             0
         };
-        let prompt = self.text_tokens.saturating_add(framing);
-        if op == "embeddings" {
+        self.text_tokens.saturating_add(framing)
+    }
+
+    /// The most tokens this request can use, as Azure's limiter counts it (DESIGN §7):
+    /// prompt estimate + completion reserve × the number of completions; the prompt
+    /// alone for embeddings; nothing for images and audio, which count only as
+    /// requests. Saturates rather than wraps, so an absurd `max_tokens` stays absurd.
+    pub fn estimate(&self, op: Op, default_completion: u64) -> u64 {
+        if !op.counts_tokens() {
+            return 0;
+        }
+        let prompt = self.prompt_tokens();
+        if op == Op::Embeddings {
             return prompt;
         }
         let reserve = self
             .max_completion_tokens
+            .or(self.max_output_tokens)
             .or(self.max_tokens)
             .unwrap_or(default_completion);
         let copies = self.n.unwrap_or(1).max(self.best_of.unwrap_or(1)).max(1);
         prompt.saturating_add(reserve.saturating_mul(copies))
     }
-}
-
-/// Tokens for a text without a BPE table: a quarter token per ASCII byte (English runs
-/// near four characters a token) and one per other character (CJK is about one a
-/// character; accented Latin is overcounted, which errs on the safe side).
-fn estimate_text(text: &str) -> u64 {
-    let ascii = text.bytes().filter(u8::is_ascii).count() as u64;
-    let other = text.chars().filter(|c| !c.is_ascii()).count() as u64;
-    ascii.div_ceil(4) + other
 }
 
 /// The top-level keys `Meta` reads; anything else is skipped.
@@ -90,11 +105,17 @@ enum Key {
     Stream,
     StreamOptions,
     Messages,
+    /// Text the model reads: `prompt`, `input`, `instructions`.
     Text,
+    /// Definitions the model reads, counted whole: `tools`, `functions`,
+    /// `response_format`, the Responses API's `text` (its output format).
+    Schema,
     MaxTokens,
     MaxCompletionTokens,
+    MaxOutputTokens,
     N,
     BestOf,
+    PreviousResponseId,
     Other,
 }
 
@@ -112,11 +133,14 @@ impl<'de> Deserialize<'de> for Key {
                     "stream" => Key::Stream,
                     "stream_options" => Key::StreamOptions,
                     "messages" => Key::Messages,
-                    "prompt" | "input" => Key::Text,
+                    "prompt" | "input" | "instructions" => Key::Text,
+                    "tools" | "functions" | "response_format" | "text" => Key::Schema,
                     "max_tokens" => Key::MaxTokens,
                     "max_completion_tokens" => Key::MaxCompletionTokens,
+                    "max_output_tokens" => Key::MaxOutputTokens,
                     "n" => Key::N,
                     "best_of" => Key::BestOf,
+                    "previous_response_id" => Key::PreviousResponseId,
                     _ => Key::Other,
                 })
             }
@@ -136,6 +160,9 @@ impl<'de> Deserialize<'de> for Meta {
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Meta, A::Error> {
                 let mut meta = Meta::default();
                 let mut seen_model = false;
+                let add = |meta: &mut Meta, n: u64| {
+                    meta.text_tokens = meta.text_tokens.saturating_add(n);
+                };
                 while let Some(key) = map.next_key::<Key>()? {
                     match key {
                         // Two models would let routing and the upstream read different ones.
@@ -158,18 +185,20 @@ impl<'de> Deserialize<'de> for Meta {
                         Key::Messages => {
                             let m: Messages = map.next_value()?;
                             meta.messages = meta.messages.saturating_add(m.count);
-                            meta.text_tokens = meta.text_tokens.saturating_add(m.tokens);
+                            add(&mut meta, m.tokens);
                         }
-                        Key::Text => {
-                            let t: Tokens = map.next_value()?;
-                            meta.text_tokens = meta.text_tokens.saturating_add(t.0);
-                        }
+                        Key::Text => add(&mut meta, map.next_value::<Tokens>()?.0),
+                        Key::Schema => add(&mut meta, map.next_value::<AllText>()?.0),
                         Key::MaxTokens => meta.max_tokens = map.next_value::<Count>()?.0,
                         Key::MaxCompletionTokens => {
                             meta.max_completion_tokens = map.next_value::<Count>()?.0
                         }
+                        Key::MaxOutputTokens => {
+                            meta.max_output_tokens = map.next_value::<Count>()?.0
+                        }
                         Key::N => meta.n = map.next_value::<Count>()?.0,
                         Key::BestOf => meta.best_of = map.next_value::<Count>()?.0,
+                        Key::PreviousResponseId => meta.previous_response_id = map.next_value()?,
                         Key::Other => {
                             map.next_value::<IgnoredAny>()?;
                         }
@@ -253,7 +282,8 @@ impl<'de> Deserialize<'de> for Messages {
     }
 }
 
-/// One message: the tokens of its `content` (other fields are skipped).
+/// One message: the tokens of its `content` and of its tool calls (their names and
+/// arguments); other fields are skipped.
 struct Message(u64);
 
 impl<'de> Deserialize<'de> for Message {
@@ -269,6 +299,7 @@ impl<'de> Deserialize<'de> for Message {
                 while let Some(key) = map.next_key::<FieldName>()? {
                     let n = match key {
                         FieldName::Content => map.next_value::<Tokens>()?.0,
+                        FieldName::Calls => map.next_value::<AllText>()?.0,
                         _ => {
                             map.next_value::<IgnoredAny>()?;
                             0
@@ -283,10 +314,15 @@ impl<'de> Deserialize<'de> for Message {
     }
 }
 
-/// The keys of a message or content part that hold text.
+/// The keys of a message, an input item or a content part that hold what the model
+/// reads.
 enum FieldName {
+    /// `content`: text, or a list of parts.
     Content,
+    /// `text` (a part), `output` and `arguments` (a function call and its result).
     Text,
+    /// `tool_calls`, `function_call`: names and arguments.
+    Calls,
     Other,
 }
 
@@ -301,7 +337,8 @@ impl<'de> Deserialize<'de> for FieldName {
             fn visit_str<E: de::Error>(self, key: &str) -> Result<FieldName, E> {
                 Ok(match key {
                     "content" => FieldName::Content,
-                    "text" => FieldName::Text,
+                    "text" | "output" | "arguments" => FieldName::Text,
+                    "tool_calls" | "function_call" => FieldName::Calls,
                     _ => FieldName::Other,
                 })
             }
@@ -310,9 +347,9 @@ impl<'de> Deserialize<'de> for FieldName {
     }
 }
 
-/// The tokens of a text value: a string; a list of strings, token ids, token-id lists
-/// or content parts (only `text` counts: an image's size is not in its bytes). A token
-/// id, or anything else a list holds, counts as one token.
+/// The tokens of a text value: a string; a list of strings, token ids, token-id lists,
+/// content parts or input items (only their text counts: an image's size is not in its
+/// bytes). A token id, or anything else a list holds, counts as one token.
 struct Tokens(u64);
 
 impl<'de> Deserialize<'de> for Tokens {
@@ -367,8 +404,9 @@ impl<'de> Visitor<'de> for TokensVisitor {
         let mut total = 0u64;
         while let Some(key) = map.next_key::<FieldName>()? {
             let n = match key {
-                FieldName::Text => map.next_value::<Tokens>()?.0,
-                _ => {
+                FieldName::Text | FieldName::Content => map.next_value::<Tokens>()?.0,
+                FieldName::Calls => map.next_value::<AllText>()?.0,
+                FieldName::Other => {
                     map.next_value::<IgnoredAny>()?;
                     0
                 }
@@ -386,6 +424,56 @@ impl<'de> Deserialize<'de> for Item {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Item, D::Error> {
         d.deserialize_any(TokensVisitor { nested: true })
             .map(|t| Item(t.0))
+    }
+}
+
+/// The tokens of a whole value as the model reads a definition: every key and string
+/// as text, every other scalar as one token (a tool's JSON schema, call arguments).
+struct AllText(u64);
+
+impl<'de> Deserialize<'de> for AllText {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<AllText, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = AllText;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_str<E>(self, s: &str) -> Result<AllText, E> {
+                Ok(AllText(estimate_text(s)))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<AllText, E> {
+                Ok(AllText(1))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<AllText, E> {
+                Ok(AllText(1))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<AllText, E> {
+                Ok(AllText(1))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<AllText, E> {
+                Ok(AllText(1))
+            }
+            fn visit_unit<E>(self) -> Result<AllText, E> {
+                Ok(AllText(0))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<AllText, A::Error> {
+                let mut total = 0u64;
+                while let Some(AllText(n)) = seq.next_element()? {
+                    total = total.saturating_add(n);
+                }
+                Ok(AllText(total))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<AllText, A::Error> {
+                let mut total = 0u64;
+                while let Some(AllText(k)) = map.next_key()? {
+                    let AllText(v) = map.next_value()?;
+                    total = total.saturating_add(k).saturating_add(v);
+                }
+                Ok(AllText(total))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -463,19 +551,6 @@ fn insert_members(json: &[u8], open: usize, members: Vec<Vec<u8>>) -> (Range<usi
 mod tests {
     use super::*;
     use serde_json::{json, Value};
-
-    #[test]
-    fn text_estimate_is_pinned() {
-        assert_eq!(estimate_text(""), 0);
-        assert_eq!(estimate_text("Hello, world!"), 4);
-        assert_eq!(
-            estimate_text("The quick brown fox jumps over the lazy dog."),
-            11
-        );
-        assert_eq!(estimate_text("你好世界"), 4);
-        assert_eq!(estimate_text("café"), 2);
-        assert_eq!(estimate_text(&"a".repeat(4000)), 1000);
-    }
 
     fn edited(body: &str, ask_usage: bool, model: Option<&str>) -> Value {
         let out = for_upstream(body.as_bytes(), ask_usage, model);
@@ -559,49 +634,96 @@ mod tests {
                        {"role":"user","content":[{"type":"text","text":"你好"},
                         {"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}}]}],
                        "max_tokens":50}"#;
-        assert_eq!(est(chat, "chat/completions"), 8 + 3 + 4 + 2 + 50);
+        assert_eq!(est(chat, Op::Chat), 8 + 3 + 4 + 2 + 50);
         assert_eq!(
-            est(
-                r#"{"messages":[{"role":"user","content":null}]}"#,
-                "chat/completions"
-            ),
+            est(r#"{"messages":[{"role":"user","content":null}]}"#, Op::Chat),
             4 + 3 + 1000,
             "default reserve"
         );
         assert_eq!(
             est(
                 r#"{"prompt":"abcdefgh","max_tokens":10,"n":3,"best_of":2}"#,
-                "completions"
+                Op::Completions
             ),
             2 + 30
         );
         assert_eq!(
             est(
                 r#"{"prompt":"abcd","max_completion_tokens":7,"max_tokens":99}"#,
-                "completions"
+                Op::Completions
             ),
             1 + 7
         );
         assert_eq!(
-            est(r#"{"input":["abcd","efgh"],"max_tokens":10}"#, "embeddings"),
+            est(
+                r#"{"input":["abcd","efgh"],"max_tokens":10}"#,
+                Op::Embeddings
+            ),
             2,
             "inputs only"
         );
-        assert_eq!(est(r#"{"input":[[1,2,3],[4]]}"#, "embeddings"), 4);
-        assert_eq!(est(r#"{"input":[5,6,7]}"#, "embeddings"), 3);
+        assert_eq!(est(r#"{"input":[[1,2,3],[4]]}"#, Op::Embeddings), 4);
+        assert_eq!(est(r#"{"input":[5,6,7]}"#, Op::Embeddings), 3);
         assert_eq!(
-            est(r#"{"prompt":"abcd","max_tokens":100.0}"#, "completions"),
+            est(r#"{"prompt":"abcd","max_tokens":100.0}"#, Op::Completions),
             101
         );
         assert_eq!(
             est(
                 r#"{"prompt":"","max_tokens":1e300,"n":1e300}"#,
-                "completions"
+                Op::Completions
             ),
             u64::MAX,
             "saturates"
         );
-        assert_eq!(est(r#"{"prompt":"","max_tokens":-5}"#, "completions"), 0);
+        assert_eq!(est(r#"{"prompt":"","max_tokens":-5}"#, Op::Completions), 0);
+    }
+
+    #[test]
+    fn tools_schemas_and_calls_count_in_the_prompt() {
+        let est = |body: &str, op| Meta::parse(body.as_bytes()).unwrap().estimate(op, 0);
+        // A tool's schema: every key and string as text ("type" 1, "function" 2,
+        // "function" 2, "name" 1, "get_weather" 3, "parameters" 3, "type" 1, "object" 2).
+        let tools = r#"{"messages":[],"tools":[{"type":"function","function":{"name":"get_weather","parameters":{"type":"object"}}}],"parallel_tool_calls":true}"#;
+        assert_eq!(est(tools, Op::Chat), 1 + 2 + 2 + 1 + 3 + 3 + 1 + 2);
+        // A tool call's arguments and its result, in the messages.
+        let calls = r#"{"messages":[{"role":"assistant","content":null,"tool_calls":[{"function":{"arguments":"{\"city\":\"Paris\"}"}}]},
+                                   {"role":"tool","content":"sunny"}]}"#;
+        // "function" 2, "arguments" 3, the arguments 4; "sunny" 2.
+        assert_eq!(est(calls, Op::Chat), 2 * 4 + 3 + (2 + 3 + 4) + 2);
+        let format =
+            r#"{"prompt":"","response_format":{"type":"json_schema","json_schema":{"name":"x"}}}"#;
+        assert_eq!(est(format, Op::Completions), 1 + 3 + 3 + 1 + 1);
+    }
+
+    #[test]
+    fn responses_requests_count_input_instructions_and_output_reserve() {
+        let est = |body: &str| {
+            Meta::parse(body.as_bytes())
+                .unwrap()
+                .estimate(Op::Responses, 1000)
+        };
+        assert_eq!(
+            est(r#"{"input":"Hello, world!","max_output_tokens":20}"#),
+            4 + 20
+        );
+        assert_eq!(
+            est(
+                r#"{"instructions":"abcd","input":[{"role":"user","content":[{"type":"input_text","text":"abcdefgh"}]},
+                    {"type":"function_call_output","call_id":"c1","output":"abcd"}]}"#
+            ),
+            1 + 2 + 1 + 1000
+        );
+        let m =
+            Meta::parse(br#"{"model":"m","previous_response_id":"resp_9","input":"x"}"#).unwrap();
+        assert_eq!(m.previous_response_id.as_deref(), Some("resp_9"));
+        assert_eq!(
+            Meta::parse(br#"{"model":"dall-e-3","prompt":"a cat"}"#)
+                .unwrap()
+                .estimate(Op::Images, 1000),
+            0,
+            "images count as requests only"
+        );
     }
 
     #[test]
@@ -611,6 +733,6 @@ mod tests {
         body.extend(b"{}]}");
         let m = Meta::parse(&body).unwrap();
         assert_eq!(m.messages, 100_001);
-        assert_eq!(m.estimate("chat/completions", 0), 100_001 * 4 + 3);
+        assert_eq!(m.estimate(Op::Chat, 0), 100_001 * 4 + 3);
     }
 }

@@ -1,18 +1,20 @@
-//! The OpenAI-compatible endpoints (DESIGN §3, §5): `/v1/models`, and forwarding of
-//! completions, chat and embeddings: read and check the request (`body` reads what
-//! routing needs from it), take an upstream permit, let `routing` choose instances and
-//! `upstream` call them, and turn the result into the client's `Reply`.
+//! The OpenAI-compatible endpoints (DESIGN §3, §5): `/v1/models`; forwarding of chat,
+//! completions, embeddings, the Responses API, images and audio (read and check the
+//! request, take an upstream permit, let `routing` choose instances and `upstream` call
+//! them, turn the result into the client's `Reply`); and the stored responses of the
+//! Responses API, sent to the instance that made them (affinity).
 
 pub mod body;
+pub mod upload;
 
-use crate::config::{Config, Provider};
+use crate::config::Config;
 use crate::error::Error;
 use crate::http::{self, Body, Reply, Stream, Trace};
 use crate::observe::logging::Clean;
-use crate::outcome::Outcome;
+use crate::outcome::{Attempt, Outcome, Usage};
 use crate::routing::{self, Plan, Routed};
 use crate::state::{Generation, State};
-use crate::upstream::{self, headers, Answer, Call};
+use crate::upstream::{self, headers, stream, Answer, Call, Op};
 use body::Meta;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -39,41 +41,152 @@ pub fn forward(
     state: &State,
     g: &Generation,
     req: &mut tiny_http::Request<'_>,
-    op: &str,
+    op: Op,
     path_model: Option<String>,
 ) -> Reply {
+    traced(|trace| forward_traced(state, g, req, op, path_model, trace))
+}
+
+/// `GET`/`DELETE /v1/responses/{id}`, `GET .../input_items`, `POST .../cancel`: sent
+/// to the instance that made the response. `rest` is the path after the id, `query`
+/// the client's query string (pagination), passed on.
+pub fn stored_response(
+    state: &State,
+    g: &Generation,
+    req: &tiny_http::Request<'_>,
+    (method, id, rest, query): (&str, &str, &str, &str),
+) -> Reply {
+    traced(|trace| {
+        let home = state
+            .affinity
+            .lock()
+            .find(id, Instant::now())
+            .cloned()
+            .ok_or_else(|| Error::UnknownResponse { id: id.into() })?;
+        let config = &g.config;
+        let i = config
+            .instances
+            .iter()
+            .position(|inst| inst.name == home.instance)
+            .ok_or_else(|| Error::ResponseGone {
+                id: id.into(),
+                instance: home.instance.clone(),
+            })?;
+        let model: &str = trace.model.insert(home.model);
+        let forwarded = forwarded_headers(req)?;
+        let permit = permit(state, config)?;
+        let plan = Plan {
+            model,
+            candidates: &[i],
+            need: 0,
+            deadline: Instant::now(),
+        };
+        let routed = routing::run(
+            &state.table,
+            config,
+            &g.alerts,
+            &plan,
+            &mut trace.attempts,
+            |i| {
+                let mut url = g.addresses[i].response_url(id, rest);
+                if !query.is_empty() {
+                    url.push(if url.contains('?') { '&' } else { '?' });
+                    url.push_str(query);
+                }
+                let call = Call {
+                    method,
+                    url,
+                    what: ("a stored response", id),
+                    body: (method == "POST").then_some(&[][..]),
+                    headers: &forwarded,
+                    stream: false,
+                    first_byte: first_byte(config),
+                    not_found_is_answer: true,
+                };
+                upstream::call(&g.agent, &config.instances[i], &g.addresses[i], &call)
+            },
+        );
+        let (reply, usage) = finish(routed, &trace.attempts, model, permit, Default::default())?;
+        (trace.instance, trace.usage) = (last_instance(&trace.attempts), usage);
+        if method == "DELETE" && (200..300).contains(&reply.status) {
+            state.affinity.lock().forget(id);
+        }
+        Ok(reply)
+    })
+}
+
+/// Runs a handler with the request's `Trace`, and turns its error into the reply.
+fn traced(handler: impl FnOnce(&mut Trace) -> Result<Reply, Error>) -> Reply {
     let mut trace = Trace {
         api: true,
         ..Trace::default()
     };
-    let reply = match forward_traced(state, g, req, op, path_model, &mut trace) {
-        Ok(reply) => reply,
-        Err(e) => e.into(),
-    };
+    let reply = handler(&mut trace).unwrap_or_else(Reply::from);
     Reply { trace, ..reply }
+}
+
+/// The client's headers that travel upstream, or 431 for one too long to.
+fn forwarded_headers<'r>(
+    req: &'r tiny_http::Request<'_>,
+) -> Result<Vec<(&'r str, &'r str)>, Error> {
+    let forwarded: Vec<(&str, &str)> = req
+        .headers()
+        .filter(|(name, value)| headers::forward_request_header(name, value))
+        .collect();
+    match forwarded
+        .iter()
+        .find(|(n, v)| !upstream::head_line_fits(&[n, ": ", v]))
+    {
+        Some((name, _)) => Err(Error::HeaderTooLong {
+            name: Clean(name).to_string(),
+        }),
+        None => Ok(forwarded),
+    }
+}
+
+/// One of the `server.workers` permits, waited for up to `routing.queue_timeout`.
+fn permit(state: &State, config: &Config) -> Result<crate::capacity::Permit, Error> {
+    let deadline = Instant::now() + Duration::from_secs_f64(config.routing.queue_timeout);
+    state.permits.acquire(deadline).ok_or(Error::NoPermit {
+        total: state.permits.total(),
+    })
+}
+
+fn first_byte(config: &Config) -> Duration {
+    Duration::from_secs_f64(config.routing.first_byte_timeout())
 }
 
 fn forward_traced(
     state: &State,
     g: &Generation,
     req: &mut tiny_http::Request<'_>,
-    op: &str,
+    op: Op,
     path_model: Option<String>,
     trace: &mut Trace,
 ) -> Result<Reply, Error> {
     let config = &g.config;
     let (body, _held) = http::body::read(req, config.server.max_body_bytes, &state.bodies)?;
-    let meta = Meta::parse(&body)?;
+    let content_type = req.header("content-type");
+    let meta = if op.is_upload() {
+        Meta::of_model(upload::model(&body, content_type)?)
+    } else {
+        Meta::parse(&body)?
+    };
     let model = path_model
         .or_else(|| meta.model.clone())
         .ok_or(Error::MissingModel)?;
     let model: &str = trace.model.insert(model);
-    let candidates = routing::candidates(config, model);
+    let mut candidates = routing::candidates(config, model);
     if candidates.is_empty() {
         return Err(Error::ModelNotFound {
             model: model.into(),
             served: served_models(config).join(", "),
         });
+    }
+    // A conversation continues where its previous response is stored.
+    let previous = meta.previous_response_id.as_deref();
+    if let Some(id) = previous {
+        candidates = home_of(state, config, id, model, &candidates)?;
     }
     // No request may take more than an instance's whole window: one that no serving
     // instance could ever admit is the client's error, not a 429 for everyone after.
@@ -94,30 +207,17 @@ fn forward_traced(
                 .unwrap_or(0),
         });
     }
-    let forwarded: Vec<(&str, &str)> = req
-        .headers()
-        .filter(|(name, value)| headers::forward_request_header(name, value))
-        .collect();
-    if let Some((name, _)) = forwarded
-        .iter()
-        .find(|(n, v)| !upstream::head_line_fits(&[n, ": ", v]))
-    {
-        return Err(Error::HeaderTooLong {
-            name: Clean(name).to_string(),
-        });
-    }
-
-    let deadline = Instant::now() + Duration::from_secs_f64(config.routing.queue_timeout);
-    let permit = state.permits.acquire(deadline).ok_or(Error::NoPermit {
-        total: state.permits.total(),
-    })?;
+    let forwarded = forwarded_headers(req)?;
+    let permit = permit(state, config)?;
     let plan = Plan {
         model,
         candidates: &fits,
         need,
-        deadline,
+        deadline: Instant::now() + Duration::from_secs_f64(config.routing.queue_timeout),
     };
-    let ask_usage = meta.stream && !meta.include_usage && op != "embeddings";
+    // Chat and completions streams report usage only when asked for it.
+    let usage_option = meta.stream && matches!(op, Op::Chat | Op::Completions);
+    let mut asked_usage = false;
     let routed = routing::run(
         &state.table,
         config,
@@ -126,69 +226,181 @@ fn forward_traced(
         &mut trace.attempts,
         |i| {
             let inst = &config.instances[i];
+            let address = &g.addresses[i];
             let deployment = inst.deployment(model);
-            // An OpenAI-compatible upstream reads the deployment from the body.
-            let rename =
-                inst.provider_type == Provider::Openai && meta.model.as_deref() != Some(deployment);
+            asked_usage = usage_option && !meta.include_usage && address.asks_usage;
+            let rename = address.model_in_body(op) && meta.model.as_deref() != Some(deployment);
             let edited;
-            let payload = if ask_usage || rename {
-                edited = body::for_upstream(&body, ask_usage, rename.then_some(deployment));
+            let payload = if op.is_upload() {
+                edited = if rename {
+                    upload::with_model(&body, content_type, deployment)
+                } else {
+                    Vec::new()
+                };
+                if rename {
+                    &edited[..]
+                } else {
+                    &body[..]
+                }
+            } else if asked_usage || rename {
+                edited = body::for_upstream(&body, asked_usage, rename.then_some(deployment));
                 &edited[..]
             } else {
                 &body[..]
             };
             let call = Call {
-                op,
-                model,
-                deployment,
-                body: payload,
+                method: "POST",
+                url: address.url(deployment, op),
+                what: (op.path(), model),
+                body: Some(payload),
                 headers: &forwarded,
                 stream: meta.stream,
-                first_byte: Duration::from_secs_f64(config.routing.first_byte_timeout()),
+                first_byte: first_byte(config),
+                not_found_is_answer: previous.is_some(),
             };
-            upstream::call(&g.agent, inst, &g.addresses[i], &call)
+            upstream::call(&g.agent, inst, address, &call)
         },
     );
-    trace.instance = trace.attempts.last().map(|a| a.instance.clone());
-    match routed {
-        Routed::Answered { answer, instance } => {
-            trace.usage = answer.usage;
-            Ok(reply(answer, |first, rest| {
-                Body::Stream(Stream {
-                    first,
-                    rest,
-                    strip_usage: ask_usage,
-                    instance,
-                    permit: Some(permit),
-                })
-            }))
-        }
-        // `upstream::call` streams only successes: a failed answer is always whole.
-        Routed::Failed {
-            answer: Some(answer),
-            ..
-        } => Ok(reply(answer, |_, _| Body::Full(Vec::new()))),
-        Routed::Failed { outcome, .. } => {
-            let (model, tried) = (model.to_string(), trace.attempts.len());
-            Err(match outcome {
-                Outcome::TimedOut => Error::UpstreamTimeout { model, tried },
-                _ => Error::UpstreamUnreachable { model, tried },
+    // The answer came from the last attempt, so `asked_usage` is its instance's.
+    let relay = stream::Options {
+        strip_usage: asked_usage,
+        count_text: usage_option && !meta.include_usage && !asked_usage,
+    };
+    let finished = finish(
+        routed,
+        &trace.attempts,
+        model,
+        permit,
+        (relay, meta.prompt_tokens()),
+    );
+    trace.instance = last_instance(&trace.attempts);
+    let (reply, usage) = finished?;
+    trace.usage = usage;
+    if op == Op::Responses && (200..300).contains(&reply.status) {
+        remember_response(state, config, &reply, trace.instance.as_deref(), model);
+    }
+    Ok(reply)
+}
+
+/// The instances a `previous_response_id` allows: the one that holds it. An id the
+/// proxy does not know can only go where a single instance serves the model.
+fn home_of(
+    state: &State,
+    config: &Config,
+    id: &str,
+    model: &str,
+    candidates: &[usize],
+) -> Result<Vec<usize>, Error> {
+    let home = state.affinity.lock().find(id, Instant::now()).cloned();
+    let Some(home) = home else {
+        return match candidates {
+            [only] => Ok(vec![*only]),
+            _ => Err(Error::UnknownResponse { id: id.into() }),
+        };
+    };
+    match candidates
+        .iter()
+        .find(|&&i| config.instances[i].name == home.instance)
+    {
+        Some(&i) => Ok(vec![i]),
+        None if config.instances.iter().any(|i| i.name == home.instance) => {
+            Err(Error::ResponseElsewhere {
+                id: id.into(),
+                instance: home.instance,
+                model: model.into(),
             })
         }
-        Routed::Refused(e) => Err(e),
+        None => Err(Error::ResponseGone {
+            id: id.into(),
+            instance: home.instance,
+        }),
     }
 }
 
-/// The client's reply to an upstream's answer; `stream` makes the body of an event
-/// stream.
-fn reply(answer: Answer, stream: impl FnOnce(Vec<u8>, ureq::BodyReader<'static>) -> Body) -> Reply {
-    Reply {
+/// A Responses API answer's `id`, remembered with the instance that made it: from the
+/// body, or from a stream's first event (`response.created`).
+fn remember_response(
+    state: &State,
+    config: &Config,
+    reply: &Reply,
+    instance: Option<&str>,
+    model: &str,
+) {
+    #[derive(serde::Deserialize)]
+    struct Made {
+        id: Option<String>,
+        response: Option<Box<Made>>,
+    }
+    let bytes = match &reply.body {
+        Body::Full(bytes) => &bytes[..],
+        Body::Stream(s) => {
+            let data = s
+                .first
+                .split(|&b| b == b'\n')
+                .find_map(|l| l.strip_prefix(b"data:"));
+            data.unwrap_or_default()
+        }
+    };
+    let made = serde_json::from_slice::<Made>(bytes).ok();
+    let id = made.and_then(|m| m.id.or_else(|| m.response?.id));
+    if let (Some(id), Some(instance)) = (id, instance) {
+        if config.instances.iter().any(|i| i.name == instance) {
+            state
+                .affinity
+                .lock()
+                .remember(&id, instance, model, Instant::now());
+        }
+    }
+}
+
+/// The instance tried last: the one that answered, if one did.
+fn last_instance(attempts: &[Attempt]) -> Option<String> {
+    attempts.last().map(|a| a.instance.clone())
+}
+
+/// The client's reply to how routing ended after `attempts`, and the usage its answer
+/// reported; a stream is relayed with `relay`, and `prompt_tokens` estimate its prompt
+/// if the upstream reports no usage.
+fn finish(
+    routed: Routed<Answer>,
+    attempts: &[Attempt],
+    model: &str,
+    permit: crate::capacity::Permit,
+    (relay, prompt_tokens): (stream::Options, u64),
+) -> Result<(Reply, Option<Usage>), Error> {
+    let tried = attempts.len();
+    let (answer, instance) = match routed {
+        Routed::Answered { answer, instance } => (answer, Some(instance)),
+        Routed::Failed {
+            answer: Some(answer),
+            ..
+        } => (answer, None),
+        Routed::Failed { outcome, .. } => {
+            let model = model.to_string();
+            return Err(match outcome {
+                Outcome::TimedOut => Error::UpstreamTimeout { model, tried },
+                _ => Error::UpstreamUnreachable { model, tried },
+            });
+        }
+        Routed::Refused(e) => return Err(e),
+    };
+    let body = match answer.body {
+        upstream::Body::Full(bytes) => Body::Full(bytes),
+        // Only an answer passed on streams (`upstream::call` streams only successes).
+        upstream::Body::Stream { first, rest } => Body::Stream(Stream {
+            first,
+            rest,
+            options: relay,
+            prompt_tokens,
+            instance: instance.unwrap_or_default(),
+            permit: Some(permit),
+        }),
+    };
+    let reply = Reply {
         status: answer.status,
         headers: answer.headers,
-        body: match answer.body {
-            upstream::Body::Full(bytes) => Body::Full(bytes),
-            upstream::Body::Stream { first, rest } => stream(first, rest),
-        },
+        body,
         trace: Trace::default(),
-    }
+    };
+    Ok((reply, answer.usage))
 }

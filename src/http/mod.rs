@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::observe::logging::Clean;
 use crate::observe::stats::Record;
-use crate::outcome::Outcome;
+use crate::outcome::{Outcome, Usage};
 use crate::routing;
 use crate::state::{Generation, State};
 use crate::upstream::stream::{self, End};
@@ -202,7 +202,8 @@ fn answer(
         Body::Stream(Stream {
             first,
             mut rest,
-            strip_usage,
+            options,
+            prompt_tokens,
             instance,
             permit,
         }) => {
@@ -215,9 +216,13 @@ fn answer(
                     let summary = stream::relay(
                         &mut first.as_slice().chain(&mut rest),
                         &mut |event| client.send(event),
-                        strip_usage,
+                        options,
                     );
-                    trace.usage = summary.usage;
+                    trace.usage = summary.usage.or_else(|| {
+                        options
+                            .count_text
+                            .then(|| Usage::estimated(prompt_tokens, summary.text_tokens))
+                    });
                     match summary.end {
                         End::ClientGone => End::ClientGone,
                         end if client.finish().is_ok() => end,

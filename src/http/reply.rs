@@ -30,8 +30,9 @@ pub struct Stream {
     /// The stream's first event, already read.
     pub first: Vec<u8>,
     pub rest: ureq::BodyReader<'static>,
-    /// The proxy asked for the usage chunk on the client's behalf: it is not passed on.
-    pub strip_usage: bool,
+    pub options: crate::upstream::stream::Options,
+    /// The prompt's estimate, for the usage when the upstream reports none.
+    pub prompt_tokens: u64,
     /// The instance streaming, by its index in the request's configuration.
     pub instance: usize,
     /// Held until the stream ends: a stream is an upstream call under way.

@@ -4,6 +4,7 @@
 //! in `table`, the strategies in `strategy`, the windows in `window`. An attempt itself
 //! is the caller's (`upstream::call`): routing sees only its `Outcome`.
 
+pub mod affinity;
 pub mod strategy;
 pub mod table;
 pub mod window;

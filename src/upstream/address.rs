@@ -1,38 +1,131 @@
-//! Where and how each instance is called (DESIGN §5.3): its URL for an operation on a
-//! deployment, and its credential header, put together once per configuration.
+//! Where and how each instance is called (DESIGN §5.3): the operations the proxy
+//! forwards, an instance's URL for an operation on a deployment (Azure's deployment
+//! URLs for a dated `api_version`, Azure's v1 API for `v1`, `preview` or `latest`, an
+//! OpenAI-compatible `/v1/`), and its credential header, put together once per
+//! configuration.
 
 use crate::config::{Instance, Provider};
 
-/// The operations the proxy forwards, by their path after `/v1/` (or after the
-/// deployment in an Azure-style path).
-pub const OPERATIONS: [&str; 3] = ["chat/completions", "completions", "embeddings"];
+/// An operation the proxy forwards, by its path after `/v1/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Chat,
+    Completions,
+    Embeddings,
+    Responses,
+    Images,
+    Speech,
+    Transcriptions,
+    Translations,
+}
+
+impl Op {
+    pub const ALL: [Op; 8] = [
+        Op::Chat,
+        Op::Completions,
+        Op::Embeddings,
+        Op::Responses,
+        Op::Images,
+        Op::Speech,
+        Op::Transcriptions,
+        Op::Translations,
+    ];
+
+    pub fn path(self) -> &'static str {
+        match self {
+            Op::Chat => "chat/completions",
+            Op::Completions => "completions",
+            Op::Embeddings => "embeddings",
+            Op::Responses => "responses",
+            Op::Images => "images/generations",
+            Op::Speech => "audio/speech",
+            Op::Transcriptions => "audio/transcriptions",
+            Op::Translations => "audio/translations",
+        }
+    }
+
+    pub fn from_path(path: &str) -> Option<Op> {
+        Op::ALL.into_iter().find(|op| op.path() == path)
+    }
+
+    /// Its request is a `multipart/form-data` upload, not JSON.
+    pub fn is_upload(self) -> bool {
+        matches!(self, Op::Transcriptions | Op::Translations)
+    }
+
+    /// Its requests count against an instance's TPM window (the others count only as
+    /// requests).
+    pub fn counts_tokens(self) -> bool {
+        matches!(
+            self,
+            Op::Chat | Op::Completions | Op::Embeddings | Op::Responses
+        )
+    }
+
+    /// Azure serves it under a deployment (`/openai/deployments/{dep}/{op}`) on a dated
+    /// api-version; the Responses API is not, it reads the deployment from the body.
+    fn per_deployment(self) -> bool {
+        self != Op::Responses
+    }
+}
+
+/// The URL layouts of the upstreams.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Shape {
+    /// Azure on a dated api-version: `{base}/openai/deployments/{dep}/{op}?api-version=`.
+    Deployments,
+    /// Azure's v1 API (`{base}/openai/v1/{op}`), or an OpenAI-compatible upstream
+    /// (`{base}/v1/{op}`): the deployment is the body's `model`.
+    V1,
+}
 
 /// How to address one instance: what every request to it shares, put together once
 /// per configuration rather than per request.
 pub struct Address {
-    /// The URL up to the deployment (azure) or the operation (openai).
+    /// The URL up to the operation (or to `deployments/`).
     prefix: String,
-    /// `?api-version=...` (azure), or nothing.
+    /// `?api-version=...`, or nothing.
     query: String,
     /// The credential header. Its value is the one place a key leaves the `Secret`
     /// wrapper.
     pub credential: (&'static str, String),
-    per_deployment: bool,
+    shape: Shape,
+    /// The upstream accepts `stream_options.include_usage`.
+    pub asks_usage: bool,
 }
+
+/// `api_version` values that select Azure's v1 API rather than a dated version.
+pub const V1_VERSIONS: [&str; 3] = ["v1", "preview", "latest"];
+
+/// The first dated api-version that accepts `stream_options` (and so streamed usage).
+const FIRST_WITH_STREAM_USAGE: &str = "2024-09-01";
 
 impl Address {
     pub fn new(inst: &Instance) -> Address {
         let base = &inst.api_base;
         let key = inst.api_key.expose();
+        let version = inst.api_version.trim();
         match inst.provider_type {
+            Provider::Azure if V1_VERSIONS.contains(&version) => Address {
+                prefix: format!("{base}/openai/v1/"),
+                query: if version == "preview" {
+                    "?api-version=preview".into()
+                } else {
+                    String::new()
+                },
+                credential: ("api-key", key.to_string()),
+                shape: Shape::V1,
+                asks_usage: true,
+            },
             Provider::Azure => {
                 let mut query = String::from("?api-version=");
-                push_escaped(&mut query, &inst.api_version);
+                push_escaped(&mut query, version);
                 Address {
-                    prefix: format!("{base}/openai/deployments/"),
+                    prefix: format!("{base}/openai/"),
                     query,
                     credential: ("api-key", key.to_string()),
-                    per_deployment: true,
+                    shape: Shape::Deployments,
+                    asks_usage: accepts_stream_usage(version),
                 }
             }
             // `https://api.openai.com/v1` and `https://api.openai.com` both work as api_base.
@@ -44,30 +137,62 @@ impl Address {
                 },
                 query: String::new(),
                 credential: ("authorization", format!("Bearer {key}")),
-                per_deployment: false,
+                shape: Shape::V1,
+                asks_usage: true,
             },
         }
     }
 
     /// The URL of `op` on `deployment`.
-    pub fn url(&self, deployment: &str, op: &str) -> String {
+    pub fn url(&self, deployment: &str, op: Op) -> String {
         let mut url = String::with_capacity(
-            self.prefix.len() + 3 * deployment.len() + op.len() + self.query.len() + 1,
+            self.prefix.len() + 12 + 3 * deployment.len() + 24 + self.query.len(),
         );
         url.push_str(&self.prefix);
-        if self.per_deployment {
+        if self.shape == Shape::Deployments && op.per_deployment() {
+            url.push_str("deployments/");
             push_escaped(&mut url, deployment);
             url.push('/');
         }
-        url.push_str(op);
+        url.push_str(op.path());
+        url.push_str(&self.query);
+        url
+    }
+
+    /// Whether the upstream reads the deployment from the body's `model` for `op`.
+    pub fn model_in_body(&self, op: Op) -> bool {
+        self.shape == Shape::V1 || !op.per_deployment()
+    }
+
+    /// The URL of a stored response, `responses/{id}` then `rest` (`""`,
+    /// `/input_items`, `/cancel`).
+    pub fn response_url(&self, id: &str, rest: &str) -> String {
+        let mut url = self.prefix.clone();
+        url.push_str("responses/");
+        push_escaped(&mut url, id);
+        url.push_str(rest);
         url.push_str(&self.query);
         url
     }
 }
 
+/// Whether a dated api-version (`2024-10-21`, `2024-09-01-preview`) accepts
+/// `stream_options`: from 2024-09-01 on. Anything else is assumed not to.
+pub fn accepts_stream_usage(version: &str) -> bool {
+    let date = version.get(..10).unwrap_or("");
+    let dated = date.len() == 10
+        && date.bytes().enumerate().all(|(i, b)| {
+            if i == 4 || i == 7 {
+                b == b'-'
+            } else {
+                b.is_ascii_digit()
+            }
+        });
+    dated && date >= FIRST_WITH_STREAM_USAGE
+}
+
 /// Appends `s` percent-encoding everything but RFC 3986 unreserved characters, so a
-/// model name taken from the client (legacy serve-any instance) cannot change the
-/// upstream path.
+/// model name or response id taken from the client cannot change the upstream path.
 fn push_escaped(out: &mut String, s: &str) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for b in s.bytes() {
@@ -89,29 +214,90 @@ mod tests {
         serde_yaml::from_str(yaml).unwrap()
     }
 
+    fn azure(version: &str) -> Address {
+        Address::new(&instance(&format!("{{name: a, api_key: k, api_base: 'https://r.example.com', api_version: '{version}', supported_models: [m]}}")))
+    }
+
     #[test]
-    fn azure_and_openai_urls() {
-        let az = Address::new(&instance("{name: a, api_key: k, api_base: 'https://r.example.com', api_version: 2024-10-21, supported_models: [m]}"));
+    fn azure_deployment_urls_on_a_dated_version() {
+        let az = azure("2024-10-21");
         assert_eq!(
-            az.url("my-dep", "chat/completions"),
+            az.url("my-dep", Op::Chat),
             "https://r.example.com/openai/deployments/my-dep/chat/completions?api-version=2024-10-21"
         );
         assert_eq!(
-            az.url("../x?y é", "embeddings"),
+            az.url("../x?y é", Op::Embeddings),
             "https://r.example.com/openai/deployments/..%2Fx%3Fy%20%C3%A9/embeddings?api-version=2024-10-21"
         );
+        assert_eq!(
+            az.url("whisper", Op::Transcriptions),
+            "https://r.example.com/openai/deployments/whisper/audio/transcriptions?api-version=2024-10-21"
+        );
+        // The Responses API is not per deployment: the deployment goes in the body.
+        assert_eq!(
+            az.url("dep", Op::Responses),
+            "https://r.example.com/openai/responses?api-version=2024-10-21"
+        );
+        assert!(az.model_in_body(Op::Responses) && !az.model_in_body(Op::Chat));
+        assert_eq!(
+            az.response_url("resp_1", "/input_items"),
+            "https://r.example.com/openai/responses/resp_1/input_items?api-version=2024-10-21"
+        );
         assert_eq!(az.credential, ("api-key", "k".to_string()));
+    }
 
+    #[test]
+    fn azure_v1_api_urls() {
+        for (version, query) in [
+            ("v1", ""),
+            ("latest", ""),
+            ("preview", "?api-version=preview"),
+        ] {
+            let az = azure(version);
+            assert_eq!(
+                az.url("dep", Op::Chat),
+                format!("https://r.example.com/openai/v1/chat/completions{query}")
+            );
+            assert_eq!(
+                az.url("dep", Op::Responses),
+                format!("https://r.example.com/openai/v1/responses{query}")
+            );
+            assert_eq!(
+                az.response_url("resp_1", ""),
+                format!("https://r.example.com/openai/v1/responses/resp_1{query}")
+            );
+            assert!(az.model_in_body(Op::Chat) && az.asks_usage);
+        }
+    }
+
+    #[test]
+    fn openai_urls() {
         let oa = Address::new(&instance("{name: o, provider_type: openai, api_key: k, api_base: 'https://o.example.com/v1', supported_models: [m]}"));
         assert_eq!(
-            oa.url("m", "embeddings"),
+            oa.url("m", Op::Embeddings),
             "https://o.example.com/v1/embeddings"
         );
         let oa2 = Address::new(&instance("{name: o, provider_type: openai, api_key: k, api_base: 'https://o.example.com', supported_models: [m]}"));
         assert_eq!(
-            oa2.url("m", "completions"),
+            oa2.url("m", Op::Completions),
             "https://o.example.com/v1/completions"
         );
         assert_eq!(oa2.credential, ("authorization", "Bearer k".to_string()));
+    }
+
+    #[test]
+    fn stream_usage_from_2024_09_01_on() {
+        for (version, accepts) in [
+            ("2024-10-21", true),
+            ("2024-09-01-preview", true),
+            ("2025-04-01-preview", true),
+            ("2024-08-01-preview", false),
+            ("2024-06-01", false),
+            ("2023-05-15", false),
+            ("someday", false),
+        ] {
+            assert_eq!(accepts_stream_usage(version), accepts, "{version}");
+            assert_eq!(azure(version).asks_usage, accepts, "{version}");
+        }
     }
 }

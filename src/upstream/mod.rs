@@ -9,7 +9,7 @@ pub mod headers;
 pub mod stream;
 mod transport;
 
-pub use address::{Address, OPERATIONS};
+pub use address::{accepts_stream_usage, Address, Op, V1_VERSIONS};
 pub use agent::{agent, head_line_fits};
 
 use crate::config::{Instance, MASK};
@@ -22,12 +22,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 /// One request as it is sent to an instance.
 pub struct Call<'a> {
-    pub op: &'a str,
-    /// The model the client asked for (for log lines).
-    pub model: &'a str,
-    pub deployment: &'a str,
-    /// The body as this instance gets it.
-    pub body: &'a [u8],
+    /// `POST`, `GET` or `DELETE`.
+    pub method: &'a str,
+    /// From the instance's `Address`.
+    pub url: String,
+    /// What log lines call the request: the operation, and the model or response id.
+    pub what: (&'a str, &'a str),
+    /// The body as this instance gets it (`None`: no body).
+    pub body: Option<&'a [u8]>,
     /// The client's headers that travel.
     pub headers: &'a [(&'a str, &'a str)],
     /// The client asked for a stream.
@@ -35,6 +37,9 @@ pub struct Call<'a> {
     /// The longest wait from sending to the answer's head, and for a stream to its
     /// first event (`routing.first_byte_timeout`).
     pub first_byte: Duration,
+    /// A 404 means the stored response (or the one continued) is not there: the
+    /// client's answer, not a missing deployment.
+    pub not_found_is_answer: bool,
 }
 
 pub enum Body {
@@ -69,17 +74,12 @@ pub fn call(
     address: &Address,
     c: &Call,
 ) -> Result<(Outcome, Option<Answer>), Error> {
-    let url = address.url(c.deployment, c.op);
-    if !head_line_fits(&["POST ", &url, " HTTP/1.1"]) {
+    if !head_line_fits(&[c.method, " ", &c.url, " HTTP/1.1"]) {
         return Err(Error::ModelTooLong);
-    }
-    let mut request = agent.post(url);
-    for &(name, value) in c.headers {
-        request = request.header(name, value);
     }
     let (name, value) = &address.credential;
     let sent = Instant::now();
-    let response = match request.header(*name, value).send(c.body) {
+    let response = match send(agent, c, (name, value)) {
         Ok(r) => r,
         Err(e @ (ureq::Error::Http(_) | ureq::Error::BadUri(_))) => {
             return Err(Error::NotForwardable(e.to_string()))
@@ -88,8 +88,8 @@ pub fn call(
             log::warn!(
                 "instance {}: {} for {} failed: {e}",
                 inst.name,
-                c.op,
-                Clean(c.model)
+                c.what.0,
+                Clean(c.what.1)
             );
             return Ok((failure(&e), None));
         }
@@ -98,16 +98,26 @@ pub fn call(
     let upstream_headers = response.headers();
     let header = |name: &str| upstream_headers.get(name)?.to_str().ok();
     let number = |name: &str| header(name)?.trim().parse::<u64>().ok();
-    let outcome = Outcome::of_status(
-        status,
-        || headers::retry_after(|name| header(name).map(str::to_string), SystemTime::now()),
-        || {
-            (
-                number("x-ratelimit-remaining-tokens"),
-                number("x-ratelimit-remaining-requests"),
-            )
-        },
-    );
+    let remaining = || {
+        (
+            number("x-ratelimit-remaining-tokens"),
+            number("x-ratelimit-remaining-requests"),
+        )
+    };
+    let outcome = if status == 404 && c.not_found_is_answer {
+        let (remaining_tokens, remaining_requests) = remaining();
+        Outcome::Answered {
+            status,
+            remaining_tokens,
+            remaining_requests,
+        }
+    } else {
+        Outcome::of_status(
+            status,
+            || headers::retry_after(|name| header(name).map(str::to_string), SystemTime::now()),
+            remaining,
+        )
+    };
     // Like an error body, a header could echo what it was sent (some gateways echo
     // request ids built from it): the instance's key never reaches the client.
     let key = inst.api_key.expose();
@@ -140,8 +150,8 @@ pub fn call(
                 log::warn!(
                     "instance {}: {} for {}: no first event: {e}",
                     inst.name,
-                    c.op,
-                    Clean(c.model)
+                    c.what.0,
+                    Clean(c.what.1)
                 );
                 return Ok((broken(&e), None));
             }
@@ -184,8 +194,8 @@ pub fn call(
         log::warn!(
             "instance {}: {} for {} answered {status} ({outcome:?})",
             inst.name,
-            c.op,
-            Clean(c.model)
+            c.what.0,
+            Clean(c.what.1)
         );
     }
     let answer = Answer {
@@ -195,6 +205,29 @@ pub fn call(
         usage,
     };
     Ok((outcome, Some(answer)))
+}
+
+/// Puts the request on the wire with the client's headers and `credential`.
+fn send(
+    agent: &ureq::Agent,
+    c: &Call,
+    credential: (&str, &str),
+) -> Result<ureq::http::Response<ureq::Body>, ureq::Error> {
+    macro_rules! with_headers {
+        ($request:expr) => {{
+            let mut request = $request;
+            for &(name, value) in c.headers {
+                request = request.header(name, value);
+            }
+            request.header(credential.0, credential.1)
+        }};
+    }
+    match (c.method, c.body) {
+        ("GET", _) => with_headers!(agent.get(&c.url)).call(),
+        ("DELETE", _) => with_headers!(agent.delete(&c.url)).call(),
+        (_, Some(body)) => with_headers!(agent.post(&c.url)).send(body),
+        (_, None) => with_headers!(agent.post(&c.url)).send_empty(),
+    }
 }
 
 /// The outcome of an answer that could not be read: too slow, or broken off.

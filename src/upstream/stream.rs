@@ -8,6 +8,7 @@
 
 use super::transport;
 use super::Usage;
+use crate::outcome::estimate_text;
 use std::io::{self, Read};
 use std::time::Instant;
 
@@ -20,7 +21,8 @@ pub type Send<'a> = dyn FnMut(&[u8]) -> io::Result<()> + 'a;
 
 #[derive(Debug, PartialEq)]
 pub enum End {
-    /// The upstream sent `[DONE]` and everything reached the client.
+    /// The upstream ended the stream (`[DONE]`, or the Responses API's last event) and
+    /// everything reached the client.
     Completed,
     /// Writing to the client failed; the upstream call was abandoned.
     ClientGone,
@@ -28,9 +30,21 @@ pub enum End {
     UpstreamFailed(String),
 }
 
+/// How a relay treats the events it passes on.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// The proxy asked for usage on the client's behalf: the usage chunk and each
+    /// chunk's `"usage": null` are not passed on.
+    pub strip_usage: bool,
+    /// The upstream reports no usage: count the tokens of the text it streams.
+    pub count_text: bool,
+}
+
 #[derive(Debug)]
 pub struct Summary {
     pub usage: Option<Usage>,
+    /// Estimated tokens of the streamed text, when `Options::count_text`.
+    pub text_tokens: u64,
     pub end: End,
 }
 
@@ -47,30 +61,54 @@ fn event_end(buf: &[u8]) -> Option<usize> {
 /// What one event means to the relay.
 #[derive(Debug, PartialEq)]
 enum Event {
-    Done,
+    /// The stream's end: `[DONE]`, or the Responses API's `response.completed`
+    /// (`.failed`, `.incomplete`), with the usage that one reports.
+    Done(Option<Usage>),
     /// A chunk that carries usage and no choices: the extra one `include_usage` adds.
     UsageOnly(Usage),
-    Other(Option<Usage>),
+    /// Any other event, the usage it carries, and the tokens of its text (counted only
+    /// when asked).
+    Other(Option<Usage>, u64),
 }
 
-fn classify(event: &[u8]) -> Event {
+/// The Responses API's events that end a stream.
+const LAST_EVENTS: [&[u8]; 3] = [
+    b"\"response.completed\"",
+    b"\"response.failed\"",
+    b"\"response.incomplete\"",
+];
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn classify(event: &[u8], count_text: bool) -> Event {
     #[derive(serde::Deserialize)]
     struct Chunk {
         #[serde(default)]
         choices: Vec<serde::de::IgnoredAny>,
         usage: Option<Usage>,
     }
+    #[derive(serde::Deserialize)]
+    struct Last {
+        response: Option<Chunk>,
+    }
     let mut usage = None;
+    let mut text = 0;
     for line in event.split(|&b| b == b'\n') {
         let Some(data) = line.strip_prefix(b"data:") else {
             continue;
         };
         let data = data.trim_ascii();
         if data == b"[DONE]" {
-            return Event::Done;
+            return Event::Done(None);
+        }
+        if LAST_EVENTS.iter().any(|name| contains(data, name)) {
+            let last = serde_json::from_slice::<Last>(data).ok();
+            return Event::Done(last.and_then(|l| l.response?.usage));
         }
         // Only chunks that mention usage are worth a parse.
-        if data.windows(7).any(|w| w == b"\"usage\"") {
+        if contains(data, b"\"usage\"") {
             if let Ok(chunk) = serde_json::from_slice::<Chunk>(data) {
                 match chunk.usage {
                     Some(u) if chunk.choices.is_empty() => return Event::UsageOnly(u),
@@ -78,8 +116,42 @@ fn classify(event: &[u8]) -> Event {
                 }
             }
         }
+        if count_text {
+            text += text_tokens(data);
+        }
     }
-    Event::Other(usage)
+    Event::Other(usage, text)
+}
+
+/// The tokens of the text a chunk streams: chat's `delta.content`, completions' `text`,
+/// the Responses API's `delta`.
+fn text_tokens(data: &[u8]) -> u64 {
+    #[derive(serde::Deserialize, Default)]
+    struct Delta {
+        content: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Choice {
+        #[serde(default)]
+        delta: Delta,
+        text: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Chunk {
+        #[serde(default)]
+        choices: Vec<Choice>,
+        delta: Option<String>,
+    }
+    let Ok(chunk) = serde_json::from_slice::<Chunk>(data) else {
+        return 0;
+    };
+    let mut tokens = chunk.delta.as_deref().map_or(0, estimate_text);
+    for c in &chunk.choices {
+        for text in [&c.delta.content, &c.text].into_iter().flatten() {
+            tokens += estimate_text(text);
+        }
+    }
+    tokens
 }
 
 /// A chunk without its top-level `"usage": null`, which the upstream adds to every
@@ -140,16 +212,19 @@ pub fn error_event(message: &str) -> Vec<u8> {
     format!("data: {body}\n\n").into_bytes()
 }
 
-/// Relays `upstream` to the client event by event until `[DONE]`, the upstream's end
-/// or failure, or the client's disconnect. `strip_usage`: the proxy asked for usage on
-/// the client's behalf, so the usage chunk and each chunk's `"usage": null` are not
-/// passed on. The caller ends the response.
-pub fn relay(upstream: &mut dyn Read, send: &mut Send<'_>, strip_usage: bool) -> Summary {
+/// Relays `upstream` to the client event by event until its last event, the
+/// upstream's end or failure, or the client's disconnect. The caller ends the
+/// response.
+pub fn relay(upstream: &mut dyn Read, send: &mut Send<'_>, options: Options) -> Summary {
     // One small buffer, read into at its end: a held stream keeps it for its whole
     // life, and events are far smaller (it grows if one is not).
     const READ: usize = 4 * 1024;
     let mut pending: Vec<u8> = Vec::with_capacity(READ);
-    let mut usage = None;
+    let mut summary = Summary {
+        usage: None,
+        text_tokens: 0,
+        end: End::Completed,
+    };
     let mut done = false;
     let failure = loop {
         let filled = pending.len();
@@ -158,7 +233,7 @@ pub fn relay(upstream: &mut dyn Read, send: &mut Send<'_>, strip_usage: bool) ->
         pending.truncate(filled + *read.as_ref().unwrap_or(&0));
         match read {
             Ok(0) => {
-                break (!done).then(|| "the upstream closed the stream before [DONE]".to_string())
+                break (!done).then(|| "the upstream closed the stream before its end".to_string())
             }
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -169,18 +244,20 @@ pub fn relay(upstream: &mut dyn Read, send: &mut Send<'_>, strip_usage: bool) ->
             let event = &pending[start..start + len];
             start += len;
             let edited;
-            let forward = match classify(event) {
-                Event::Done => {
+            let forward = match classify(event, options.count_text) {
+                Event::Done(u) => {
                     done = true;
+                    summary.usage = u.or(summary.usage);
                     Some(event)
                 }
                 Event::UsageOnly(u) => {
-                    usage = Some(u);
-                    (!strip_usage).then_some(event)
+                    summary.usage = Some(u);
+                    (!options.strip_usage).then_some(event)
                 }
-                Event::Other(u) => {
-                    usage = u.or(usage);
-                    edited = if strip_usage {
+                Event::Other(u, text) => {
+                    summary.usage = u.or(summary.usage);
+                    summary.text_tokens += text;
+                    edited = if options.strip_usage {
                         without_null_usage(event)
                     } else {
                         None
@@ -189,10 +266,8 @@ pub fn relay(upstream: &mut dyn Read, send: &mut Send<'_>, strip_usage: bool) ->
                 }
             };
             if forward.is_some_and(|event| send(event).is_err()) {
-                return Summary {
-                    usage,
-                    end: End::ClientGone,
-                };
+                summary.end = End::ClientGone;
+                return summary;
             }
         }
         pending.drain(..start);
@@ -200,29 +275,19 @@ pub fn relay(upstream: &mut dyn Read, send: &mut Send<'_>, strip_usage: bool) ->
             break Some("the upstream sent an event larger than 8 MiB".to_string());
         }
     };
-    let end = match failure {
+    summary.end = match failure {
         // A partial event is dropped: glued to the error event it would corrupt both.
-        Some(why) => {
-            if send(&error_event(&why)).is_err() {
-                return Summary {
-                    usage,
-                    end: End::ClientGone,
-                };
-            }
-            End::UpstreamFailed(why)
-        }
-        None => {
-            // Bytes after `[DONE]` without a separator: pass them on unchanged.
-            if send(&pending).is_err() {
-                return Summary {
-                    usage,
-                    end: End::ClientGone,
-                };
-            }
-            End::Completed
-        }
+        Some(why) => match send(&error_event(&why)) {
+            Ok(()) => End::UpstreamFailed(why),
+            Err(_) => End::ClientGone,
+        },
+        // Bytes after the last event without a separator: pass them on unchanged.
+        None => match send(&pending) {
+            Ok(()) => End::Completed,
+            Err(_) => End::ClientGone,
+        },
     };
-    Summary { usage, end }
+    summary
 }
 
 #[cfg(test)]
@@ -230,6 +295,16 @@ mod tests {
     use super::*;
 
     fn run(input: &[u8], strip: bool) -> (String, Summary) {
+        run_with(
+            input,
+            Options {
+                strip_usage: strip,
+                count_text: false,
+            },
+        )
+    }
+
+    fn run_with(input: &[u8], options: Options) -> (String, Summary) {
         let mut sent: Vec<Vec<u8>> = Vec::new();
         // Feed in 7-byte reads so events straddle read boundaries.
         struct Slow<'a>(&'a [u8]);
@@ -247,7 +322,7 @@ mod tests {
                 sent.push(piece.to_vec());
                 Ok(())
             },
-            strip,
+            options,
         );
         // Each event went out as its own piece.
         for piece in &sent[..sent.len().saturating_sub(1)] {
@@ -316,8 +391,44 @@ data: [DONE]\n\n";
                 calls += 1;
                 Err(io::ErrorKind::BrokenPipe.into())
             },
-            false,
+            Options::default(),
         );
         assert_eq!((s.end, calls), (End::ClientGone, 1));
+    }
+
+    const RESPONSES: &str = "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_1\",\"usage\":null}}\n\n\
+event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hello there\"}\n\n\
+event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"resp_1\",\"usage\":{\"input_tokens\":9,\"output_tokens\":3,\"total_tokens\":12}}}\n\n";
+
+    #[test]
+    fn a_responses_stream_ends_with_its_completed_event_and_reports_its_usage() {
+        let (body, s) = run(RESPONSES.as_bytes(), false);
+        assert_eq!(body, RESPONSES, "named events pass unchanged");
+        assert_eq!(s.end, End::Completed, "no [DONE] in the Responses API");
+        assert_eq!(
+            s.usage,
+            Some(Usage {
+                prompt_tokens: 9,
+                completion_tokens: 3,
+                total_tokens: 12
+            })
+        );
+        let cut = &RESPONSES[..RESPONSES.find("event: response.completed").unwrap()];
+        let (_, s) = run(cut.as_bytes(), false);
+        assert!(matches!(s.end, End::UpstreamFailed(_)), "{:?}", s.end);
+    }
+
+    #[test]
+    fn streamed_text_is_counted_when_the_upstream_reports_no_usage() {
+        let chat =
+            "data: {\"choices\":[{\"delta\":{\"content\":\"Hello, world!\"}}]}\n\ndata: [DONE]\n\n";
+        let counting = Options {
+            strip_usage: false,
+            count_text: true,
+        };
+        let (_, s) = run_with(chat.as_bytes(), counting);
+        assert_eq!((s.usage, s.text_tokens), (None, 4));
+        let (_, s) = run_with(RESPONSES.as_bytes(), counting);
+        assert_eq!(s.text_tokens, 3, "\"Hello there\"");
     }
 }

@@ -3,7 +3,7 @@
 //! From the top down: `proxy` (the running server and its route table), the handlers
 //! (`api`, `admin`), the HTTP layer (`http`), shared state (`state`), then `routing`,
 //! `upstream`, `observe`, `config` and the small types they share (`outcome`, `error`,
-//! `capacity`). No module imports one above it.
+//! `capacity`, `json`). No module imports one above it.
 
 pub mod admin;
 pub mod api;

@@ -92,8 +92,13 @@ fn a_429_from_one_instance_beats_a_refused_connection_on_the_next() {
     );
     assert_eq!(answer.header("retry-after"), Some("20"));
     assert_eq!(served_by(&answer), "a");
-    let attempts = get(&proxy, "/stats")["metrics"]["upstream_attempts_in_window"].clone();
-    assert_eq!(attempts, 2, "both were tried");
+    // Statistics are recorded once the answer is out: wait for them.
+    let attempts = || get(&proxy, "/stats")["metrics"]["upstream_attempts_in_window"].clone();
+    assert!(
+        wait_until(Duration::from_secs(5), || attempts() == 2),
+        "both were tried: {}",
+        attempts()
+    );
 }
 
 #[test]
@@ -344,6 +349,9 @@ fn a_stream_cut_after_its_first_event_counts_as_a_failure() {
         events.last().unwrap().contains("stream_interrupted"),
         "{events:?}"
     );
+    // Statistics are recorded once the answer is out: wait for them.
+    let counted = || get(&proxy, "/stats")["metrics"]["failed_requests_in_window"] == 1;
+    assert!(wait_until(Duration::from_secs(5), counted));
     let stats = get(&proxy, "/stats")["metrics"].clone();
     assert_eq!(stats["successful_requests_in_window"], 0, "{stats}");
     assert_eq!(stats["failed_requests_in_window"], 1, "{stats}");
@@ -443,10 +451,21 @@ fn time_to_first_event_has_its_own_limit_and_a_late_first_event_is_retried() {
         "{:?}",
         started.elapsed()
     );
-    assert_eq!(
-        instance_stats(&proxy, "a")["errors_by_status"],
-        json!({"timeout": 1})
-    );
+    assert!(wait_until(Duration::from_secs(5), || instance_stats(
+        &proxy, "a"
+    )["errors_by_status"]
+        == json!({"timeout": 1})));
+
+    // Azure's prompt-filter chunk comes at once, before the model wrote anything: it is
+    // not the first byte of the answer.
+    let filtered_then_slow = Mock::start(late_stream(Duration::ZERO, Duration::from_millis(1500)));
+    let proxy = TestProxy::start(&format!(
+        "routing: {{first_byte_timeout: 0.5, timeout: 5}}\ninstances:\n{}{}",
+        instance("a", &filtered_then_slow.url, 1, ""),
+        instance("b", &fast.url, 2, "")
+    ));
+    let answer = stream(&proxy);
+    assert_eq!((answer.status, served_by(&answer)), (200, "b".into()));
 
     // The first event may take longer than the gap allowed between events.
     let thinking = Mock::start(late_stream(

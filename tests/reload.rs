@@ -55,8 +55,22 @@ fn two_reloads_at_once_take_turns_and_the_newest_file_wins() {
     assert!(made.success());
     let url = proxy.url.clone();
     let first = std::thread::spawn(move || reload(&url));
-    // Opening the FIFO to write waits until the reload has opened it to read.
-    let mut fifo = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+    // The FIFO opens for writing once the reload has opened it to read (without a
+    // reader the open fails at once: a proxy that never reads it fails the test).
+    let mut fifo = None;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            use std::os::unix::fs::OpenOptionsExt;
+            fifo = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&file)
+                .ok();
+            fifo.is_some()
+        }),
+        "the first reload never opened its file"
+    );
+    let mut fifo = fifo.unwrap();
     fifo.write_all(TestProxy::base("instances:\n").as_bytes())
         .unwrap();
     // Meanwhile a newer file replaces it, and a second reload starts.
@@ -101,8 +115,14 @@ fn settings_read_only_at_start_are_reported_and_the_others_applied() {
         "logging: {{level: debug, file: '{}', max_size: 1MB, backup_count: 2}}\nserver: {{client_timeout: 5, body_timeout: 7, max_body_bytes: 1000, shutdown_grace_seconds: 3}}\n",
         dir.0.join("app.log").display()
     )));
+    let mut proxy = proxy;
     let r = reload(&proxy.url);
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        log::max_level(),
+        log::LevelFilter::Debug,
+        "logging.level applied"
+    );
     assert_eq!(
         r.json()["restart_needed"],
         json!([
@@ -125,12 +145,17 @@ fn settings_read_only_at_start_are_reported_and_the_others_applied() {
         Some(big.as_bytes()),
     );
     assert_eq!(refused.status, 413);
+    // And the shutdown grace, read when the proxy stops.
+    assert_eq!(proxy.take().shutdown_grace(), Duration::from_secs(3));
 }
 
 #[test]
 fn a_request_that_outlives_its_instances_removal_leaves_no_state_behind() {
-    let slow_failure = Mock::start(Arc::new(|_: &Recorded| {
-        std::thread::sleep(Duration::from_millis(400));
+    // x answers (a failure) only when the test says so, after the reload.
+    let (answer_now, gate) = std::sync::mpsc::channel::<()>();
+    let gate = std::sync::Mutex::new(gate);
+    let slow_failure = Mock::start(Arc::new(move |_: &Recorded| {
+        let _ = gate.lock().unwrap().recv_timeout(Duration::from_secs(10));
         json_reply(500, json!({"error": {"message": "late and broken"}}))
     }));
     let other = Mock::start(azure_like(KEY));
@@ -152,7 +177,9 @@ fn a_request_that_outlives_its_instances_removal_leaves_no_state_behind() {
         instance("y", &other.url)
     ));
     assert_eq!(reload(&proxy.url).status, 200);
+    assert!(!in_flight.is_finished(), "the request is still under way");
     // ...and then that request fails.
+    answer_now.send(()).unwrap();
     assert_eq!(in_flight.join().unwrap().status, 500);
     // x comes back: as new, not with the failure of a request from before.
     proxy.rewrite(&with_x);

@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::http::{self, Body, Reply, Stream, Trace};
 use crate::observe::logging::Clean;
-use crate::outcome::{Attempt, Outcome, Usage};
+use crate::outcome::{Outcome, Usage};
 use crate::routing::{self, Plan, Routed};
 use crate::state::{Generation, State};
 use crate::upstream::{self, headers, stream, Answer, Call, Op};
@@ -106,8 +106,14 @@ pub fn stored_response(
                 upstream::call(&g.agent, &config.instances[i], &g.addresses[i], &call)
             },
         );
-        let (reply, usage) = finish(routed, &trace.attempts, model, permit, Default::default())?;
-        (trace.instance, trace.usage) = (last_instance(&trace.attempts), usage);
+        let (reply, usage) = finish(
+            routed,
+            (config, &mut trace.instance, trace.attempts.len()),
+            model,
+            permit,
+            Default::default(),
+        )?;
+        trace.usage = usage;
         if method == "DELETE" && (200..300).contains(&reply.status) {
             state.affinity.lock().forget(id);
         }
@@ -266,15 +272,13 @@ fn forward_traced(
         strip_usage: asked_usage,
         count_text: usage_option && !meta.include_usage && !asked_usage,
     };
-    let finished = finish(
+    let (reply, usage) = finish(
         routed,
-        &trace.attempts,
+        (config, &mut trace.instance, trace.attempts.len()),
         model,
         permit,
         (relay, meta.prompt_tokens()),
-    );
-    trace.instance = last_instance(&trace.attempts);
-    let (reply, usage) = finished?;
+    )?;
     trace.usage = usage;
     if op == Op::Responses && (200..300).contains(&reply.status) {
         remember_response(state, config, &reply, trace.instance.as_deref(), model);
@@ -353,22 +357,23 @@ fn remember_response(
     }
 }
 
-/// The instance tried last: the one that answered, if one did.
-fn last_instance(attempts: &[Attempt]) -> Option<String> {
-    attempts.last().map(|a| a.instance.clone())
-}
-
-/// The client's reply to how routing ended after `attempts`, and the usage its answer
-/// reported; a stream is relayed with `relay`, and `prompt_tokens` estimate its prompt
-/// if the upstream reports no usage.
+/// The client's reply to how routing ended, and the usage its answer reported; a
+/// stream is relayed with `relay`, and `prompt_tokens` estimate its prompt if the
+/// upstream reports no usage. `heard` becomes the instance whose answer or failure the
+/// client hears, after `tried` attempts.
 fn finish(
     routed: Routed<Answer>,
-    attempts: &[Attempt],
+    (config, heard, tried): (&Config, &mut Option<String>, usize),
     model: &str,
     permit: crate::capacity::Permit,
     (relay, prompt_tokens): (stream::Options, u64),
 ) -> Result<(Reply, Option<Usage>), Error> {
-    let tried = attempts.len();
+    *heard = match &routed {
+        Routed::Answered { instance, .. } | Routed::Failed { instance, .. } => {
+            Some(config.instances[*instance].name.clone())
+        }
+        Routed::Refused(_) => None,
+    };
     let (answer, instance) = match routed {
         Routed::Answered { answer, instance } => (answer, Some(instance)),
         Routed::Failed {

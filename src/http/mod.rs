@@ -225,8 +225,16 @@ fn answer(
                     });
                     match summary.end {
                         End::ClientGone => End::ClientGone,
-                        end if client.finish().is_ok() => end,
-                        _ => End::ClientGone,
+                        end => {
+                            let finished = client.finish().is_ok();
+                            // An upstream failure stays one whether or not the client
+                            // heard of it.
+                            match end {
+                                End::UpstreamFailed(_) => end,
+                                end if finished => end,
+                                _ => End::ClientGone,
+                            }
+                        }
                     }
                 }
                 Err(_) => End::ClientGone,

@@ -42,8 +42,12 @@ pub enum Routed<A> {
     /// `instance` is its index.
     Answered { answer: A, instance: usize },
     /// Every attempt failed: the failure the client hears, with the upstream's answer
-    /// when it gave one.
-    Failed { outcome: Outcome, answer: Option<A> },
+    /// when it gave one, and the index of the instance that failed so.
+    Failed {
+        outcome: Outcome,
+        answer: Option<A>,
+        instance: usize,
+    },
     /// No instance could take the request, or it could not be sent: the proxy's answer.
     Refused(Error),
 }
@@ -61,7 +65,7 @@ pub fn run<A>(
     mut attempt: impl FnMut(usize) -> Result<(Outcome, Option<A>), Error>,
 ) -> Routed<A> {
     let mut tried: Vec<usize> = Vec::new();
-    let mut best: Option<(Outcome, Option<A>)> = None;
+    let mut best: Option<(Outcome, Option<A>, usize)> = None;
     while tried.len() <= config.routing.retries as usize {
         let admission = if tried.is_empty() {
             match admit(table, config, plan) {
@@ -88,7 +92,15 @@ pub fn run<A>(
             Ok(done) => done,
             Err(not_sent) => {
                 table.lock().cancel(config, admission);
-                return Routed::Refused(not_sent);
+                // A retry that could not be sent leaves the earlier failure to tell.
+                return match best {
+                    Some((outcome, answer, instance)) => Routed::Failed {
+                        outcome,
+                        answer,
+                        instance,
+                    },
+                    None => Routed::Refused(not_sent),
+                };
             }
         };
         attempts.push(Attempt {
@@ -109,13 +121,20 @@ pub fn run<A>(
         }
         if best
             .as_ref()
-            .is_none_or(|(kept, _)| precedence(&outcome) >= precedence(kept))
+            .is_none_or(|(kept, ..)| precedence(&outcome) >= precedence(kept))
         {
-            best = Some((outcome, answer));
+            best = Some((outcome, answer, i));
         }
     }
-    let (outcome, answer) = best.unwrap_or((Outcome::Unreachable { arrived: false }, None));
-    Routed::Failed { outcome, answer }
+    // The loop ran at least once (`retries` ≥ 0) and each pass kept or returned.
+    match best {
+        Some((outcome, answer, instance)) => Routed::Failed {
+            outcome,
+            answer,
+            instance,
+        },
+        None => Routed::Refused(Error::Internal),
+    }
 }
 
 /// Which of two failures the client should hear (the higher; between equals, the
@@ -138,23 +157,29 @@ fn precedence(outcome: &Outcome) -> (u8, std::cmp::Reverse<Duration>) {
 }
 
 /// Admits the request to an instance, waiting until the plan's deadline for window
-/// room that will come by then. Requests wait in line per model: only the first looks
-/// for room, when its room is due or a reservation is given back, and each that is
-/// admitted or gives up wakes the next; a request that arrives while others wait joins
-/// the line. Refusals that cannot end by the deadline return at once.
+/// room that will come by then. Requests wait in line per model and set of candidate
+/// instances (a request bound to one instance by `previous_response_id` does not hold
+/// up those that may go anywhere): only the first looks for room, when its room is due
+/// or a reservation is given back, and each that is admitted or gives up wakes the
+/// next; a request that arrives while others wait in its line joins it. Refusals that
+/// cannot end by the deadline return at once.
 fn admit(table: &Mutex<Table>, config: &Config, plan: &Plan) -> Result<Admission, Blocked> {
     let want = (plan.model, plan.need);
+    let line_of = || format!("{}\n{:?}", plan.model, plan.candidates);
     let mut t = table.lock();
     let mut now = Instant::now();
-    if !t.has_waiters(plan.model) {
+    // Without anyone waiting (the usual case) the line's name is not even written.
+    let line = t.anyone_waits().then(line_of);
+    if line.as_ref().is_none_or(|l| !t.has_waiters(l)) {
         match t.admit(config, plan.candidates, &[], want, now) {
             Err(Blocked::RateLimited { until }) if until <= plan.deadline => {}
             done => return done,
         }
     }
-    let ticket = t.wait_in_line(plan.model);
+    let line = line.unwrap_or_else(line_of);
+    let ticket = t.wait_in_line(&line);
     loop {
-        let first = t.is_first(plan.model, ticket);
+        let first = t.is_first(&line, ticket);
         let result = if first || now >= plan.deadline {
             t.admit(config, plan.candidates, &[], want, now)
         } else {
@@ -173,7 +198,7 @@ fn admit(table: &Mutex<Table>, config: &Config, plan: &Plan) -> Result<Admission
                 }
             }
             done => {
-                t.leave_line(plan.model, ticket);
+                t.leave_line(&line, ticket);
                 return done;
             }
         };
@@ -311,7 +336,7 @@ mod tests {
                 });
                 // The next arrives once this one waits in line (or 20 ms later).
                 let spawned = Instant::now();
-                while table.lock().waiting("m") < k + 1
+                while table.lock().waiting() < k + 1
                     && spawned.elapsed() < Duration::from_millis(20)
                 {
                     std::thread::yield_now();
@@ -336,7 +361,7 @@ mod tests {
         // before it), and once when its room is due: 30. Waking every waiter whenever
         // room came would make it 10 + 10 + 9 + ... + 1 = 65.
         assert!(looks <= 30, "{looks} admission checks for 10 waiters");
-        assert_eq!(table.lock().waiting("m"), 0);
+        assert_eq!(table.lock().waiting(), 0);
     }
 
     #[test]

@@ -54,6 +54,15 @@ impl Recent {
         bucket.2 += u32::from(failed);
     }
 
+    /// Takes back a success counted in `slot` (a stream that broke after its first
+    /// byte, about to be counted as a failure). One from an earlier bucket stays.
+    fn forget_success(&mut self, slot: u64) {
+        let bucket = &mut self.buckets[(slot % RATE_BUCKETS as u64) as usize];
+        if bucket.0 == slot && bucket.1 > bucket.2 {
+            bucket.1 -= 1;
+        }
+    }
+
     /// (attempts, failures) in the buckets of the last minute.
     fn sum(&self, slot: u64) -> (u32, u32) {
         self.buckets
@@ -80,6 +89,9 @@ struct Runtime {
     circuit: Circuit,
     /// Failures since the last success.
     consecutive: u32,
+    /// `consecutive` before the last success reset it: a stream counts as a success
+    /// at its first byte, and if it then breaks the run goes on from here.
+    run_before_success: u32,
     recent: Recent,
     last_failure: Option<Instant>,
     faults: Vec<Fault>,
@@ -96,6 +108,7 @@ impl Runtime {
             cooldown_until: None,
             circuit: Circuit::Closed,
             consecutive: 0,
+            run_before_success: 0,
             recent: Recent::default(),
             last_failure: None,
             faults: Vec::new(),
@@ -160,7 +173,8 @@ pub struct Table {
     origin: Instant,
     last_pick: Option<usize>,
     rng: u64,
-    /// Per model, the requests waiting for room, first come first.
+    /// Per line (a model and its candidate instances), the requests waiting for room,
+    /// first come first.
     waiting: HashMap<String, VecDeque<Waiter>>,
     tickets: u64,
     /// Admissions tried (to show that waiting for room is not polling).
@@ -383,7 +397,13 @@ impl Table {
                 remaining_requests,
                 ..
             } => {
+                rt.run_before_success = rt.consecutive;
                 rt.consecutive = 0;
+                if admission.trial {
+                    // The failures that opened the circuit must not reopen it at the
+                    // next one: the rate starts afresh with the trial's success.
+                    rt.recent = Recent::default();
+                }
                 rt.recent.count(slot, false);
                 rt.faults.retain(|f| f.model != model);
                 if speaks {
@@ -440,59 +460,69 @@ impl Table {
         let rt = self.runtimes.get_mut(&config.instances[index].name)?;
         rt.last_error = Some(describe(&Outcome::Broken));
         let speaks = rt.circuit == Circuit::Closed;
+        // Its first byte counted as a success; the stream is a failure instead.
+        if rt.consecutive == 0 {
+            rt.consecutive = rt.run_before_success;
+        }
+        rt.recent.forget_success(slot);
         fail(rt, slot, &config.routing, speaks, now)
     }
 
-    /// Adds the calling thread to the requests waiting for `model`, last.
-    pub fn wait_in_line(&mut self, model: &str) -> u64 {
+    /// Adds the calling thread to the requests waiting in `line`, last.
+    pub fn wait_in_line(&mut self, line: &str) -> u64 {
         self.tickets += 1;
         let waiter = Waiter {
             ticket: self.tickets,
             thread: std::thread::current(),
         };
-        match self.waiting.get_mut(model) {
-            Some(line) => line.push_back(waiter),
+        match self.waiting.get_mut(line) {
+            Some(waiters) => waiters.push_back(waiter),
             None => {
                 self.waiting
-                    .insert(model.to_string(), VecDeque::from([waiter]));
+                    .insert(line.to_string(), VecDeque::from([waiter]));
             }
         }
         self.tickets
     }
 
-    /// How many wait for room for `model`.
+    /// How many wait for room, in all lines.
     #[cfg(test)]
-    pub fn waiting(&self, model: &str) -> usize {
-        self.waiting.get(model).map_or(0, VecDeque::len)
+    pub fn waiting(&self) -> usize {
+        self.waiting.values().map(VecDeque::len).sum()
     }
 
-    /// Whether anyone waits for room for `model`.
-    pub fn has_waiters(&self, model: &str) -> bool {
-        self.waiting.contains_key(model)
+    /// Whether anyone waits for room.
+    pub fn anyone_waits(&self) -> bool {
+        !self.waiting.is_empty()
     }
 
-    /// Whether `ticket` is first in line for `model`.
-    pub fn is_first(&self, model: &str, ticket: u64) -> bool {
+    /// Whether anyone waits in `line`.
+    pub fn has_waiters(&self, line: &str) -> bool {
+        self.waiting.contains_key(line)
+    }
+
+    /// Whether `ticket` is first in `line`.
+    pub fn is_first(&self, line: &str, ticket: u64) -> bool {
         self.waiting
-            .get(model)
+            .get(line)
             .and_then(VecDeque::front)
             .is_some_and(|w| w.ticket == ticket)
     }
 
-    /// Takes `ticket` out of the line for `model` and wakes whoever is first now. A
-    /// request usually leaves from the front (all wait up to the same
-    /// `routing.queue_timeout`), so this costs O(1).
-    pub fn leave_line(&mut self, model: &str, ticket: u64) {
-        let Some(line) = self.waiting.get_mut(model) else {
+    /// Takes `ticket` out of `line` and wakes whoever is first now. A request usually
+    /// leaves from the front (all wait up to the same `routing.queue_timeout`), so
+    /// this costs O(1).
+    pub fn leave_line(&mut self, line: &str, ticket: u64) {
+        let Some(waiters) = self.waiting.get_mut(line) else {
             return;
         };
-        if let Some(at) = line.iter().position(|w| w.ticket == ticket) {
-            line.remove(at);
+        if let Some(at) = waiters.iter().position(|w| w.ticket == ticket) {
+            waiters.remove(at);
         }
-        match line.front() {
+        match waiters.front() {
             Some(first) => first.thread.unpark(),
             None => {
-                self.waiting.remove(model);
+                self.waiting.remove(line);
             }
         }
     }
@@ -931,6 +961,30 @@ mod tests {
         t.finish(&c, trial, "m", healthy(), at(t0, 28.2));
         assert!(t.admit(&c, &[0], &[], ("m", 1), at(t0, 28.3)).is_ok());
         assert_eq!(t.runtimes.get_mut("a").unwrap().circuit, Circuit::Closed);
+    }
+
+    #[test]
+    fn streams_that_break_after_their_first_byte_open_the_circuit() {
+        let c = two("", "");
+        let mut t = Table::new(&c);
+        let t0 = Instant::now();
+        // Each stream's first byte is a success; each then breaks.
+        for s in [0.0, 1.0] {
+            let adm = t.admit(&c, &[0], &[], ("m", 1), at(t0, s)).unwrap();
+            t.finish(&c, adm, "m", healthy(), at(t0, s));
+            t.broke(&c, 0, at(t0, s + 0.5));
+        }
+        assert_eq!(
+            t.admit(&c, &[0], &[], ("m", 1), at(t0, 2.0)),
+            Err(Blocked::Down { until: at(t0, 6.5) }),
+            "two broken streams are a run of two failures"
+        );
+        let slot = t.slot(at(t0, 2.0));
+        assert_eq!(
+            t.runtimes["a"].recent.sum(slot),
+            (2, 2),
+            "(attempts, failures)"
+        );
     }
 
     #[test]

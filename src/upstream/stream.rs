@@ -177,14 +177,34 @@ fn without_null_usage(event: &[u8]) -> Option<Vec<u8>> {
     edited.then(|| lines.concat())
 }
 
-/// Reads from a stream that has just started until its first event is complete, for up
-/// to `by` (`routing.first_byte_timeout` from when the request was sent), whatever the
-/// gap allowed between later reads. The bytes read are the start of the relay.
+/// Whether an event only announces the stream: Azure's prompt-filter chunk (no
+/// choices yet), the Responses API's `response.created` and `response.in_progress`.
+/// They come at once, before the model produces anything.
+fn announces(event: &[u8]) -> bool {
+    contains(event, b"\"choices\":[]")
+        || contains(event, b"\"response.created\"")
+        || contains(event, b"\"response.in_progress\"")
+}
+
+/// Reads from a stream that has just started until its first event with output (the
+/// first byte of the answer, past the events that only announce it), for up to `by`
+/// (`routing.first_byte_timeout` from when the request was sent), whatever the gap
+/// allowed between later reads. The bytes read are the start of the relay.
 pub fn first_event(upstream: &mut dyn Read, by: Instant) -> io::Result<Vec<u8>> {
     let _limit = transport::reads_until(by);
     let mut first = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
-    while event_end(&first).is_none() {
+    // Where the event being read starts, and how far it was searched for its end.
+    let (mut event, mut searched) = (0, 0);
+    loop {
+        while let Some(len) = event_end(&first[searched..]).map(|l| l + searched - event) {
+            if !announces(&first[event..event + len]) {
+                return Ok(first);
+            }
+            event += len;
+            searched = event;
+        }
+        searched = first.len().saturating_sub(3).max(event);
         match upstream.read(&mut buf) {
             Ok(0) => {
                 return Err(io::Error::new(
@@ -199,11 +219,10 @@ pub fn first_event(upstream: &mut dyn Read, by: Instant) -> io::Result<Vec<u8>> 
         if first.len() > MAX_EVENT_BYTES {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                "the first event is larger than 8 MiB",
+                "the stream's start is larger than 8 MiB",
             ));
         }
     }
-    Ok(first)
 }
 
 pub fn error_event(message: &str) -> Vec<u8> {
@@ -226,6 +245,8 @@ pub fn relay(upstream: &mut dyn Read, send: &mut Send<'_>, options: Options) -> 
         end: End::Completed,
     };
     let mut done = false;
+    // `pending[..searched]` holds no event separator past the events already taken.
+    let mut searched = 0;
     let failure = loop {
         let filled = pending.len();
         pending.resize(filled + READ, 0);
@@ -240,9 +261,10 @@ pub fn relay(upstream: &mut dyn Read, send: &mut Send<'_>, options: Options) -> 
             Err(e) => break Some(format!("the upstream stream failed: {e}")),
         }
         let mut start = 0;
-        while let Some(len) = event_end(&pending[start..]) {
-            let event = &pending[start..start + len];
-            start += len;
+        while let Some(offset) = event_end(&pending[searched..]) {
+            let end = searched + offset;
+            let event = &pending[start..end];
+            (start, searched) = (end, end);
             let edited;
             let forward = match classify(event, options.count_text) {
                 Event::Done(u) => {
@@ -257,7 +279,7 @@ pub fn relay(upstream: &mut dyn Read, send: &mut Send<'_>, options: Options) -> 
                 Event::Other(u, text) => {
                     summary.usage = u.or(summary.usage);
                     summary.text_tokens += text;
-                    edited = if options.strip_usage {
+                    edited = if options.strip_usage && contains(event, b"\"usage\"") {
                         without_null_usage(event)
                     } else {
                         None
@@ -271,16 +293,18 @@ pub fn relay(upstream: &mut dyn Read, send: &mut Send<'_>, options: Options) -> 
             }
         }
         pending.drain(..start);
+        searched = pending.len().saturating_sub(3);
         if pending.len() > MAX_EVENT_BYTES {
             break Some("the upstream sent an event larger than 8 MiB".to_string());
         }
     };
     summary.end = match failure {
         // A partial event is dropped: glued to the error event it would corrupt both.
-        Some(why) => match send(&error_event(&why)) {
-            Ok(()) => End::UpstreamFailed(why),
-            Err(_) => End::ClientGone,
-        },
+        // The upstream failed whether or not the client is still there to be told.
+        Some(why) => {
+            let _ = send(&error_event(&why));
+            End::UpstreamFailed(why)
+        }
         // Bytes after the last event without a separator: pass them on unchanged.
         None => match send(&pending) {
             Ok(()) => End::Completed,

@@ -213,6 +213,7 @@ pub fn stats_health(state: &State, g: &Generation) -> Reply {
             "available_instances": available,
             "health_percentage": percent(healthy as u64, total as u64),
             "has_available_capacity": views.iter().any(|v| matches!(v.health, Health::Healthy | Health::Error)),
+            "shared_state": state.shared_state(),
         }),
     )
 }
@@ -245,7 +246,9 @@ pub fn stats_reset(state: &State) -> Reply {
 
 /// `GET /health`: 200 while at least one instance can take requests (its circuit is
 /// not open), 503 otherwise, and 503 from the moment the proxy starts shutting down,
-/// so that a load balancer stops sending before it goes.
+/// so that a load balancer stops sending before it goes. `shared_state` says whether
+/// the fleet's state is shared (`shared`), should be but Redis does not answer
+/// (`degraded`: still 200, the proxy serves on its own state), or is not (`local`).
 pub fn health(state: &State, g: &Generation) -> Reply {
     let (views, _) = views(state, g);
     let available = views
@@ -268,6 +271,7 @@ pub fn health(state: &State, g: &Generation) -> Reply {
             "version": env!("CARGO_PKG_VERSION"),
             "config_version": g.config.version,
             "uptime_seconds": state.started.elapsed().as_secs(),
+            "shared_state": state.shared_state(),
         }),
     )
 }
@@ -299,6 +303,7 @@ pub fn metrics(state: &State, g: &Generation) -> Reply {
         permits: (state.permits.in_use(), state.permits.total()),
         body_bytes: (state.bodies.used(), state.bodies.limit()),
         uptime_secs: state.uptime_secs(),
+        shared_state: state.shared_state(),
     };
     let states = Health::ALL.map(Health::as_str);
     let text = metrics::render(&state.stats.lock(), &instances, &states, &gauges);

@@ -9,6 +9,8 @@ use crate::observe::alerts::Alerts;
 use crate::observe::stats::Stats;
 use crate::routing::affinity::Affinity;
 use crate::routing::table::Table;
+use crate::routing::States;
+use crate::shared::Shared;
 use crate::upstream::{self, Address};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -78,6 +80,8 @@ pub struct State {
     pub table: parking_lot::Mutex<Table>,
     /// Which instance made each Responses API answer.
     pub affinity: parking_lot::Mutex<Affinity>,
+    /// The state shared with other proxies, when `redis` is configured (read at start).
+    pub shared: Option<Arc<Shared>>,
     pub stats: parking_lot::Mutex<Stats>,
     /// `server.workers`: upstream calls under way at once.
     pub permits: Arc<Permits>,
@@ -97,12 +101,19 @@ pub struct State {
 
 impl State {
     pub fn new(config: Config, source: Source) -> State {
+        let generation = Generation::new(config, None);
+        let config = generation.config.clone();
+        let shared = config
+            .redis
+            .as_ref()
+            .and_then(|r| Shared::start(r, &config.name, &generation.alerts));
         State {
+            shared,
             permits: Permits::new(config.server.workers),
             bodies: BodyMemory::new(config.server.max_body_memory),
             table: parking_lot::Mutex::new(Table::new(&config)),
             affinity: parking_lot::Mutex::new(Affinity::default()),
-            current: parking_lot::RwLock::new(Arc::new(Generation::new(config, None))),
+            current: parking_lot::RwLock::new(Arc::new(generation)),
             stats: parking_lot::Mutex::new(Stats::new()),
             started: Instant::now(),
             draining: AtomicBool::new(false),
@@ -111,6 +122,19 @@ impl State {
             reloading: parking_lot::Mutex::new(()),
             next_id: AtomicU64::new(1),
         }
+    }
+
+    /// The instance table and the shared state, for routing.
+    pub fn states(&self) -> States<'_> {
+        States {
+            table: &self.table,
+            shared: self.shared.as_deref(),
+        }
+    }
+
+    /// `local` without `redis`; else `shared`, or `degraded` while Redis does not answer.
+    pub fn shared_state(&self) -> &'static str {
+        self.shared.as_ref().map_or("local", |s| s.state())
     }
 
     /// The statistics clock: whole seconds since start.
@@ -190,6 +214,7 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
         ("logging.file", ol.file != nl.file),
         ("logging.max_size", ol.max_size != nl.max_size),
         ("logging.backup_count", ol.backup_count != nl.backup_count),
+        ("redis", old.redis != new.redis),
     ]
     .into_iter()
     .filter_map(|(name, changed)| changed.then_some(name))

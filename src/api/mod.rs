@@ -12,7 +12,7 @@ use crate::error::Error;
 use crate::http::{self, Body, Reply, Stream, Trace};
 use crate::observe::logging::Clean;
 use crate::outcome::{Outcome, Usage};
-use crate::routing::{self, Plan, Routed};
+use crate::routing::{self, affinity, Plan, Routed};
 use crate::state::{Generation, State};
 use crate::upstream::{self, headers, stream, Answer, Call, Op};
 use body::Meta;
@@ -57,22 +57,18 @@ pub fn stored_response(
     (method, id, rest, query): (&str, &str, &str, &str),
 ) -> Reply {
     traced(|trace| {
-        let home = state
-            .affinity
-            .lock()
-            .find(id, Instant::now())
-            .cloned()
-            .ok_or_else(|| Error::UnknownResponse { id: id.into() })?;
+        let (instance, model) =
+            home(state, g, id).ok_or_else(|| Error::UnknownResponse { id: id.into() })?;
         let config = &g.config;
         let i = config
             .instances
             .iter()
-            .position(|inst| inst.name == home.instance)
+            .position(|inst| inst.name == instance)
             .ok_or_else(|| Error::ResponseGone {
                 id: id.into(),
-                instance: home.instance.clone(),
+                instance,
             })?;
-        let model: &str = trace.model.insert(home.model);
+        let model: &str = trace.model.insert(model);
         let forwarded = forwarded_headers(req)?;
         let permit = permit(state, config)?;
         let plan = Plan {
@@ -82,7 +78,7 @@ pub fn stored_response(
             deadline: Instant::now(),
         };
         let routed = routing::run(
-            &state.table,
+            state.states(),
             config,
             &g.alerts,
             &plan,
@@ -116,9 +112,23 @@ pub fn stored_response(
         trace.usage = usage;
         if method == "DELETE" && (200..300).contains(&reply.status) {
             state.affinity.lock().forget(id);
+            if let Some(shared) = &state.shared {
+                shared.forget(&g.alerts, id);
+            }
         }
         Ok(reply)
     })
+}
+
+/// Where response `id` was made (instance, model): remembered here, else by another
+/// proxy of the fleet (shared state).
+fn home(state: &State, g: &Generation, id: &str) -> Option<(String, String)> {
+    let local = state
+        .affinity
+        .lock()
+        .find(id, Instant::now())
+        .map(|h| (h.instance.clone(), h.model.clone()));
+    local.or_else(|| state.shared.as_ref()?.find(&g.alerts, id))
 }
 
 /// Runs a handler with the request's `Trace`, and turns its error into the reply.
@@ -192,7 +202,7 @@ fn forward_traced(
     // A conversation continues where its previous response is stored.
     let previous = meta.previous_response_id.as_deref();
     if let Some(id) = previous {
-        candidates = home_of(state, config, id, model, &candidates)?;
+        candidates = home_of(state, g, id, model, &candidates)?;
     }
     // No request may take more than an instance's whole window: one that no serving
     // instance could ever admit is the client's error, not a 429 for everyone after.
@@ -225,7 +235,7 @@ fn forward_traced(
     let usage_option = meta.stream && matches!(op, Op::Chat | Op::Completions);
     let mut asked_usage = false;
     let routed = routing::run(
-        &state.table,
+        state.states(),
         config,
         &g.alerts,
         &plan,
@@ -281,7 +291,7 @@ fn forward_traced(
     )?;
     trace.usage = usage;
     if op == Op::Responses && (200..300).contains(&reply.status) {
-        remember_response(state, config, &reply, trace.instance.as_deref(), model);
+        remember_response(state, g, &reply, trace.instance.as_deref(), model);
     }
     Ok(reply)
 }
@@ -290,13 +300,13 @@ fn forward_traced(
 /// proxy does not know can only go where a single instance serves the model.
 fn home_of(
     state: &State,
-    config: &Config,
+    g: &Generation,
     id: &str,
     model: &str,
     candidates: &[usize],
 ) -> Result<Vec<usize>, Error> {
-    let home = state.affinity.lock().find(id, Instant::now()).cloned();
-    let Some(home) = home else {
+    let config = &g.config;
+    let Some((home, _)) = home(state, g, id) else {
         return match candidates {
             [only] => Ok(vec![*only]),
             _ => Err(Error::UnknownResponse { id: id.into() }),
@@ -304,19 +314,17 @@ fn home_of(
     };
     match candidates
         .iter()
-        .find(|&&i| config.instances[i].name == home.instance)
+        .find(|&&i| config.instances[i].name == home)
     {
         Some(&i) => Ok(vec![i]),
-        None if config.instances.iter().any(|i| i.name == home.instance) => {
-            Err(Error::ResponseElsewhere {
-                id: id.into(),
-                instance: home.instance,
-                model: model.into(),
-            })
-        }
+        None if config.instances.iter().any(|i| i.name == home) => Err(Error::ResponseElsewhere {
+            id: id.into(),
+            instance: home,
+            model: model.into(),
+        }),
         None => Err(Error::ResponseGone {
             id: id.into(),
-            instance: home.instance,
+            instance: home,
         }),
     }
 }
@@ -325,7 +333,7 @@ fn home_of(
 /// body, or from a stream's first event (`response.created`).
 fn remember_response(
     state: &State,
-    config: &Config,
+    g: &Generation,
     reply: &Reply,
     instance: Option<&str>,
     model: &str,
@@ -348,11 +356,14 @@ fn remember_response(
     let made = serde_json::from_slice::<Made>(bytes).ok();
     let id = made.and_then(|m| m.id.or_else(|| m.response?.id));
     if let (Some(id), Some(instance)) = (id, instance) {
-        if config.instances.iter().any(|i| i.name == instance) {
+        if g.config.instances.iter().any(|i| i.name == instance) {
             state
                 .affinity
                 .lock()
                 .remember(&id, instance, model, Instant::now());
+            if let Some(shared) = &state.shared {
+                shared.remember(&g.alerts, &id, instance, model, affinity::TTL);
+            }
         }
     }
 }

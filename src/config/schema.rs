@@ -153,6 +153,9 @@ pub struct Config {
     pub auth: Auth,
     #[serde(default)]
     pub instances: Vec<Instance>,
+    /// Several proxies on one quota share their instances' state here (`shared.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<Redis>,
 }
 
 fn default_name() -> String {
@@ -332,6 +335,26 @@ impl Default for Server {
 pub struct Auth {
     pub api_keys: Vec<Secret>,
     pub admin_key: Option<Secret>,
+}
+
+/// Where several proxies share windows, cooldowns, circuits and affinity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Redis {
+    /// `redis://[[user]:password@]host[:port][/db]`. A `Secret`, since it may carry the
+    /// password: `/config` and the log show only the mask.
+    pub url: Secret,
+    /// Milliseconds a connect or an answer may take before the proxy goes on with its
+    /// own state alone.
+    #[serde(default = "default_redis_timeout", deserialize_with = "lenient")]
+    pub timeout_ms: u64,
+    /// Starts every key, so that several fleets can share one Redis; default: `name`.
+    #[serde(default, deserialize_with = "lenient_opt")]
+    pub prefix: Option<String>,
+}
+
+fn default_redis_timeout() -> u64 {
+    50
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -516,6 +539,9 @@ impl Config {
                 return Err(invalid(format!("auth.api_keys[{i}]"), "is empty"));
             }
         }
+        if let Some(redis) = &self.redis {
+            check_redis(redis)?;
+        }
         let mut seen = std::collections::HashSet::new();
         for (i, inst) in self.instances.iter().enumerate() {
             let at = |key: &str| format!("instances[{i}].{key}");
@@ -597,6 +623,38 @@ fn check_url(url: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// A Redis URL the shared state can use. The messages do not quote it: it may hold a
+/// password.
+fn check_redis(redis: &Redis) -> Result<(), Invalid> {
+    let url = redis.url.expose();
+    if url.starts_with("rediss://") {
+        return Err(invalid(
+            "redis.url",
+            "rediss:// (TLS) is not supported: this build's Redis client has no TLS; reach Redis on a private network or through a TLS tunnel (stunnel, spiped) with redis://",
+        ));
+    }
+    let rest = url
+        .strip_prefix("redis://")
+        .ok_or_else(|| invalid("redis.url", "is not a redis:// URL"))?;
+    let host = rest.rsplit('@').next().unwrap_or("");
+    if host.is_empty() || host.starts_with([':', '/']) {
+        return Err(invalid("redis.url", "has no host"));
+    }
+    if redis::Client::open(url).is_err() {
+        return Err(invalid("redis.url", "is not a valid redis:// URL"));
+    }
+    if !(1..=10_000).contains(&redis.timeout_ms) {
+        return Err(invalid(
+            "redis.timeout_ms",
+            "must be milliseconds from 1 to 10000",
+        ));
+    }
+    if redis.prefix.as_ref().is_some_and(|p| p.trim().is_empty()) {
+        return Err(invalid("redis.prefix", "is empty"));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -607,6 +665,33 @@ mod tests {
         assert_eq!(format!("{s} {s:?}"), format!("{MASK} {MASK}"));
         assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{MASK}\""));
         assert_eq!(s.expose(), "sk-very-secret");
+    }
+
+    #[test]
+    fn redis_urls_are_checked_without_being_quoted() {
+        let check = |url: &str| {
+            check_redis(&Redis {
+                url: Secret::new(url),
+                timeout_ms: 50,
+                prefix: None,
+            })
+        };
+        assert!(check("redis://127.0.0.1:6379/0").is_ok());
+        assert!(check("redis://:s3cret@cache.internal:6380/2").is_ok());
+        for bad in [
+            "rediss://:s3cret@cache:6380",
+            "http://:s3cret@cache",
+            "redis://",
+            "redis://:s3cret@",
+        ] {
+            let e = check(bad).unwrap_err();
+            assert_eq!(e.path, "redis.url", "{bad}");
+            assert!(!e.message.contains("s3cret"), "{}", e.message);
+        }
+        assert!(check("rediss://cache:6380")
+            .unwrap_err()
+            .message
+            .contains("TLS"));
     }
 
     #[test]

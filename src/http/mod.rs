@@ -166,7 +166,7 @@ fn record(
 #[inline(never)]
 fn broke(state: &State, g: &Generation, instance: usize, trace: &mut Trace) {
     let model = trace.model.as_deref().unwrap_or_default();
-    routing::broke(&state.table, &g.config, &g.alerts, instance, model);
+    routing::broke(state.states(), &g.config, &g.alerts, instance, model);
     if let Some(last) = trace.attempts.last_mut() {
         last.outcome = Outcome::Broken;
     }

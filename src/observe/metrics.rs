@@ -68,7 +68,12 @@ pub struct Gauges {
     pub permits: (usize, usize),
     pub body_bytes: (u64, u64),
     pub uptime_secs: u64,
+    /// `local`, `shared` or `degraded` (see `admin::health`).
+    pub shared_state: &'static str,
 }
+
+/// The values `Gauges::shared_state` takes, each a 0 or 1 sample.
+const SHARED_STATES: [&str; 3] = ["local", "shared", "degraded"];
 
 /// The exposition: `states` are every name an instance state can have (each gets a 0
 /// or 1 sample).
@@ -251,6 +256,18 @@ pub fn render(
         "Seconds since the proxy started.",
     );
     out.sample("uptime_seconds", &[], gauges.uptime_secs);
+    out.family(
+        "shared_state",
+        "gauge",
+        "1 for the state of the fleet's shared state: local (no redis), shared, or degraded (Redis not answering).",
+    );
+    for state in SHARED_STATES {
+        out.sample(
+            "shared_state",
+            &[("state", state)],
+            u8::from(state == gauges.shared_state),
+        );
+    }
     out.family("build_info", "gauge", "The running version.");
     out.sample("build_info", &[("version", env!("CARGO_PKG_VERSION"))], 1);
 

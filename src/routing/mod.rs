@@ -2,7 +2,9 @@
 //! instance's windows (waiting briefly for room), the attempts on instances not yet
 //! tried, and the failure the client hears when none succeeds. The instances' state is
 //! in `table`, the strategies in `strategy`, the windows in `window`. An attempt itself
-//! is the caller's (`upstream::call`): routing sees only its `Outcome`.
+//! is the caller's (`upstream::call`): routing sees only its `Outcome`. With `redis`
+//! configured, each local admission is confirmed in the shared state (`crate::shared`)
+//! after the table's lock is released, and each outcome settled there.
 
 pub mod affinity;
 pub mod strategy;
@@ -14,6 +16,7 @@ use crate::error::Error;
 use crate::observe::alerts::Alerts;
 use crate::observe::logging::Clean;
 use crate::outcome::{Attempt, Outcome};
+use crate::shared::{Settle, Shared, Verdict};
 use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 use table::{Admission, Blocked, Table};
@@ -34,6 +37,14 @@ pub struct Plan<'a> {
     pub need: u64,
     /// Until when the first admission may wait for room.
     pub deadline: Instant,
+}
+
+/// Where an instance's state lives: this proxy's table, and the shared state when
+/// Redis is configured.
+#[derive(Clone, Copy)]
+pub struct States<'a> {
+    pub table: &'a Mutex<Table>,
+    pub shared: Option<&'a Shared>,
 }
 
 /// How routing ended.
@@ -57,34 +68,38 @@ pub enum Routed<A> {
 /// may do better. Each attempt is recorded in `attempts`. When every attempt fails,
 /// the client hears the most useful failure (`precedence`), not the last one.
 pub fn run<A>(
-    table: &Mutex<Table>,
+    states: States,
     config: &Config,
     alerts: &Alerts,
     plan: &Plan,
     attempts: &mut Vec<Attempt>,
     mut attempt: impl FnMut(usize) -> Result<(Outcome, Option<A>), Error>,
 ) -> Routed<A> {
+    let table = states.table;
     let mut tried: Vec<usize> = Vec::new();
     let mut best: Option<(Outcome, Option<A>, usize)> = None;
     while tried.len() <= config.routing.retries as usize {
-        let admission = if tried.is_empty() {
-            match admit(table, config, plan) {
-                Ok(a) => a,
-                Err(blocked) => return Routed::Refused(refusal(alerts, plan, blocked)),
+        let admitted = confirmed(states, config, alerts, plan, || {
+            if tried.is_empty() {
+                admit(table, config, plan)
+            } else {
+                // A retry takes what is free now, or stops.
+                let now = Instant::now();
+                table.lock().admit(
+                    config,
+                    plan.candidates,
+                    &tried,
+                    (plan.model, plan.need),
+                    now,
+                )
             }
-        } else {
-            // A retry takes what is free now, or stops.
-            let now = Instant::now();
-            match table.lock().admit(
-                config,
-                plan.candidates,
-                &tried,
-                (plan.model, plan.need),
-                now,
-            ) {
-                Ok(a) => a,
-                Err(_) => break,
+        });
+        let (admission, reservation) = match admitted {
+            Ok(a) => a,
+            Err(blocked) if tried.is_empty() => {
+                return Routed::Refused(refusal(alerts, plan, blocked))
             }
+            Err(_) => break,
         };
         let i = admission.index;
         tried.push(i);
@@ -92,6 +107,9 @@ pub fn run<A>(
             Ok(done) => done,
             Err(not_sent) => {
                 table.lock().cancel(config, admission);
+                settle(states, alerts, &config.instances[i], |s| {
+                    s.release = reservation.as_deref().map(|r| (r, plan.need));
+                });
                 // A retry that could not be sent leaves the earlier failure to tell.
                 return match best {
                     Some((outcome, answer, instance)) => Routed::Failed {
@@ -110,6 +128,21 @@ pub fn run<A>(
         let finished = table
             .lock()
             .finish(config, admission, plan.model, outcome, Instant::now());
+        settle(states, alerts, &config.instances[i], |s| {
+            if outcome.never_counted() {
+                s.release = reservation.as_deref().map(|r| (r, plan.need));
+            }
+            s.cooldown = finished.cooled;
+            s.circuit = finished.opened;
+            if let Outcome::Answered {
+                remaining_tokens,
+                remaining_requests,
+                ..
+            } = outcome
+            {
+                s.remaining = (remaining_tokens, remaining_requests);
+            }
+        });
         report(config, alerts, i, plan.model, &outcome, &finished);
         if !outcome.retry_elsewhere() {
             if let Some(answer) = answer {
@@ -134,6 +167,52 @@ pub fn run<A>(
             instance,
         },
         None => Routed::Refused(Error::Internal),
+    }
+}
+
+/// A local admission (`local`), confirmed in the shared state: Redis checks and
+/// reserves the room there in one step. When it refuses, the instance is held out
+/// locally for as long as Redis said and `local` runs again, so the strategy picks
+/// among the others or the request waits for room as without Redis. Redis not
+/// answering leaves the local admission standing, without a reservation id.
+fn confirmed(
+    states: States,
+    config: &Config,
+    alerts: &Alerts,
+    plan: &Plan,
+    mut local: impl FnMut() -> Result<Admission, Blocked>,
+) -> Result<(Admission, Option<String>), Blocked> {
+    loop {
+        let admission = local()?;
+        let Some(shared) = states.shared else {
+            return Ok((admission, None));
+        };
+        let inst = &config.instances[admission.index];
+        let blocked = match shared.admit(alerts, inst, plan.need) {
+            None => return Ok((admission, None)),
+            Some(Verdict::Admitted(id)) => return Ok((admission, Some(id))),
+            Some(Verdict::Full(wait)) => Blocked::RateLimited {
+                until: Instant::now() + wait,
+            },
+            Some(Verdict::Down(wait)) => Blocked::Down {
+                until: Instant::now() + wait,
+            },
+        };
+        states.table.lock().hold(config, admission, blocked);
+    }
+}
+
+/// Tells the shared state (if any) what an attempt did to `inst`, filled in by `fill`.
+fn settle<'a>(
+    states: States,
+    alerts: &Alerts,
+    inst: &crate::config::Instance,
+    fill: impl FnOnce(&mut Settle<'a>),
+) {
+    if let Some(shared) = states.shared {
+        let mut s = Settle::default();
+        fill(&mut s);
+        shared.settle(alerts, inst, &s);
     }
 }
 
@@ -211,11 +290,14 @@ fn admit(table: &Mutex<Table>, config: &Config, plan: &Plan) -> Result<Admission
 
 /// A stream that broke after its answer began: a failure of `instance`, as an attempt's
 /// would be.
-pub fn broke(table: &Mutex<Table>, config: &Config, alerts: &Alerts, instance: usize, model: &str) {
-    let opened = table.lock().broke(config, instance, Instant::now());
+pub fn broke(states: States, config: &Config, alerts: &Alerts, instance: usize, model: &str) {
+    let opened = states.table.lock().broke(config, instance, Instant::now());
+    settle(states, alerts, &config.instances[instance], |s| {
+        s.circuit = opened
+    });
     let finished = table::Finished {
         opened,
-        capped: None,
+        ..table::Finished::default()
     };
     report(config, alerts, instance, model, &Outcome::Broken, &finished);
 }

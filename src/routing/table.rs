@@ -87,6 +87,8 @@ struct Runtime {
     epoch: u64,
     cooldown_until: Option<Instant>,
     circuit: Circuit,
+    /// Another proxy opened its circuit (shared state): down until then.
+    shared_down_until: Option<Instant>,
     /// Failures since the last success.
     consecutive: u32,
     /// `consecutive` before the last success reset it: a stream counts as a success
@@ -107,6 +109,7 @@ impl Runtime {
             epoch,
             cooldown_until: None,
             circuit: Circuit::Closed,
+            shared_down_until: None,
             consecutive: 0,
             run_before_success: 0,
             recent: Recent::default(),
@@ -157,6 +160,8 @@ pub struct Finished {
     pub opened: Option<Duration>,
     /// The upstream asked for a cooldown longer than `routing.max_cooldown`: this one.
     pub capped: Option<Duration>,
+    /// A 429 cooled the instance down for this long.
+    pub cooled: Option<Duration>,
 }
 
 /// A request waiting for window room, by its ticket.
@@ -259,6 +264,9 @@ impl Table {
         }
         if let Some(fault) = rt.fault(model).filter(|f| f.until > now) {
             return Err(Blocked::Down { until: fault.until });
+        }
+        if let Some(until) = rt.shared_down_until.filter(|u| *u > now) {
+            return Err(Blocked::Down { until });
         }
         let mut until = now;
         if let Some(c) = rt.cooldown_until.filter(|c| *c > now) {
@@ -368,6 +376,21 @@ impl Table {
         }
     }
 
+    /// The shared state refused `admission` (`Blocked` says why and until when): its
+    /// reservation goes back, and the instance stays out here too until then, as if
+    /// this proxy had seen the 429 or opened the circuit itself. Only ever extends.
+    pub fn hold(&mut self, config: &Config, admission: Admission, blocked: Blocked) {
+        if let Some(rt) = self.admitted(config, &admission) {
+            let (slot, until) = match blocked {
+                Blocked::RateLimited { until } => (&mut rt.cooldown_until, until),
+                Blocked::Down { until } => (&mut rt.shared_down_until, until),
+            };
+            *slot = Some(slot.map_or(until, |u| u.max(until)));
+        }
+        // After the mark, so that the waiters it wakes see it.
+        self.cancel(config, admission);
+    }
+
     /// Applies an attempt's outcome (for `model`) to its instance.
     pub fn finish(
         &mut self,
@@ -427,6 +450,7 @@ impl Table {
                     finished.capped = Some(asked);
                 }
                 let until = now + asked.min(cap);
+                finished.cooled = Some(asked.min(cap));
                 // Only ever extend: a late 429 with a short Retry-After must not cut a
                 // longer cooldown short.
                 rt.cooldown_until = Some(rt.cooldown_until.map_or(until, |c| c.max(until)));
@@ -685,7 +709,8 @@ impl Table {
                     Circuit::Open { until, .. } if until > now => Some(until),
                     Circuit::Trial { expires, .. } if expires > now => Some(expires),
                     _ => None,
-                };
+                }
+                .max(rt.shared_down_until.filter(|u| *u > now));
                 let current_tpm = rt.tokens.used(now);
                 let current_rpm = rt.requests.used(now);
                 let mut full_until = rt.cooldown_until.filter(|c| *c > now);

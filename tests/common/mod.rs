@@ -788,3 +788,99 @@ impl Rng {
         (self.next() % n as u64) as usize
     }
 }
+
+/// A real `redis-server` of its own on a loopback port, in a temp dir, without
+/// persistence; killed when dropped.
+pub struct RedisServer {
+    pub port: u16,
+    password: Option<String>,
+    child: Option<Child>,
+    dir: TempDir,
+}
+
+impl RedisServer {
+    pub fn start(password: Option<&str>) -> RedisServer {
+        for _ in 0..5 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let mut server = RedisServer {
+                port,
+                password: password.map(str::to_string),
+                child: None,
+                dir: TempDir::new(),
+            };
+            // Another test may have taken the port in between: then try another.
+            if server.restart() {
+                return server;
+            }
+        }
+        panic!("redis-server did not start");
+    }
+
+    /// Starts it again on the same port (after `kill`); whether it answers.
+    pub fn restart(&mut self) -> bool {
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(&self.dir.0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(p) = &self.password {
+            cmd.args(["--requirepass", p]);
+        }
+        let mut child = cmd
+            .spawn()
+            .expect("redis-server (apt-get install redis-server)");
+        let settled = wait_until(Duration::from_secs(10), || {
+            child.try_wait().unwrap().is_some() || self.ping()
+        });
+        let up = settled && child.try_wait().unwrap().is_none();
+        self.child = Some(child);
+        up
+    }
+
+    fn ping(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+        let auth = self
+            .password
+            .as_ref()
+            .map(|p| format!("AUTH {p}\r\n"))
+            .unwrap_or_default();
+        let _ = s.write_all(format!("{auth}PING\r\n").as_bytes());
+        let mut got = Vec::new();
+        let mut buf = [0; 64];
+        while let Ok(n @ 1..) = s.read(&mut buf) {
+            got.extend_from_slice(&buf[..n]);
+            if got.ends_with(b"+PONG\r\n") {
+                return true;
+            }
+        }
+        false
+    }
+
+    pub fn url(&self) -> String {
+        match &self.password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}/0", self.port),
+            None => format!("redis://127.0.0.1:{}/0", self.port),
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,399 @@
+//! State several proxies share in Redis (`redis:` in the configuration), so that a
+//! fleet behind one load balancer spends one Azure quota as one proxy would: each
+//! instance's TPM/RPM windows, its cooldown after a 429 and its open circuit, and the
+//! Responses API's response → instance affinity. This module owns the connections
+//! (a small pool), the Lua scripts that make each admission and settlement one atomic
+//! step, the shared/degraded flag, and the thread that reconnects after a failure.
+//!
+//! Redis is never on the critical path: every call has `redis.timeout_ms` to connect and
+//! to answer, and any failure switches the proxy to its own state alone (degraded: no
+//! further Redis calls on the request path, one alert) until the reconnect thread gets
+//! an answer again. No call is made with the instance table's lock held: routing takes
+//! its local decision under the lock, releases it, and then asks Redis.
+
+use crate::config::{Instance, Redis};
+use crate::observe::alerts::Alerts;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use parking_lot::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+/// Connections kept for reuse; more are opened when more requests talk at once.
+const IDLE: usize = 16;
+/// Window entries live at most this long in Redis (the window is 60 s).
+const KEY_TTL_MS: u64 = 120_000;
+/// The reconnect thread's first and longest pause between attempts.
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+
+/// Checks cooldown and circuit, then room in both windows, and reserves in one step.
+/// KEYS: tokens, requests, cooldown, circuit. ARGV: reservation id, tokens, max_tpm,
+/// max_rpm (0: no limit). Returns {0, 0} admitted, {1, ms} full or cooling down for ms,
+/// {2, ms} its circuit is open for ms. Window members are "id:amount" scored by the
+/// server's time in ms; the server's clock is the only one, so proxies' clocks may differ.
+const ADMIT: &str = r"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local open = tonumber(redis.call('GET', KEYS[4]) or '0')
+if open > now then return {2, open - now} end
+local wait = math.max(0, tonumber(redis.call('GET', KEYS[3]) or '0') - now)
+local function room(key, need, max)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - 60000)
+  local e = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
+  local total = 0
+  for i = 1, #e, 2 do total = total + tonumber(string.match(e[i], ':(%d+)$')) end
+  if total + need <= max then return 0 end
+  for i = 1, #e, 2 do
+    total = total - tonumber(string.match(e[i], ':(%d+)$'))
+    if total + need <= max then return tonumber(e[i + 1]) + 60000 - now end
+  end
+  return 60000
+end
+local need, tpm, rpm = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+if tpm > 0 then wait = math.max(wait, room(KEYS[1], need, tpm)) end
+if rpm > 0 then wait = math.max(wait, room(KEYS[2], 1, rpm)) end
+if wait > 0 then return {1, wait} end
+if tpm > 0 then
+  redis.call('ZADD', KEYS[1], now, ARGV[1] .. ':' .. ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+end
+if rpm > 0 then
+  redis.call('ZADD', KEYS[2], now, ARGV[1] .. ':1')
+  redis.call('PEXPIRE', KEYS[2], ARGV[5])
+end
+return {0, 0}
+";
+
+/// What an attempt's outcome changes, in one step. KEYS as ADMIT. ARGV: reservation
+/// id ('' for none) and its tokens, to give back; cooldown ms, circuit ms (0: none),
+/// only ever extended; the upstream's remaining tokens and requests with their limits
+/// (-1: not known), which only ever raise the window's usage, as `Window::correct`;
+/// an id for such a correction; the key TTL.
+const SETTLE: &str = r"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+if ARGV[1] ~= '' then
+  redis.call('ZREM', KEYS[1], ARGV[1] .. ':' .. ARGV[2])
+  redis.call('ZREM', KEYS[2], ARGV[1] .. ':1')
+end
+local function extend(key, ms)
+  if ms > 0 and now + ms > tonumber(redis.call('GET', key) or '0') then
+    redis.call('SET', key, now + ms, 'PX', ms)
+  end
+end
+extend(KEYS[3], tonumber(ARGV[3]))
+extend(KEYS[4], tonumber(ARGV[4]))
+local function correct(key, max, left)
+  if max < 0 or left < 0 then return end
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - 60000)
+  local e = redis.call('ZRANGE', key, 0, -1)
+  local used = 0
+  for i = 1, #e do used = used + tonumber(string.match(e[i], ':(%d+)$')) end
+  local floor = max - left
+  if floor > used then
+    redis.call('ZADD', key, now, ARGV[9] .. ':' .. (floor - used))
+    redis.call('PEXPIRE', key, ARGV[10])
+  end
+end
+correct(KEYS[1], tonumber(ARGV[5]), tonumber(ARGV[6]))
+correct(KEYS[2], tonumber(ARGV[7]), tonumber(ARGV[8]))
+return 0
+";
+
+/// Redis's answer to an admission.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Reserved under this id (to give back with `settle`).
+    Admitted(String),
+    /// The instance cools down or a window is full, for this long.
+    Full(Duration),
+    /// Another proxy opened the instance's circuit, for this long.
+    Down(Duration),
+}
+
+/// What an attempt's outcome asks of the shared state.
+#[derive(Debug, Default, PartialEq)]
+pub struct Settle<'a> {
+    /// Give back this reservation (id, tokens): Azure cannot have counted it.
+    pub release: Option<(&'a str, u64)>,
+    pub cooldown: Option<Duration>,
+    pub circuit: Option<Duration>,
+    /// The upstream's remaining tokens and requests.
+    pub remaining: (Option<u64>, Option<u64>),
+}
+
+impl Settle<'_> {
+    fn is_empty(&self) -> bool {
+        self.release.is_none()
+            && self.cooldown.is_none()
+            && self.circuit.is_none()
+            && self.remaining == (None, None)
+    }
+}
+
+pub struct Shared {
+    client: redis::Client,
+    prefix: String,
+    timeout: Duration,
+    idle: Mutex<Vec<redis::Connection>>,
+    healthy: AtomicBool,
+    admit: redis::Script,
+    settle: redis::Script,
+    /// Reservation ids: this process's random tag and a counter.
+    tag: u64,
+    next: AtomicU64,
+    /// Wakes the reconnect thread; dropping it ends the thread.
+    wake: Sender<()>,
+}
+
+impl Shared {
+    /// Connects (or starts degraded, reconnecting in the background). `name` is the
+    /// proxy's name: the default key prefix. The URL was checked with the configuration.
+    pub fn start(config: &Redis, name: &str, alerts: &Alerts) -> Option<Arc<Shared>> {
+        let client = redis::Client::open(config.url.expose()).ok()?;
+        let (wake, woken) = crossbeam_channel::bounded(1);
+        let tag = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ u64::from(std::process::id()).rotate_left(32);
+        let shared = Arc::new(Shared {
+            client,
+            prefix: config.prefix.clone().unwrap_or_else(|| name.to_string()),
+            timeout: Duration::from_millis(config.timeout_ms),
+            idle: Mutex::new(Vec::new()),
+            // Until the first connection fails, so that its failure alerts.
+            healthy: AtomicBool::new(true),
+            admit: redis::Script::new(ADMIT),
+            settle: redis::Script::new(SETTLE),
+            tag,
+            next: AtomicU64::new(0),
+            wake,
+        });
+        let weak = Arc::downgrade(&shared);
+        let spawned = std::thread::Builder::new()
+            .name("redis-reconnect".into())
+            .spawn(move || reconnect(weak, woken));
+        if let Err(e) = spawned {
+            log::error!("shared state is off: cannot start its thread: {e}");
+            return None;
+        }
+        match shared.connect() {
+            Ok(conn) => {
+                shared.idle.lock().push(conn);
+                log::info!("shared state in Redis (key prefix {:?})", shared.prefix);
+            }
+            Err(e) => shared.failed(alerts, &e),
+        }
+        Some(shared)
+    }
+
+    /// `shared`, or `degraded` while Redis is not answering.
+    pub fn state(&self) -> &'static str {
+        if self.healthy.load(Ordering::Relaxed) {
+            "shared"
+        } else {
+            "degraded"
+        }
+    }
+
+    /// A new connection, its scripts loaded, so that each call is one EVALSHA.
+    fn connect(&self) -> redis::RedisResult<redis::Connection> {
+        let mut conn = self.client.get_connection_with_timeout(self.timeout)?;
+        conn.set_read_timeout(Some(self.timeout))?;
+        conn.set_write_timeout(Some(self.timeout))?;
+        self.admit.load(&mut conn)?;
+        self.settle.load(&mut conn)?;
+        Ok(conn)
+    }
+
+    /// Runs `f` on a pooled connection, or returns None at once while degraded. A
+    /// failure degrades: the connection (which may now be out of step with its
+    /// answers) is dropped, and so are the idle ones, which the same outage broke.
+    fn with<T>(
+        &self,
+        alerts: &Alerts,
+        f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> Option<T> {
+        if !self.healthy.load(Ordering::Acquire) {
+            return None;
+        }
+        let pooled = self.idle.lock().pop();
+        let result = match pooled {
+            Some(conn) => Ok(conn),
+            None => self.connect(),
+        }
+        .and_then(|mut conn| f(&mut conn).map(|v| (v, conn)));
+        match result {
+            Ok((value, conn)) => {
+                let mut idle = self.idle.lock();
+                if idle.len() < IDLE {
+                    idle.push(conn);
+                }
+                Some(value)
+            }
+            Err(e) => {
+                self.failed(alerts, &e);
+                None
+            }
+        }
+    }
+
+    /// Switches to local state (once per outage: one log line, one alert) and wakes
+    /// the reconnect thread.
+    fn failed(&self, alerts: &Alerts, e: &redis::RedisError) {
+        self.idle.lock().clear();
+        if self.healthy.swap(false, Ordering::AcqRel) {
+            alerts.error(
+                "redis",
+                &format!(
+                    "Redis does not answer ({e}); each proxy uses its own state until it does"
+                ),
+            );
+        }
+        let _ = self.wake.try_send(());
+    }
+
+    fn key(&self, instance: &str, what: &str) -> String {
+        format!("{}:{instance}:{what}", self.prefix)
+    }
+
+    fn keys(&self, instance: &str) -> [String; 4] {
+        ["tpm", "rpm", "cooldown", "circuit"].map(|k| self.key(instance, k))
+    }
+
+    /// Checks and reserves `need` tokens and a request on `inst` in the shared windows,
+    /// in one round trip. None: Redis is not answering; the local decision stands.
+    pub fn admit(&self, alerts: &Alerts, inst: &Instance, need: u64) -> Option<Verdict> {
+        let id = format!(
+            "{:x}-{}",
+            self.tag,
+            self.next.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut call = self.admit.prepare_invoke();
+        for key in self.keys(&inst.name) {
+            call.key(key);
+        }
+        call.arg(&id)
+            .arg(need)
+            .arg(inst.max_tpm.unwrap_or(0))
+            .arg(inst.max_rpm.unwrap_or(0))
+            .arg(KEY_TTL_MS);
+        let (kind, ms): (u8, u64) = self.with(alerts, |c| call.invoke(c))?;
+        let wait = Duration::from_millis(ms.max(1));
+        Some(match kind {
+            0 => Verdict::Admitted(id),
+            1 => Verdict::Full(wait),
+            _ => Verdict::Down(wait),
+        })
+    }
+
+    /// Applies what an attempt's outcome asks, in one round trip (none if it asks
+    /// nothing).
+    pub fn settle(&self, alerts: &Alerts, inst: &Instance, s: &Settle) {
+        if s.is_empty() {
+            return;
+        }
+        let ms = |d: Option<Duration>| d.map_or(0, |d| d.as_millis().max(1) as u64);
+        let known = |limit: Option<u64>, left: Option<u64>| match (limit, left) {
+            (Some(limit), Some(left)) => (limit as i64, left.min(limit) as i64),
+            _ => (-1, -1),
+        };
+        let (release, tokens) = s.release.unwrap_or(("", 0));
+        let (max_tpm, left_tokens) = known(inst.max_tpm, s.remaining.0);
+        let (max_rpm, left_requests) = known(inst.max_rpm, s.remaining.1);
+        let correction = format!(
+            "{:x}-c{}",
+            self.tag,
+            self.next.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut call = self.settle.prepare_invoke();
+        for key in self.keys(&inst.name) {
+            call.key(key);
+        }
+        call.arg(release)
+            .arg(tokens)
+            .arg(ms(s.cooldown))
+            .arg(ms(s.circuit))
+            .arg(max_tpm)
+            .arg(left_tokens)
+            .arg(max_rpm)
+            .arg(left_requests)
+            .arg(correction)
+            .arg(KEY_TTL_MS);
+        let _: Option<i64> = self.with(alerts, |c| call.invoke(c));
+    }
+
+    /// Remembers which instance made a Responses API answer, for `ttl`.
+    pub fn remember(&self, alerts: &Alerts, id: &str, instance: &str, model: &str, ttl: Duration) {
+        let key = self.key("response", id);
+        let value = format!("{instance}\n{model}");
+        let ttl = ttl.as_millis() as u64;
+        let _: Option<()> = self.with(alerts, |c| {
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(&value)
+                .arg("PX")
+                .arg(ttl)
+                .query(c)
+        });
+    }
+
+    /// The instance and model another proxy remembered for a response id.
+    pub fn find(&self, alerts: &Alerts, id: &str) -> Option<(String, String)> {
+        let key = self.key("response", id);
+        let found: Option<String> = self.with(alerts, |c| redis::cmd("GET").arg(&key).query(c))?;
+        let (instance, model) = found?.split_once('\n').map(|(i, m)| (i.into(), m.into()))?;
+        Some((instance, model))
+    }
+
+    pub fn forget(&self, alerts: &Alerts, id: &str) {
+        let key = self.key("response", id);
+        let _: Option<()> = self.with(alerts, |c| redis::cmd("DEL").arg(&key).query(c));
+    }
+}
+
+/// The reconnect thread: after a failure, tries a new connection with a growing pause
+/// until one answers, then puts it in the pool and marks the state shared again. Ends
+/// when the `Shared` is dropped.
+fn reconnect(shared: Weak<Shared>, woken: Receiver<()>) {
+    while woken.recv().is_ok() {
+        let mut pause = BACKOFF.0;
+        loop {
+            let Some(s) = shared.upgrade() else { return };
+            if s.healthy.load(Ordering::Acquire) {
+                break;
+            }
+            if let Ok(conn) = s.connect() {
+                s.idle.lock().push(conn);
+                s.healthy.store(true, Ordering::Release);
+                log::info!("Redis answers again: state is shared again");
+                break;
+            }
+            drop(s);
+            match woken.recv_timeout(pause) {
+                Err(RecvTimeoutError::Disconnected) => return,
+                _ => pause = (pause * 2).min(BACKOFF.1),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_settlement_that_asks_nothing_makes_no_call() {
+        assert!(Settle::default().is_empty());
+        let release = Settle {
+            release: Some(("id", 5)),
+            ..Settle::default()
+        };
+        assert!(!release.is_empty());
+        let remaining = Settle {
+            remaining: (None, Some(3)),
+            ..Settle::default()
+        };
+        assert!(!remaining.is_empty());
+    }
+}

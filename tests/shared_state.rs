@@ -1,0 +1,326 @@
+//! Several proxies on one quota, sharing state in a real `redis-server` (issue 14):
+//! windows, cooldowns and affinity seen by all; Redis lost and found again without a
+//! failed request.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// An upstream that enforces its own TPM quota as Azure does: each request costs
+/// `cost` tokens for 60 s; past `limit` it answers 429 with when room comes.
+struct Quota {
+    used: Mutex<VecDeque<Instant>>,
+    refused: AtomicUsize,
+    served: AtomicUsize,
+}
+
+fn limited(limit: u64, cost: u64) -> (Behaviour, Arc<Quota>) {
+    let quota = Arc::new(Quota {
+        used: Mutex::new(VecDeque::new()),
+        refused: AtomicUsize::new(0),
+        served: AtomicUsize::new(0),
+    });
+    let q = quota.clone();
+    let behaviour: Behaviour = Arc::new(move |_req: &Recorded| {
+        let now = Instant::now();
+        let mut used = q.used.lock().unwrap();
+        while used
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))
+        {
+            used.pop_front();
+        }
+        if (used.len() as u64 + 1) * cost > limit {
+            q.refused.fetch_add(1, Ordering::SeqCst);
+            let wait = 60 - now.duration_since(used[0]).as_secs();
+            return MockReply::Json {
+                status: 429,
+                headers: vec![("retry-after".into(), wait.to_string())],
+                body: json!({"error": {"code": "429", "message": "Rate limit exceeded"}}),
+            };
+        }
+        used.push_back(now);
+        q.served.fetch_add(1, Ordering::SeqCst);
+        json_reply(
+            200,
+            json!({"id": "chatcmpl-1", "object": "chat.completion", "model": "m",
+                   "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+                   "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}}),
+        )
+    });
+    (behaviour, quota)
+}
+
+fn instance(name: &str, url: &str, priority: u32, extra: &str) -> String {
+    azure_instance(
+        name,
+        url,
+        "k",
+        priority,
+        &format!("supported_models: [m]{extra}"),
+    )
+}
+
+fn redis_yaml(redis: &RedisServer, prefix: &str) -> String {
+    format!("redis: {{url: '{}', prefix: {prefix}}}\n", redis.url())
+}
+
+/// A chat request the proxy estimates at 100 tokens of completion plus its prompt.
+fn chat() -> Value {
+    json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100})
+}
+
+fn health(proxy: &TestProxy) -> Value {
+    send("GET", &format!("{}/health", proxy.url), &[], None).json()
+}
+
+/// Six clients on three proxies against one instance whose quota is 3,000 tokens a
+/// minute (30 requests at the upstream's count; the proxies, counting 100 + the prompt
+/// each, admit a few fewer). Returns (refused by the upstream, served).
+fn three_proxies_one_quota(redis: Option<&RedisServer>) -> (usize, usize) {
+    let (behaviour, quota) = limited(3000, 100);
+    let upstream = Mock::start(behaviour);
+    let yaml = format!(
+        "routing: {{retries: 0, queue_timeout: 0}}\ninstances:\n{}{}",
+        instance("a", &upstream.url, 1, ", max_tpm: 3000"),
+        redis.map(|r| redis_yaml(r, "quota")).unwrap_or_default()
+    );
+    let proxies: Vec<TestProxy> = (0..3).map(|_| TestProxy::start(&yaml)).collect();
+    let expected = if redis.is_some() { "shared" } else { "local" };
+    for p in &proxies {
+        assert_eq!(health(p)["shared_state"], expected);
+    }
+    let urls: Vec<String> = proxies
+        .iter()
+        .map(|p| format!("{}/v1/chat/completions", p.url))
+        .collect();
+    let statuses = Arc::new(Mutex::new(Vec::new()));
+    std::thread::scope(|s| {
+        for k in 0..6 {
+            let (url, statuses) = (&urls[k % 3], statuses.clone());
+            s.spawn(move || {
+                for _ in 0..12 {
+                    let status = post_json(url, &chat()).status;
+                    statuses.lock().unwrap().push(status);
+                }
+            });
+        }
+    });
+    let statuses = statuses.lock().unwrap();
+    let served = statuses.iter().filter(|&&s| s == 200).count();
+    assert!(
+        statuses.iter().all(|s| [200, 429].contains(s)),
+        "{statuses:?}"
+    );
+    assert_eq!(served, quota.served.load(Ordering::SeqCst));
+    let refused = quota.refused.load(Ordering::SeqCst);
+    eprintln!(
+        "redis: {}, refused by the upstream: {refused}, served: {served} of {}",
+        redis.is_some(),
+        statuses.len()
+    );
+    (refused, served)
+}
+
+#[test]
+fn three_proxies_with_redis_spend_one_quota_as_one_proxy_would() {
+    let redis = RedisServer::start(None);
+    let (refused, served) = three_proxies_one_quota(Some(&redis));
+    assert!(
+        refused <= 1,
+        "{refused} requests reached the upstream only to be refused"
+    );
+    assert!(served >= 20, "only {served} served");
+}
+
+#[test]
+fn three_proxies_without_redis_overrun_the_quota() {
+    let (refused, served) = three_proxies_one_quota(None);
+    assert!(
+        refused > 1,
+        "each proxy on its own should send some requests only to be refused: {refused}"
+    );
+    assert!(served >= 20, "only {served} served");
+}
+
+#[test]
+fn one_proxys_429_cools_the_instance_for_all() {
+    let redis = RedisServer::start(Some("s3cret-pw"));
+    let first = Arc::new(AtomicBool::new(true));
+    let f = first.clone();
+    let ok = azure_like("k");
+    let a = Mock::start(Arc::new(move |req: &Recorded| {
+        if f.swap(false, Ordering::SeqCst) {
+            return MockReply::Json {
+                status: 429,
+                headers: vec![("retry-after".into(), "2".into())],
+                body: json!({"error": {"code": "429", "message": "Rate limit exceeded"}}),
+            };
+        }
+        ok(req)
+    }));
+    let b = Mock::start(azure_like("k"));
+    let yaml = format!(
+        "routing: {{strategy: failover, retries: 1}}\ninstances:\n{}{}{}",
+        instance("a", &a.url, 1, ""),
+        instance("b", &b.url, 2, ""),
+        redis_yaml(&redis, "cool")
+    );
+    let proxies: Vec<TestProxy> = (0..3).map(|_| TestProxy::start(&yaml)).collect();
+    let chat_at = |p: &TestProxy| post_json(&format!("{}/v1/chat/completions", p.url), &chat());
+
+    assert_eq!(chat_at(&proxies[0]).status, 200, "retried on b");
+    let cooled = Instant::now();
+    assert_eq!((a.count(), b.count()), (1, 1));
+    for p in &proxies[1..] {
+        for _ in 0..3 {
+            assert_eq!(chat_at(p).status, 200);
+        }
+    }
+    assert!(
+        cooled.elapsed() < Duration::from_millis(1800),
+        "too slow to tell"
+    );
+    assert_eq!(
+        a.count(),
+        1,
+        "the other proxies sent to a while it cooled down"
+    );
+    assert_eq!(b.count(), 7);
+    // Once its Retry-After has passed, a takes requests again.
+    assert!(wait_until(Duration::from_secs(5), || {
+        chat_at(&proxies[1]).status == 200 && a.count() == 2
+    }));
+    assert!(
+        cooled.elapsed() >= Duration::from_millis(1900),
+        "a was back after {:?}",
+        cooled.elapsed()
+    );
+    // The password is in the URL; /config shows none of it.
+    let config = send("GET", &format!("{}/config", proxies[0].url), &[], None);
+    assert_eq!(config.status, 200);
+    let text = String::from_utf8_lossy(&config.body);
+    assert!(!text.contains("s3cret-pw"), "{text}");
+    assert_eq!(config.json()["config"]["redis"]["url"], "***redacted***");
+}
+
+#[test]
+fn a_response_made_through_one_proxy_is_found_through_another() {
+    let redis = RedisServer::start(None);
+    let made = |name: &'static str| -> Behaviour {
+        Arc::new(move |req: &Recorded| {
+            json_reply(
+                200,
+                json!({"id": "resp_42", "object": "response", "model": "m", "status": "completed",
+                       "output": [], "made_by": name, "method": req.method}),
+            )
+        })
+    };
+    let (a, b) = (Mock::start(made("a")), Mock::start(made("b")));
+    let yaml = format!(
+        "routing: {{strategy: round_robin}}\ninstances:\n{}{}{}",
+        instance("a", &a.url, 1, ""),
+        instance("b", &b.url, 1, ""),
+        redis_yaml(&redis, "affinity")
+    );
+    let (one, two) = (TestProxy::start(&yaml), TestProxy::start(&yaml));
+    let created = post_json(
+        &format!("{}/v1/responses", one.url),
+        &json!({"model": "m", "input": "hi"}),
+    );
+    assert_eq!(created.status, 200);
+    let home = created.json()["made_by"].as_str().unwrap().to_string();
+    for _ in 0..4 {
+        let got = send(
+            "GET",
+            &format!("{}/v1/responses/resp_42", two.url),
+            &[],
+            None,
+        );
+        assert_eq!(got.status, 200, "{}", String::from_utf8_lossy(&got.body));
+        assert_eq!(got.json()["made_by"], home.as_str());
+        assert_eq!(got.json()["method"], "GET");
+    }
+}
+
+#[test]
+fn losing_redis_fails_no_request_and_finding_it_again_shares_again() {
+    let mut redis = RedisServer::start(None);
+    let upstream = Mock::start(azure_like("k"));
+    let yaml = format!(
+        "instances:\n{}{}",
+        instance("a", &upstream.url, 1, ", max_tpm: 100000000"),
+        redis_yaml(&redis, "outage")
+    );
+    let proxies: Vec<TestProxy> = (0..2).map(|_| TestProxy::start(&yaml)).collect();
+    let state_of = |p: &TestProxy| health(p)["shared_state"].as_str().unwrap_or("").to_string();
+    assert!(proxies.iter().all(|p| state_of(p) == "shared"));
+
+    let stop = AtomicBool::new(false);
+    let (served, failed) = (AtomicUsize::new(0), Mutex::new(Vec::new()));
+    std::thread::scope(|s| {
+        for k in 0..4 {
+            let url = format!("{}/v1/chat/completions", proxies[k % 2].url);
+            let (stop, served, failed) = (&stop, &served, &failed);
+            s.spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let answer = post_json(&url, &chat());
+                    if answer.status == 200 {
+                        served.fetch_add(1, Ordering::SeqCst);
+                    } else {
+                        failed.lock().unwrap().push(answer.status);
+                    }
+                }
+            });
+        }
+        let load = || served.load(Ordering::SeqCst);
+        let before = load();
+        assert!(wait_until(Duration::from_secs(5), || load() > before + 20));
+        redis.kill();
+        let degraded = wait_until(Duration::from_secs(5), || {
+            proxies.iter().all(|p| state_of(p) == "degraded")
+        });
+        let during = load();
+        let served_while_down = wait_until(Duration::from_secs(5), || load() > during + 20);
+        let stats = send(
+            "GET",
+            &format!("{}/stats/health", proxies[0].url),
+            &[],
+            None,
+        )
+        .json();
+        let metrics = send("GET", &format!("{}/metrics", proxies[1].url), &[], None);
+        assert!(redis.restart(), "redis-server did not start again");
+        let shared = wait_until(Duration::from_secs(10), || {
+            proxies.iter().all(|p| state_of(p) == "shared")
+        });
+        let after = load();
+        let served_after = wait_until(Duration::from_secs(5), || load() > after + 20);
+        stop.store(true, Ordering::SeqCst);
+
+        assert!(degraded, "/health did not say degraded");
+        assert!(served_while_down, "nothing served while Redis was down");
+        assert_eq!(
+            stats["health_status"]["shared_state"], "degraded",
+            "{stats}"
+        );
+        let text = String::from_utf8_lossy(&metrics.body);
+        assert!(
+            text.contains("aoai_proxy_shared_state{state=\"degraded\"} 1")
+                && text.contains("aoai_proxy_shared_state{state=\"shared\"} 0"),
+            "{text}"
+        );
+        assert!(shared, "/health did not say shared again");
+        assert!(served_after, "nothing served after Redis came back");
+    });
+    assert_eq!(
+        *failed.lock().unwrap(),
+        Vec::<u16>::new(),
+        "failed requests"
+    );
+}

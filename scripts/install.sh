@@ -2,6 +2,7 @@
 # Installs the proxy as a systemd service on a Linux host, or removes it.
 #
 #   scripts/install.sh [--binary PATH] [--prefix DIR] [--destdir DIR] [--user NAME]
+#                      [--redis-url URL]
 #   scripts/install.sh --uninstall [--prefix DIR] [--destdir DIR]
 #
 # Installs:
@@ -11,6 +12,9 @@
 #   /etc/systemd/system/azure-openai-proxy.service the unit: restart on failure, an
 #                                                  unprivileged user, SIGHUP to reload
 # Running it again upgrades the binary and the unit and leaves config and secrets alone.
+# --redis-url shares state with the other proxies of a fleet (README, "Running several
+# proxies"): it sets REDIS_URL in the env file (replacing an earlier one) and adds
+# `redis: {url: ${REDIS_URL}}` to production.yaml unless that names redis already.
 # --uninstall removes the binary and the unit; the config directory stays (it holds keys).
 # --destdir installs under another root (for packaging or a test) and then touches no
 # user account and no systemd.
@@ -23,14 +27,16 @@ destdir=""
 user=$name
 binary=""
 uninstall=false
+redis_url=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --binary) binary=$2; shift 2 ;;
     --prefix) prefix=$2; shift 2 ;;
     --destdir) destdir=${2%/}; shift 2 ;;
     --user) user=$2; shift 2 ;;
+    --redis-url) redis_url=$2; shift 2 ;;
     --uninstall) uninstall=true; shift ;;
-    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -79,6 +85,18 @@ AZURE_OPENAI_BASE_WEST=
 # FEISHU_WEBHOOK=
 ENV
   )
+fi
+
+if [ -n "$redis_url" ]; then
+  case "$redis_url" in
+    redis://*) ;;
+    *) echo "--redis-url must be a redis:// URL" >&2; exit 2 ;;
+  esac
+  env_file=$destdir$etc/env
+  (umask 077 && { grep -v '^REDIS_URL=' "$env_file" || true; printf 'REDIS_URL=%s\n' "$redis_url"; } >"$env_file.new")
+  mv -f "$env_file.new" "$env_file"
+  grep -q '^redis:' "$destdir$etc/production.yaml" ||
+    printf '# Several proxies share windows, cooldowns, circuits and affinity here.\nredis:\n  url: ${REDIS_URL}\n' >>"$destdir$etc/production.yaml"
 fi
 
 cat >"$destdir$unit_path" <<UNIT

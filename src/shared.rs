@@ -19,8 +19,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-/// Connections kept for reuse; more are opened when more requests talk at once.
-const IDLE: usize = 16;
+/// Connections kept for reuse (at most one per request talking to Redis at once, so
+/// bounded by `server.workers`); past this, a connection is closed after its call.
+const IDLE: usize = 64;
 /// Window entries live at most this long in Redis (the window is 60 s).
 const KEY_TTL_MS: u64 = 120_000;
 /// The reconnect thread's first and longest pause between attempts.
@@ -177,7 +178,7 @@ impl Shared {
             log::error!("shared state is off: cannot start its thread: {e}");
             return None;
         }
-        match shared.connect() {
+        match shared.connect_and_load() {
             Ok(conn) => {
                 shared.idle.lock().push(conn);
                 log::info!("shared state in Redis (key prefix {:?})", shared.prefix);
@@ -196,11 +197,20 @@ impl Shared {
         }
     }
 
-    /// A new connection, its scripts loaded, so that each call is one EVALSHA.
+    /// A new connection with the timeouts set.
     fn connect(&self) -> redis::RedisResult<redis::Connection> {
-        let mut conn = self.client.get_connection_with_timeout(self.timeout)?;
+        let conn = self.client.get_connection_with_timeout(self.timeout)?;
         conn.set_read_timeout(Some(self.timeout))?;
         conn.set_write_timeout(Some(self.timeout))?;
+        Ok(conn)
+    }
+
+    /// A first connection (at start, or to a Redis found again), with the scripts
+    /// loaded into the server, so that each call is one EVALSHA (a server that lost
+    /// them anyway gets them again by EVAL). Loading is also the round trip that
+    /// proves the server answers, not only accepts connections.
+    fn connect_and_load(&self) -> redis::RedisResult<redis::Connection> {
+        let mut conn = self.connect()?;
         self.admit.load(&mut conn)?;
         self.settle.load(&mut conn)?;
         Ok(conn)
@@ -363,7 +373,7 @@ fn reconnect(shared: Weak<Shared>, woken: Receiver<()>) {
             if s.healthy.load(Ordering::Acquire) {
                 break;
             }
-            if let Ok(conn) = s.connect() {
+            if let Ok(conn) = s.connect_and_load() {
                 s.idle.lock().push(conn);
                 s.healthy.store(true, Ordering::Release);
                 log::info!("Redis answers again: state is shared again");

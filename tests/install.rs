@@ -136,6 +136,49 @@ fn installs_a_service_idempotently_and_uninstalls() {
         std::fs::metadata(BIN).unwrap().len()
     );
 
+    // --redis-url: the URL (with its password) in the env file only, named in
+    // production.yaml once however often it runs; the config then checks.
+    for url in ["redis://:old@cache:6379/0", "redis://:pw%&1@cache:6380/2"] {
+        install(
+            &root.0,
+            &["--binary", BIN, "--prefix", "/opt/aop", "--redis-url", url],
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(r("/etc/azure-openai-proxy/env")).unwrap(),
+        "AZURE_OPENAI_KEY_EAST=secret\nREDIS_URL=redis://:pw%&1@cache:6380/2\n"
+    );
+    assert_eq!(mode(&r("/etc/azure-openai-proxy/env")), 0o600);
+    let production = std::fs::read_to_string(r("/etc/azure-openai-proxy/production.yaml")).unwrap();
+    assert_eq!(
+        production.matches("url: ${REDIS_URL}").count(),
+        1,
+        "{production}"
+    );
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/config/base.yaml"),
+        r("/etc/azure-openai-proxy/base.yaml"),
+    )
+    .unwrap();
+    let check = Command::new(&bin)
+        .args(["--check-config", "--config-dir"])
+        .arg(r("/etc/azure-openai-proxy"))
+        .env_clear()
+        .envs([
+            ("ENVIRONMENT", "production"),
+            ("AZURE_OPENAI_KEY_EAST", "k1"),
+            ("AZURE_OPENAI_BASE_EAST", "https://east.example.com"),
+            ("AZURE_OPENAI_KEY_WEST", "k2"),
+            ("AZURE_OPENAI_BASE_WEST", "https://west.example.com"),
+            ("REDIS_URL", "redis://:pw@cache:6380/2"),
+        ])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&check.stderr).into_owned()
+        + &String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success(), "{said}");
+    assert!(!said.contains(":pw@"), "{said}");
+
     let out = install(&root.0, &["--uninstall", "--prefix", "/opt/aop"]);
     assert!(out.contains("is kept"), "{out}");
     assert!(!bin.exists() && !r("/etc/systemd/system/azure-openai-proxy.service").exists());

@@ -324,3 +324,37 @@ fn losing_redis_fails_no_request_and_finding_it_again_shares_again() {
         "failed requests"
     );
 }
+
+#[test]
+fn a_redis_that_stops_answering_delays_requests_by_its_timeout_only() {
+    let redis = RedisServer::start(None);
+    let upstream = Mock::start(azure_like("k"));
+    let yaml = format!(
+        "instances:\n{}redis: {{url: '{}', prefix: slow, timeout_ms: 50}}\n",
+        instance("a", &upstream.url, 1, ", max_tpm: 100000000"),
+        redis.url()
+    );
+    let proxy = TestProxy::start(&yaml);
+    let url = format!("{}/v1/chat/completions", proxy.url);
+    assert_eq!(post_json(&url, &chat()).status, 200);
+    redis.pause(true);
+    let mut slowest = Duration::ZERO;
+    for _ in 0..20 {
+        let sent = Instant::now();
+        let status = post_json(&url, &chat()).status;
+        slowest = slowest.max(sent.elapsed());
+        assert_eq!(status, 200);
+    }
+    let degraded = health(&proxy)["shared_state"] == "degraded";
+    redis.pause(false);
+    assert!(degraded, "/health did not say degraded");
+    // One request waits for the 50 ms timeout; the others do not ask Redis.
+    assert!(
+        slowest < Duration::from_secs(1),
+        "a request took {slowest:?}"
+    );
+    assert!(wait_until(Duration::from_secs(10), || {
+        health(&proxy)["shared_state"] == "shared"
+    }));
+    assert_eq!(post_json(&url, &chat()).status, 200);
+}

@@ -871,6 +871,18 @@ impl RedisServer {
         }
     }
 
+    /// Stops (SIGSTOP) or resumes (SIGCONT) the server: connections are accepted by
+    /// the kernel, but nothing answers while it is stopped.
+    pub fn pause(&self, paused: bool) {
+        let pid = self.child.as_ref().expect("running").id();
+        let signal = if paused { "-STOP" } else { "-CONT" };
+        let sent = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();

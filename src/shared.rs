@@ -22,30 +22,54 @@ use std::time::Duration;
 /// Connections kept for reuse (at most one per request talking to Redis at once, so
 /// bounded by `server.workers`); past this, a connection is closed after its call.
 const IDLE: usize = 64;
-/// Window entries live at most this long in Redis (the window is 60 s).
-const KEY_TTL_MS: u64 = 120_000;
 /// The reconnect thread's first and longest pause between attempts.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+
+/// What both scripts begin with: the Redis server's time in ms (the only clock, so the
+/// proxies' clocks may differ), and the windows. A window is a sorted set of entries
+/// "id:amount" scored by that time, with its total beside it (`{key}:sum`), so that
+/// checking room costs the entries that leave, not all of them. Both expire 120 s after
+/// their last write, so nothing is left behind.
+const WINDOWS: &str = r"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local ttl = 120000
+local function amount(m) return tonumber(string.match(m, ':(%d+)$')) end
+local function used(key)
+  local total = tonumber(redis.call('GET', key .. ':sum') or '-1')
+  if total < 0 then
+    total = 0
+    for _, m in ipairs(redis.call('ZRANGE', key, 0, -1)) do total = total + amount(m) end
+  end
+  local old = redis.call('ZRANGEBYSCORE', key, '-inf', now - 60000)
+  for _, m in ipairs(old) do total = total - amount(m) end
+  if #old > 0 then redis.call('ZREMRANGEBYSCORE', key, '-inf', now - 60000) end
+  if total < 0 or redis.call('EXISTS', key) == 0 then total = 0 end
+  redis.call('SET', key .. ':sum', total, 'PX', ttl)
+  return total
+end
+local function add(key, id, n)
+  redis.call('ZADD', key, now, id .. ':' .. n)
+  redis.call('INCRBY', key .. ':sum', n)
+  redis.call('PEXPIRE', key, ttl)
+  redis.call('PEXPIRE', key .. ':sum', ttl)
+end
+";
 
 /// Checks cooldown and circuit, then room in both windows, and reserves in one step.
 /// KEYS: tokens, requests, cooldown, circuit. ARGV: reservation id, tokens, max_tpm,
 /// max_rpm (0: no limit). Returns {0, 0} admitted, {1, ms} full or cooling down for ms,
-/// {2, ms} its circuit is open for ms. Window members are "id:amount" scored by the
-/// server's time in ms; the server's clock is the only one, so proxies' clocks may differ.
+/// {2, ms} its circuit is open for ms.
 const ADMIT: &str = r"
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local open = tonumber(redis.call('GET', KEYS[4]) or '0')
 if open > now then return {2, open - now} end
 local wait = math.max(0, tonumber(redis.call('GET', KEYS[3]) or '0') - now)
 local function room(key, need, max)
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - 60000)
-  local e = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
-  local total = 0
-  for i = 1, #e, 2 do total = total + tonumber(string.match(e[i], ':(%d+)$')) end
+  local total = used(key)
   if total + need <= max then return 0 end
+  local e = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
   for i = 1, #e, 2 do
-    total = total - tonumber(string.match(e[i], ':(%d+)$'))
+    total = total - amount(e[i])
     if total + need <= max then return tonumber(e[i + 1]) + 60000 - now end
   end
   return 60000
@@ -54,14 +78,8 @@ local need, tpm, rpm = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 if tpm > 0 then wait = math.max(wait, room(KEYS[1], need, tpm)) end
 if rpm > 0 then wait = math.max(wait, room(KEYS[2], 1, rpm)) end
 if wait > 0 then return {1, wait} end
-if tpm > 0 then
-  redis.call('ZADD', KEYS[1], now, ARGV[1] .. ':' .. ARGV[2])
-  redis.call('PEXPIRE', KEYS[1], ARGV[5])
-end
-if rpm > 0 then
-  redis.call('ZADD', KEYS[2], now, ARGV[1] .. ':1')
-  redis.call('PEXPIRE', KEYS[2], ARGV[5])
-end
+if tpm > 0 then add(KEYS[1], ARGV[1], ARGV[2]) end
+if rpm > 0 then add(KEYS[2], ARGV[1], 1) end
 return {0, 0}
 ";
 
@@ -69,13 +87,16 @@ return {0, 0}
 /// id ('' for none) and its tokens, to give back; cooldown ms, circuit ms (0: none),
 /// only ever extended; the upstream's remaining tokens and requests with their limits
 /// (-1: not known), which only ever raise the window's usage, as `Window::correct`;
-/// an id for such a correction; the key TTL.
+/// an id for such a correction.
 const SETTLE: &str = r"
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local function release(key, member, n)
+  if redis.call('ZREM', key, member .. ':' .. n) == 1 and redis.call('EXISTS', key .. ':sum') == 1 then
+    redis.call('DECRBY', key .. ':sum', n)
+  end
+end
 if ARGV[1] ~= '' then
-  redis.call('ZREM', KEYS[1], ARGV[1] .. ':' .. ARGV[2])
-  redis.call('ZREM', KEYS[2], ARGV[1] .. ':1')
+  release(KEYS[1], ARGV[1], ARGV[2])
+  release(KEYS[2], ARGV[1], 1)
 end
 local function extend(key, ms)
   if ms > 0 and now + ms > tonumber(redis.call('GET', key) or '0') then
@@ -86,15 +107,8 @@ extend(KEYS[3], tonumber(ARGV[3]))
 extend(KEYS[4], tonumber(ARGV[4]))
 local function correct(key, max, left)
   if max < 0 or left < 0 then return end
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - 60000)
-  local e = redis.call('ZRANGE', key, 0, -1)
-  local used = 0
-  for i = 1, #e do used = used + tonumber(string.match(e[i], ':(%d+)$')) end
-  local floor = max - left
-  if floor > used then
-    redis.call('ZADD', key, now, ARGV[9] .. ':' .. (floor - used))
-    redis.call('PEXPIRE', key, ARGV[10])
-  end
+  local total = used(key)
+  if max - left > total then add(key, ARGV[9], max - left - total) end
 end
 correct(KEYS[1], tonumber(ARGV[5]), tonumber(ARGV[6]))
 correct(KEYS[2], tonumber(ARGV[7]), tonumber(ARGV[8]))
@@ -164,8 +178,8 @@ impl Shared {
             idle: Mutex::new(Vec::new()),
             // Until the first connection fails, so that its failure alerts.
             healthy: AtomicBool::new(true),
-            admit: redis::Script::new(ADMIT),
-            settle: redis::Script::new(SETTLE),
+            admit: redis::Script::new(&format!("{WINDOWS}{ADMIT}")),
+            settle: redis::Script::new(&format!("{WINDOWS}{SETTLE}")),
             tag,
             next: AtomicU64::new(0),
             wake,
@@ -286,8 +300,7 @@ impl Shared {
         call.arg(&id)
             .arg(need)
             .arg(inst.max_tpm.unwrap_or(0))
-            .arg(inst.max_rpm.unwrap_or(0))
-            .arg(KEY_TTL_MS);
+            .arg(inst.max_rpm.unwrap_or(0));
         let (kind, ms): (u8, u64) = self.with(alerts, |c| call.invoke(c))?;
         let wait = Duration::from_millis(ms.max(1));
         Some(match kind {
@@ -328,8 +341,7 @@ impl Shared {
             .arg(left_tokens)
             .arg(max_rpm)
             .arg(left_requests)
-            .arg(correction)
-            .arg(KEY_TTL_MS);
+            .arg(correction);
         let _: Option<i64> = self.with(alerts, |c| call.invoke(c));
     }
 

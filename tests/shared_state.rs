@@ -358,3 +358,98 @@ fn a_redis_that_stops_answering_delays_requests_by_its_timeout_only() {
     }));
     assert_eq!(post_json(&url, &chat()).status, 200);
 }
+
+#[test]
+fn the_scripts_reserve_release_correct_and_cool_in_one_step_each() {
+    use azure_openai_proxy::config::{Instance, Redis};
+    use azure_openai_proxy::observe::alerts::Alerts;
+    use azure_openai_proxy::shared::{Settle, Shared, Verdict};
+    let redis = RedisServer::start(None);
+    let config: Redis =
+        serde_yaml::from_str(&format!("{{url: '{}', prefix: scripts}}", redis.url())).unwrap();
+    let alerts = Alerts::disabled("test");
+    let shared = Shared::start(&config, "test", &alerts).unwrap();
+    let inst = |yaml: &str| -> Instance {
+        serde_yaml::from_str(&format!(
+            "{{api_key: k, api_base: 'http://x', supported_models: [m], {yaml}}}"
+        ))
+        .unwrap()
+    };
+    let (a, b, c) = (
+        inst("name: a, max_tpm: 1000"),
+        inst("name: b, max_rpm: 2"),
+        inst("name: c"),
+    );
+    let admitted = |i: &Instance, need| match shared.admit(&alerts, i, need) {
+        Some(Verdict::Admitted(id)) => Some(id),
+        Some(_) => None,
+        None => panic!("Redis did not answer"),
+    };
+    let full_for = |i: &Instance, need| match shared.admit(&alerts, i, need) {
+        Some(Verdict::Full(wait)) => wait,
+        other => panic!("{other:?}"),
+    };
+
+    let first = admitted(&a, 400).unwrap();
+    assert!(admitted(&a, 400).is_some());
+    let wait = full_for(&a, 300);
+    assert!(
+        wait > Duration::from_secs(58) && wait <= Duration::from_secs(60),
+        "{wait:?}: room when the first 400 leaves"
+    );
+    let release = Settle {
+        release: Some((&first, 400)),
+        ..Settle::default()
+    };
+    shared.settle(&alerts, &a, &release);
+    shared.settle(&alerts, &a, &release); // twice takes nothing more back
+    assert!(admitted(&a, 500).is_some(), "400 + 500 fit in 1000");
+    assert!(admitted(&a, 200).is_none(), "1100 do not");
+    // The upstream says 200 are left of 1000, where the window has 900: it has 800.
+    // A larger remaining count never lowers it.
+    let left = |n| {
+        shared.settle(
+            &alerts,
+            &a,
+            &Settle {
+                remaining: (Some(n), None),
+                ..Settle::default()
+            },
+        )
+    };
+    left(200);
+    left(900);
+    assert!(admitted(&a, 100).is_some(), "800 + 100");
+    assert!(
+        admitted(&a, 100).is_none(),
+        "a correction raised the window"
+    );
+
+    assert!(admitted(&b, 5).is_some() && admitted(&b, 5).is_some());
+    assert!(
+        full_for(&b, 5) > Duration::from_secs(58),
+        "two requests a minute"
+    );
+
+    let cool = |d| Settle {
+        cooldown: Some(d),
+        ..Settle::default()
+    };
+    shared.settle(&alerts, &c, &cool(Duration::from_secs(3)));
+    shared.settle(&alerts, &c, &cool(Duration::from_secs(1)));
+    let wait = full_for(&c, 1);
+    assert!(
+        wait > Duration::from_secs(2),
+        "a cooldown only ever extends: {wait:?}"
+    );
+    let open = Settle {
+        circuit: Some(Duration::from_secs(4)),
+        ..Settle::default()
+    };
+    shared.settle(&alerts, &c, &open);
+    match shared.admit(&alerts, &c, 1) {
+        Some(Verdict::Down(wait)) => assert!(wait > Duration::from_secs(3), "{wait:?}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(shared.state(), "shared");
+}

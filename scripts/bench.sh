@@ -9,7 +9,9 @@
 # where the targets were measured back to back; SSE time to first byte; a normal request's latency with 2,000 idle
 # and 500 slowloris connections open; RSS idle and holding 1,000 and 10,000 streams
 # (from an upstream that sends an event at once, then one every 10 s);
-# start-up time; the static binary's size. Each target row shows the measured value,
+# start-up time; the static binary's size; the latency Redis adds (issue 14): a second
+# proxy with `redis:` (a redis-server of its own on loopback) and a TPM window, measured
+# in the same rounds at 1 and 16 connections. Each target row shows the measured value,
 # the target, and met or missed.
 #
 # Holding 10,000 streams takes 20,010 descriptors in the proxy: with a lower hard limit
@@ -18,8 +20,9 @@
 #   scripts/bench.sh            # prints the report
 #   scripts/bench.sh --write    # ... and writes it to bench/results.md
 #   DURATION=10s ROUNDS=5 MANY_STREAMS=10000 scripts/bench.sh
+#   BIN=target/release/azure-openai-proxy scripts/bench.sh   # measure this binary, no build
 #
-# Installs nginx, wrk and musl-tools from Debian's packages when missing. Everything
+# Installs nginx, wrk, redis-server and musl-tools from Debian's packages when missing. Everything
 # listens on 127.0.0.1 and stops when the script ends.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +31,7 @@ write=false
 for arg in "$@"; do
   case "$arg" in
     --write) write=true ;;
-    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -47,6 +50,8 @@ UP=18181       # the fast upstream (nginx)
 NGX=18182      # nginx proxy_pass
 PX=18183       # this proxy
 SLOW=18184     # a slow SSE upstream for the held-streams steps
+RDS=18185      # redis-server, for the proxy with shared state
+PXR=18186      # this proxy with `redis:`
 say() { printf '== %s\n' "$*" >&2; }
 
 need() {
@@ -57,9 +62,9 @@ need() {
   local sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq >&2 && $sudo apt-get install -y -qq "${missing[@]}" >&2
 }
-need wrk curl python3
+need wrk curl python3 redis-server
 # A leftover server on one of these ports would be measured in place of ours.
-for port in $UP $NGX $PX $SLOW $((PX + 10)); do
+for port in $UP $NGX $PX $SLOW $((PX + 10)) $RDS $PXR; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "port $port is already in use on 127.0.0.1 (a leftover nginx or proxy?): stop it first" >&2; exit 1
   fi
@@ -80,8 +85,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
-say "building the static binary"
-bin=$(scripts/build-static.sh | awk '{print $1}')
+if [ -n "${BIN:-}" ]; then
+  bin=$BIN
+else
+  say "building the static binary"
+  bin=$(scripts/build-static.sh | awk '{print $1}')
+fi
 size=$(stat -c %s "$bin")
 
 # ---- the upstream and the nginx reference ------------------------------------------
@@ -142,6 +151,19 @@ pids+=("$px_pid")
 wait_http "http://127.0.0.1:$UP/openai/deployments/gpt-4o/chat/completions" && kill -0 "${pids[0]}" 2>/dev/null ||
   { echo "nginx did not start" >&2; cat "$tmp/ngx/logs/error.log" >&2; exit 1; }
 wait_http "http://127.0.0.1:$PX/health" || { echo "the proxy did not start" >&2; cat "$tmp/proxy.log" >&2; exit 1; }
+# The same proxy with shared state in a Redis of its own, and a TPM window, so that each
+# request makes both of its round trips (admission, and the correction its upstream's
+# remaining-token header would ask for: this upstream sends none, so only admission).
+redis-server --port "$RDS" --bind 127.0.0.1 --save '' --appendonly no --dir "$tmp" >/dev/null &
+pids+=($!)
+config "$tmp/cfg-shared" "$PXR" "$UP"
+sed -i 's/supported_models: \[gpt-4o\]}/max_tpm: 1000000000, supported_models: [gpt-4o]}/' "$tmp/cfg-shared/base.yaml"
+printf "redis: {url: 'redis://127.0.0.1:%s/0'}\n" "$RDS" >>"$tmp/cfg-shared/base.yaml"
+for _ in $(seq 1 100); do redis-cli -p "$RDS" ping >/dev/null 2>&1 && break; sleep 0.05; done
+"$bin" --config-dir "$tmp/cfg-shared" 2>>"$tmp/proxy-shared.log" &
+pids+=($!)
+wait_http "http://127.0.0.1:$PXR/health" && curl -s "http://127.0.0.1:$PXR/health" | grep -q '"shared_state":"shared"' ||
+  { echo "the proxy with Redis did not start sharing" >&2; cat "$tmp/proxy-shared.log" >&2; exit 1; }
 rss_kb() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
 rss_idle=$(rss_kb "$px_pid")
 
@@ -156,6 +178,7 @@ declare -A url=(
   [direct]="http://127.0.0.1:$UP/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
   [proxy]="http://127.0.0.1:$PX/v1/chat/completions"
   [nginx]="http://127.0.0.1:$NGX/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+  [shared]="http://127.0.0.1:$PXR/v1/chat/completions"
 )
 to_ms() {  # wrk latency like 812.00us, 1.25ms, 2.00s
   awk -v v="$1" 'BEGIN{ n=v+0; if (v ~ /us$/) n/=1000; else if (v ~ /ms$/) n=n; else if (v ~ /s$/) n*=1000; printf "%.3f", n }'
@@ -165,7 +188,8 @@ declare -A rps p50 p99
 rss_peak=$rss_idle
 for round in $(seq 1 "$ROUNDS"); do
   for c in "${CONNS[@]}"; do
-    for target in direct nginx proxy; do
+    for target in direct nginx proxy shared; do
+      [ "$target" = shared ] && [ "$c" -ne 1 ] && [ "$c" -ne 16 ] && continue
       threads=$(( c < 2 ? 1 : 2 ))
       wrk -t"$threads" -c"$c" -d1s -s "$tmp/post.lua" "${url[$target]}" >/dev/null 2>&1 || true  # warm-up
       out=$(wrk -t"$threads" -c"$c" -d"$DURATION" --latency -s "$tmp/post.lua" "${url[$target]}")
@@ -203,6 +227,11 @@ hold256_range=$(per_round / "${rps[proxy,256]}" "${rps[proxy,16]}" | range)
 added_p50=$(paired - "${p50[proxy,16]}" "${p50[direct,16]}")
 added_p99=$(paired - "${p99[proxy,16]}" "${p99[direct,16]}")
 added_p50_1=$(paired - "${p50[proxy,1]}" "${p50[direct,1]}")
+redis_p50_1=$(paired - "${p50[shared,1]}" "${p50[proxy,1]}")
+redis_p99_1=$(paired - "${p99[shared,1]}" "${p99[proxy,1]}")
+redis_p50_16=$(paired - "${p50[shared,16]}" "${p50[proxy,16]}")
+redis_p99_16=$(paired - "${p99[shared,16]}" "${p99[proxy,16]}")
+redis_tput16=$(paired / "${rps[shared,16]}" "${rps[proxy,16]}")
 for key in "${!rps[@]}"; do
   rps[$key]=$(echo "${rps[$key]}" | median)
   p50[$key]=$(echo "${p50[$key]}" | median)
@@ -276,6 +305,9 @@ report() {
   echo "| added latency p50 at 16 conns (proxy − direct) | $added_p50 ms | ≤ 0.3 ms | $(atmost "$added_p50" 0.3) |"
   echo "| added latency p99 at 16 conns (proxy − direct) | $added_p99 ms | ≤ 2 ms | $(atmost "$added_p99" 2) |"
   echo "| added latency p50 at 1 conn (proxy − direct), no queueing | $added_p50_1 ms | | |"
+  echo "| added latency of Redis on loopback (proxy with \`redis:\` − proxy), p50 / p99 at 1 conn | $redis_p50_1 / $redis_p99_1 ms | | |"
+  echo "| added latency of Redis on loopback, p50 / p99 at 16 conns | $redis_p50_16 / $redis_p99_16 ms | | |"
+  echo "| throughput at 16 conns, proxy with Redis / without | $redis_tput16 | | |"
   echo "| SSE time to first byte, median (direct → proxy) | $ttfb_direct → $ttfb_proxy ms (+$ttfb_over) | | |"
   echo "| a request with $idle_open idle + $slow_open slowloris connections open, max of 20 (median) | $crowd_max ms ($crowd_p50) | < 50 ms | $(atmost "$crowd_max" 50) |"
   echo "| RSS with those connections open | $(mb "$rss_crowd") MB | < 150 MB | $(atmost "$(mb "$rss_crowd")" 150) |"

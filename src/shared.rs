@@ -221,7 +221,7 @@ impl Shared {
 
     /// A first connection (at start, or to a Redis found again), with the scripts
     /// loaded into the server, so that each call is one EVALSHA (a server that lost
-    /// them anyway gets them again by EVAL). Loading is also the round trip that
+    /// them anyway loads them again on NOSCRIPT). Loading is also the round trip that
     /// proves the server answers, not only accepts connections.
     fn connect_and_load(&self) -> redis::RedisResult<redis::Connection> {
         let mut conn = self.connect()?;

@@ -79,10 +79,11 @@ fn health(proxy: &TestProxy) -> Value {
     send("GET", &format!("{}/health", proxy.url), &[], None).json()
 }
 
-/// Six clients on three proxies against one instance whose quota is 3,000 tokens a
-/// minute (30 requests at the upstream's count; the proxies, counting 100 + the prompt
-/// each, admit a few fewer). Returns (refused by the upstream, served).
-fn three_proxies_one_quota(redis: Option<&RedisServer>) -> (usize, usize) {
+/// `n` proxies, and two clients per proxy (at least six in all), against one instance whose quota is 3,000 tokens
+/// a minute (30 requests at the upstream's count; the proxies, counting 100 + the
+/// prompt each, admit a few fewer), each client sending 12 requests as fast as it is
+/// answered. Returns (refused by the upstream, served).
+fn fleet_on_one_quota(n: usize, redis: Option<&RedisServer>) -> (usize, usize) {
     let (behaviour, quota) = limited(3000, 100);
     let upstream = Mock::start(behaviour);
     let yaml = format!(
@@ -90,7 +91,7 @@ fn three_proxies_one_quota(redis: Option<&RedisServer>) -> (usize, usize) {
         instance("a", &upstream.url, 1, ", max_tpm: 3000"),
         redis.map(|r| redis_yaml(r, "quota")).unwrap_or_default()
     );
-    let proxies: Vec<TestProxy> = (0..3).map(|_| TestProxy::start(&yaml)).collect();
+    let proxies: Vec<TestProxy> = (0..n).map(|_| TestProxy::start(&yaml)).collect();
     let expected = if redis.is_some() { "shared" } else { "local" };
     for p in &proxies {
         assert_eq!(health(p)["shared_state"], expected);
@@ -101,8 +102,8 @@ fn three_proxies_one_quota(redis: Option<&RedisServer>) -> (usize, usize) {
         .collect();
     let statuses = Arc::new(Mutex::new(Vec::new()));
     std::thread::scope(|s| {
-        for k in 0..6 {
-            let (url, statuses) = (&urls[k % 3], statuses.clone());
+        for k in 0..(2 * n).max(6) {
+            let (url, statuses) = (&urls[k % n], statuses.clone());
             s.spawn(move || {
                 for _ in 0..12 {
                     let status = post_json(url, &chat()).status;
@@ -119,18 +120,13 @@ fn three_proxies_one_quota(redis: Option<&RedisServer>) -> (usize, usize) {
     );
     assert_eq!(served, quota.served.load(Ordering::SeqCst));
     let refused = quota.refused.load(Ordering::SeqCst);
-    eprintln!(
-        "redis: {}, refused by the upstream: {refused}, served: {served} of {}",
-        redis.is_some(),
-        statuses.len()
-    );
     (refused, served)
 }
 
 #[test]
 fn three_proxies_with_redis_spend_one_quota_as_one_proxy_would() {
     let redis = RedisServer::start(None);
-    let (refused, served) = three_proxies_one_quota(Some(&redis));
+    let (refused, served) = fleet_on_one_quota(3, Some(&redis));
     assert!(
         refused <= 1,
         "{refused} requests reached the upstream only to be refused"
@@ -140,7 +136,7 @@ fn three_proxies_with_redis_spend_one_quota_as_one_proxy_would() {
 
 #[test]
 fn three_proxies_without_redis_overrun_the_quota() {
-    let (refused, served) = three_proxies_one_quota(None);
+    let (refused, served) = fleet_on_one_quota(3, None);
     assert!(
         refused > 1,
         "each proxy on its own should send some requests only to be refused: {refused}"
@@ -452,4 +448,25 @@ fn the_scripts_reserve_release_correct_and_cool_in_one_step_each() {
         other => panic!("{other:?}"),
     }
     assert_eq!(shared.state(), "shared");
+}
+
+/// The table in bench/results.md ("Several proxies on one quota"): 1, 2, 4 and 8
+/// proxies, with and without Redis. Run with
+/// `cargo test --test shared_state -- --ignored --nocapture simulate`.
+#[test]
+#[ignore]
+fn simulate_fleets_on_one_quota() {
+    println!("| proxies | Redis | sent only to be refused | served | quota used |");
+    println!("|---:|---|---:|---:|---:|");
+    for n in [1, 2, 4, 8] {
+        for shared in [false, true] {
+            let redis = shared.then(|| RedisServer::start(None));
+            let (refused, served) = fleet_on_one_quota(n, redis.as_ref());
+            println!(
+                "| {n} | {} | {refused} | {served} | {} % |",
+                if shared { "yes" } else { "no" },
+                served * 100 * 100 / 3000
+            );
+        }
+    }
 }

@@ -811,6 +811,46 @@ mod tests {
     }
 
     #[test]
+    fn a_shared_refusal_gives_the_room_back_and_holds_the_instance_out_here_too() {
+        let c = two(", max_tpm: 1000", "");
+        let mut t = Table::new(&c);
+        let t0 = Instant::now();
+        let all = [0, 1];
+        // Two requests admitted here at once; Redis refuses both, with different times.
+        let first = t.admit(&c, &all, &[], ("m", 600), t0).unwrap();
+        let second = t.admit(&c, &[0], &[], ("m", 300), t0).unwrap();
+        assert_eq!((first.index, second.index), (0, 0));
+        let full = Blocked::RateLimited {
+            until: at(t0, 30.0),
+        };
+        t.hold(&c, first, full);
+        t.hold(
+            &c,
+            second,
+            Blocked::RateLimited {
+                until: at(t0, 10.0),
+            },
+        );
+        assert_eq!(t.view(&c, t0)[0].current_tpm, 0, "reservations given back");
+        assert_eq!(t.admit(&c, &all, &[], ("m", 600), t0).unwrap().index, 1);
+        assert_eq!(
+            t.admit(&c, &[0], &[], ("m", 1), at(t0, 20.0)),
+            Err(full),
+            "held out as by a cooldown, which only ever extends"
+        );
+        assert!(t.admit(&c, &[0], &[], ("m", 1), at(t0, 30.0)).is_ok());
+        // Another proxy's open circuit: down here until then.
+        let a = t.admit(&c, &[0], &[], ("m", 1), at(t0, 32.0)).unwrap();
+        let down = Blocked::Down {
+            until: at(t0, 40.0),
+        };
+        t.hold(&c, a, down);
+        assert_eq!(t.admit(&c, &[0], &[], ("m", 1), at(t0, 33.0)), Err(down));
+        assert_eq!(t.view(&c, at(t0, 33.0))[0].health, Health::CircuitOpen);
+        assert!(t.admit(&c, &[0], &[], ("m", 1), at(t0, 40.0)).is_ok());
+    }
+
+    #[test]
     fn tpm_full_spills_to_the_next_and_then_blocks_until_room() {
         let c = two(", max_tpm: 1000", ", max_tpm: 500");
         let mut t = Table::new(&c);

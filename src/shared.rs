@@ -17,13 +17,15 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Connections kept for reuse (at most one per request talking to Redis at once, so
 /// bounded by `server.workers`); past this, a connection is closed after its call.
 const IDLE: usize = 64;
 /// The reconnect thread's first and longest pause between attempts.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+/// A Redis that came back this long ago and fails again starts its backoff afresh.
+const STABLE: Duration = Duration::from_secs(60);
 
 /// What both scripts begin with: the Redis server's time in ms (the only clock, so the
 /// proxies' clocks may differ), and the windows. A window is a sorted set of entries
@@ -375,11 +377,22 @@ impl Shared {
 }
 
 /// The reconnect thread: after a failure, tries a new connection with a growing pause
-/// until one answers, then puts it in the pool and marks the state shared again. Ends
-/// when the `Shared` is dropped.
+/// until one answers, then puts it in the pool and marks the state shared again. A
+/// Redis that fails again within `STABLE` of coming back (one that accepts connections
+/// but refuses the scripts' writes, say) is retried ever more slowly, so that it does
+/// not flap every 100 ms with a log line each time. Ends when the `Shared` is dropped.
 fn reconnect(shared: Weak<Shared>, woken: Receiver<()>) {
+    let mut pause = BACKOFF.0;
+    let mut recovered: Option<Instant> = None;
     while woken.recv().is_ok() {
-        let mut pause = BACKOFF.0;
+        if recovered.is_some_and(|t| t.elapsed() < STABLE) {
+            if let Err(RecvTimeoutError::Disconnected) = woken.recv_timeout(pause) {
+                return;
+            }
+            pause = (pause * 2).min(BACKOFF.1);
+        } else {
+            pause = BACKOFF.0;
+        }
         loop {
             let Some(s) = shared.upgrade() else { return };
             if s.healthy.load(Ordering::Acquire) {
@@ -388,14 +401,15 @@ fn reconnect(shared: Weak<Shared>, woken: Receiver<()>) {
             if let Ok(conn) = s.connect_and_load() {
                 s.idle.lock().push(conn);
                 s.healthy.store(true, Ordering::Release);
+                recovered = Some(Instant::now());
                 log::info!("Redis answers again: state is shared again");
                 break;
             }
             drop(s);
-            match woken.recv_timeout(pause) {
-                Err(RecvTimeoutError::Disconnected) => return,
-                _ => pause = (pause * 2).min(BACKOFF.1),
+            if let Err(RecvTimeoutError::Disconnected) = woken.recv_timeout(pause) {
+                return;
             }
+            pause = (pause * 2).min(BACKOFF.1);
         }
     }
 }

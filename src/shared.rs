@@ -400,6 +400,9 @@ fn reconnect(shared: Weak<Shared>, woken: Receiver<()>) {
             }
             if let Ok(conn) = s.connect_and_load() {
                 s.idle.lock().push(conn);
+                // Wakes from failures of this same outage are not a new one; taken
+                // before the state is shared again, so none from a new one is lost.
+                while woken.try_recv().is_ok() {}
                 s.healthy.store(true, Ordering::Release);
                 recovered = Some(Instant::now());
                 log::info!("Redis answers again: state is shared again");

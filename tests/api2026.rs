@@ -517,3 +517,32 @@ fn images_and_audio_count_as_requests_against_rpm_not_as_tokens() {
     assert_eq!(third.openai_error()["code"], "rate_limit_exceeded");
     assert_eq!(up.count(), 2);
 }
+
+#[test]
+fn a_response_reserves_its_max_output_tokens_and_counts_its_instructions() {
+    let up = Mock::start(azure_like(KEY));
+    let proxy = proxy(
+        "",
+        &[instance(
+            "a",
+            &up.url,
+            "v1",
+            "supported_models: [m], max_tpm: 1000",
+        )],
+    );
+    let ask = |body: Value| post(&proxy, "/v1/responses", &body);
+    assert_eq!(
+        ask(json!({"model": "m", "input": "hi", "max_output_tokens": 500})).status,
+        200
+    );
+    let too_much_output = ask(json!({"model": "m", "input": "hi", "max_output_tokens": 5000}));
+    assert_eq!(too_much_output.status, 400);
+    assert_eq!(
+        too_much_output.openai_error()["code"],
+        "tokens_exceed_limit"
+    );
+    let long_instructions = ask(json!({"model": "m", "input": "hi", "max_output_tokens": 10,
+        "instructions": "Answer in the style of a very long legal document. ".repeat(200)}));
+    assert_eq!(long_instructions.status, 400);
+    assert_eq!(up.count(), 1, "only the first was sent");
+}

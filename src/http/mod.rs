@@ -270,8 +270,9 @@ mod tests {
         )
         .unwrap();
         let source = crate::config::Source {
-            dir: "unused".into(),
+            dir: None,
             env: Default::default(),
+            env_file: None,
         };
         let state = Arc::new(State::new(config.clone(), source));
         let server = start(

@@ -418,8 +418,9 @@ impl TestProxy {
     pub fn start(yaml: &str) -> TestProxy {
         let dir = TempDir::new();
         let source = Source {
-            dir: dir.0.clone(),
+            dir: Some(dir.0.clone()),
             env: Env::new(),
+            env_file: None,
         };
         dir.write("base.yaml", &Self::base(yaml));
         let loaded = source.load().unwrap_or_else(|e| panic!("{e}"));

@@ -13,7 +13,8 @@ use std::time::Duration;
 const USAGE: &str = "\
 azure-openai-proxy: an OpenAI-compatible proxy in front of Azure OpenAI instances
 
-Usage: azure-openai-proxy [--config-dir DIR | --env-only] [--env-file PATH] [--check-config]
+Usage: azure-openai-proxy [--config-dir DIR | --env-only] [--env-file PATH]
+                          [--host ADDR] [--port N] [--check-config]
 
 Options:
   --config-dir DIR   read DIR/base.yaml and DIR/$ENVIRONMENT.yaml (default: config)
@@ -21,6 +22,8 @@ Options:
                      instances (API_KEY + API_BASE, or API_INSTANCES)
   --env-file PATH    read KEY=VALUE lines from PATH over the process environment, at
                      start and again on every reload (SIGHUP, POST /config/reload)
+  --host ADDR, --port N
+                     listen there, whatever the configuration's host and port say
   --check-config     validate the configuration, print where each instance comes
                      from and any warning, and exit (0: valid, 1: not)
   --version          print the version and exit
@@ -34,6 +37,8 @@ struct Args {
     /// `None` with `--env-only`.
     config_dir: Option<PathBuf>,
     env_file: Option<PathBuf>,
+    host: Option<String>,
+    port: Option<u16>,
     check_only: bool,
 }
 
@@ -41,6 +46,8 @@ fn parse_args() -> Result<Option<Args>, String> {
     let mut config_dir = None;
     let mut env_only = false;
     let mut env_file = None;
+    let mut host = None;
+    let mut port = None;
     let mut check_only = false;
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -50,11 +57,10 @@ fn parse_args() -> Result<Option<Args>, String> {
             }
             _ => (arg.clone(), None),
         };
-        let mut value = |what: &str| -> Result<PathBuf, String> {
+        let mut value = |what: &str| -> Result<String, String> {
             inline
                 .clone()
                 .or_else(|| it.next())
-                .map(PathBuf::from)
                 .ok_or_else(|| format!("{flag} needs {what}"))
         };
         match flag.as_str() {
@@ -68,8 +74,16 @@ fn parse_args() -> Result<Option<Args>, String> {
             }
             "--check-config" if inline.is_none() => check_only = true,
             "--env-only" if inline.is_none() => env_only = true,
-            "--config-dir" => config_dir = Some(value("a directory")?),
-            "--env-file" => env_file = Some(value("a file")?),
+            "--config-dir" => config_dir = Some(value("a directory")?.into()),
+            "--env-file" => env_file = Some(value("a file")?.into()),
+            "--host" => host = Some(value("an address")?),
+            "--port" => {
+                let n = value("a port number")?;
+                port = Some(
+                    n.parse()
+                        .map_err(|_| format!("--port {n:?} is not a port number"))?,
+                );
+            }
             _ => return Err(format!("unknown argument {arg:?}")),
         }
     }
@@ -79,6 +93,8 @@ fn parse_args() -> Result<Option<Args>, String> {
     Ok(Some(Args {
         config_dir: (!env_only).then(|| config_dir.unwrap_or_else(|| PathBuf::from("config"))),
         env_file,
+        host,
+        port,
         check_only,
     }))
 }
@@ -100,6 +116,8 @@ fn main() -> ExitCode {
         dir: args.config_dir,
         env,
         env_file: args.env_file,
+        host: args.host,
+        port: args.port,
     };
     let loaded = match source.load() {
         Ok(l) => l,

@@ -64,7 +64,7 @@ impl Loaded {
 }
 
 /// Where the configuration comes from, kept so it can be read again on reload.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Source {
     /// Where `base.yaml` and `{ENVIRONMENT}.yaml` are; `None` (`--env-only`) reads no
     /// file, so the environment variables alone define the instances.
@@ -75,6 +75,10 @@ pub struct Source {
     /// `--env-file`: read on every load, its variables over `env`, so that a reload
     /// picks up a rotated key.
     pub env_file: Option<PathBuf>,
+    /// `--host` and `--port`: over the configuration's `host` and `port` (the only way
+    /// to set them with `--env-only`).
+    pub host: Option<String>,
+    pub port: Option<u16>,
 }
 
 impl Source {
@@ -83,7 +87,14 @@ impl Source {
         if let Some(path) = &self.env_file {
             env.extend(env_file::read(path)?);
         }
-        load(self.dir.as_deref(), &env)
+        let mut loaded = load(self.dir.as_deref(), &env)?;
+        if let Some(host) = &self.host {
+            loaded.config.host = host.clone();
+        }
+        if let Some(port) = self.port {
+            loaded.config.port = port;
+        }
+        Ok(loaded)
     }
 }
 
@@ -1199,6 +1210,7 @@ instances:
             dir: Some(d.0.clone()),
             env: env(&[("EAST_KEY", "from-process")]),
             env_file: Some(file.clone()),
+            ..Source::default()
         };
         let key = |s: &Source| {
             s.load().unwrap().config.instances[0]

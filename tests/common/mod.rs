@@ -3,7 +3,7 @@
 //! temp dir, and a proxy started in-process on port 0.
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
-use azure_openai_proxy::config::{Env, Source};
+use azure_openai_proxy::config::Source;
 use azure_openai_proxy::Proxy;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -419,8 +419,7 @@ impl TestProxy {
         let dir = TempDir::new();
         let source = Source {
             dir: Some(dir.0.clone()),
-            env: Env::new(),
-            env_file: None,
+            ..Source::default()
         };
         dir.write("base.yaml", &Self::base(yaml));
         let loaded = source.load().unwrap_or_else(|e| panic!("{e}"));

@@ -1,7 +1,8 @@
 """End-to-end check: the official OpenAI Python SDK through the proxy.
 
 Starts an Azure-like mock upstream (in this process), writes a config pointing at it,
-starts the proxy binary given as argv[1], and drives it with `OpenAI(base_url=...)` and
+starts the proxy binary given as argv[1] (default: $CARGO_TARGET_DIR/debug/
+azure-openai-proxy, else target/debug/...), and drives it with `OpenAI(base_url=...)` and
 `AzureOpenAI(azure_endpoint=...)`: chat (plain and streamed), completions, embeddings,
 the model list and an unknown model. Prints one line per check and ends with
 "N passed, M failed"; exits non-zero if any check failed.
@@ -125,7 +126,10 @@ instances:
 
 
 def main():
-    binary = sys.argv[1] if len(sys.argv) > 1 else "target/debug/azure-openai-proxy"
+    # Where `cargo build` put it: $CARGO_TARGET_DIR when set, as cargo does.
+    default = os.path.join(os.environ.get("CARGO_TARGET_DIR") or "target", "debug",
+                           "azure-openai-proxy")
+    binary = sys.argv[1] if len(sys.argv) > 1 else default
     upstream = ThreadingHTTPServer(("127.0.0.1", 0), AzureMock)
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
     proc, url = start_proxy(binary, upstream.server_address[1])

@@ -33,4 +33,6 @@ ENV ENVIRONMENT=production
 EXPOSE 3010
 # nobody:nogroup; the image has no /etc/passwd, so numeric ids.
 USER 65534:65534
-ENTRYPOINT ["/azure-openai-proxy", "--config-dir", "/app/config"]
+# No --config-dir: the default, `config` in the working directory, is /app/config, and
+# arguments given to `docker run` (--env-only, say) are not at odds with one.
+ENTRYPOINT ["/azure-openai-proxy"]

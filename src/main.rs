@@ -1,7 +1,7 @@
 //! The command line: parse flags, load and validate the configuration, set up logging,
 //! and run the proxy.
 
-use azure_openai_proxy::config::{Env, Source};
+use azure_openai_proxy::config::{Env, Loaded, Source};
 use azure_openai_proxy::observe::logging;
 use azure_openai_proxy::Proxy;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -175,7 +175,9 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
 
-    let config = loaded.config.clone();
+    let Loaded {
+        config, warnings, ..
+    } = loaded;
     let logs = match logging::init(&config, log_file) {
         Ok(logs) => logs,
         Err(e) => {
@@ -187,7 +189,7 @@ fn main() -> ExitCode {
         "configuration from {sources}; instances: {}",
         origins.join("; ")
     );
-    for warning in &loaded.warnings {
+    for warning in &warnings {
         log::warn!("{warning}");
     }
     if config.auth.api_keys.is_empty() {

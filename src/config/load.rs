@@ -159,8 +159,10 @@ impl Provenance {
         if !vars.is_empty() {
             let names: Vec<&str> = vars
                 .iter()
-                .map(|s| s.split_once(' ').map_or(*s, |(_, rest)| rest))
-                .map(|s| s.split_once(' ').map_or(s, |(_, names)| names))
+                .filter_map(|s| {
+                    s.strip_prefix("environment variables ")
+                        .or_else(|| s.strip_prefix("environment variable "))
+                })
                 .collect();
             parts.push(format!("environment ({})", names.join(", ")));
         }

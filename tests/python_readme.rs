@@ -25,9 +25,7 @@ fn blocks() -> Vec<String> {
         match open.as_mut() {
             Some(lines) if line.starts_with("```") || line.starts_with("### ") => {
                 out.push(lines.join("\n"));
-                // A fence that names a language opens the next block (the first block
-                // ends at a heading, without the closing fence).
-                open = (line.starts_with("```") && line.len() > 3).then(Vec::new);
+                open = None;
             }
             Some(lines) => lines.push(line),
             None if line.starts_with("```") => open = Some(Vec::new()),

@@ -5,7 +5,7 @@
 
 pub mod api2026;
 
-use azure_openai_proxy::config::{Env, Source};
+use azure_openai_proxy::config::Source;
 use azure_openai_proxy::Proxy;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -480,8 +480,8 @@ impl TestProxy {
     pub fn start(yaml: &str) -> TestProxy {
         let dir = TempDir::new();
         let source = Source {
-            dir: dir.0.clone(),
-            env: Env::new(),
+            dir: Some(dir.0.clone()),
+            ..Source::default()
         };
         dir.write("base.yaml", &Self::base(yaml));
         let loaded = source.load().unwrap_or_else(|e| panic!("{e}"));

@@ -2,8 +2,9 @@
 
 Starts two Azure-like mock upstreams (in this process: "east" on a dated api-version,
 "west" on Azure's v1 API), writes a config pointing at them, starts the proxy binary
-given as argv[1], and drives it with `OpenAI(base_url=...)` (at `/v1` and at an Azure v1
-base URL, `/openai/v1/`) and `AzureOpenAI(azure_endpoint=...)`: chat (plain and
+given as argv[1] (default: $CARGO_TARGET_DIR/debug/azure-openai-proxy, else
+target/debug/...), and drives it with `OpenAI(base_url=...)` (at `/v1` and at an Azure
+v1 base URL, `/openai/v1/`) and `AzureOpenAI(azure_endpoint=...)`: chat (plain and
 streamed), completions, embeddings, the Responses API (plain, streamed, follow-ups with
 `previous_response_id`), an audio transcription upload, the model list and an unknown
 model. Prints one line per check and ends with "N passed, M failed"; exits non-zero if
@@ -207,7 +208,10 @@ instances:
 
 
 def main():
-    binary = sys.argv[1] if len(sys.argv) > 1 else "target/debug/azure-openai-proxy"
+    # Where `cargo build` put it: $CARGO_TARGET_DIR when set, as cargo does.
+    default = os.path.join(os.environ.get("CARGO_TARGET_DIR") or "target", "debug",
+                           "azure-openai-proxy")
+    binary = sys.argv[1] if len(sys.argv) > 1 else default
     east, west = start_upstream("east"), start_upstream("west")
     proc, url = start_proxy(binary, east.server_address[1], west.server_address[1])
     oai = OpenAI(base_url=f"{url}/v1", api_key="client-key", max_retries=0, timeout=20)

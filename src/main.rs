@@ -3,6 +3,7 @@
 
 use azure_openai_proxy::config::{Env, Loaded, Source};
 use azure_openai_proxy::observe::logging;
+use azure_openai_proxy::upstream;
 use azure_openai_proxy::Proxy;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -119,13 +120,15 @@ fn main() -> ExitCode {
         host: args.host,
         port: args.port,
     };
-    let loaded = match source.load() {
+    let mut loaded = match source.load() {
         Ok(l) => l,
         Err(e) => {
             eprintln!("error: invalid configuration: {e}");
             return ExitCode::FAILURE;
         }
     };
+    let usage_warnings = upstream::stream_usage_warnings(&loaded.config.instances);
+    loaded.warnings.extend(usage_warnings);
     let sources: Vec<String> = loaded
         .sources
         .iter()

@@ -578,3 +578,36 @@ fn a_reload_reads_the_env_file_again_so_a_rotated_key_needs_no_restart() {
     );
     assert_eq!(chat(), "sk-new-2");
 }
+
+#[test]
+fn check_config_warns_of_instances_whose_api_version_gives_no_stream_usage() {
+    let dir = TempDir::new();
+    let inst = |name: &str, version: &str| {
+        format!("  - {{name: {name}, api_key: k, api_base: 'https://{name}.example.com', api_version: '{version}', supported_models: [m]}}\n")
+    };
+    dir.write(
+        "base.yaml",
+        &format!(
+            "instances:\n{}{}{}",
+            inst("old", "2024-02-01"),
+            inst("dated", "2024-10-21"),
+            inst("ga", "v1")
+        ),
+    );
+    let out = proxy_cmd()
+        .args(["--check-config", "--config-dir"])
+        .arg(&dir.0)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let warned: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("takes no stream_options"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{err}");
+    assert!(
+        warned[0].contains("instance \"old\": api_version 2024-02-01"),
+        "{err}"
+    );
+}

@@ -8,7 +8,8 @@
 # Installs:
 #   PREFIX/bin/azure-openai-proxy                  the binary (default PREFIX /usr/local)
 #   /etc/azure-openai-proxy/{base,production}.yaml the config (kept if already there)
-#   /etc/azure-openai-proxy/env                    secrets for systemd's EnvironmentFile (0600, kept)
+#   /etc/azure-openai-proxy/env                    secrets, KEY=VALUE, read by the proxy at start
+#                                                  and on each reload (--env-file; root:USER 0640, kept)
 #   /etc/systemd/system/azure-openai-proxy.service the unit: restart on failure, an
 #                                                  unprivileged user, SIGHUP to reload
 # Running it again upgrades the binary and the unit and leaves config and secrets alone.
@@ -36,7 +37,8 @@ while [ $# -gt 0 ]; do
     --user) user=$2; shift 2 ;;
     --redis-url) redis_url=$2; shift 2 ;;
     --uninstall) uninstall=true; shift ;;
-    -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    # The comment block under the shebang, and nothing after it.
+    -h|--help) awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -76,8 +78,9 @@ for f in base.yaml production.yaml; do
 done
 if [ ! -e "$destdir$etc/env" ]; then
   (umask 077 && cat >"$destdir$etc/env" <<ENV
-# Secrets for $name, read by systemd (EnvironmentFile) and referenced as \${VAR} in
-# $etc/production.yaml. Readable by root only.
+# Secrets for $name, referenced as \${VAR} in $etc/production.yaml. The proxy reads
+# this file (--env-file) at start and again on each reload (systemctl reload $name), so
+# a rotated key needs no restart. Owned by root, readable by the service's group only.
 AZURE_OPENAI_KEY_EAST=
 AZURE_OPENAI_BASE_EAST=
 AZURE_OPENAI_KEY_WEST=
@@ -86,7 +89,6 @@ AZURE_OPENAI_BASE_WEST=
 ENV
   )
 fi
-
 if [ -n "$redis_url" ]; then
   case "$redis_url" in
     redis://*) ;;
@@ -99,6 +101,10 @@ if [ -n "$redis_url" ]; then
     printf '# Several proxies share windows, cooldowns, circuits and affinity here.\nredis:\n  url: ${REDIS_URL}\n' >>"$destdir$etc/production.yaml"
 fi
 
+# The service reads the file itself (an earlier version left it root-only, for systemd).
+chmod 0640 "$destdir$etc/env"
+if $real_root; then chgrp "$user" "$destdir$etc/env"; fi
+
 cat >"$destdir$unit_path" <<UNIT
 [Unit]
 Description=azure-openai-proxy: OpenAI-compatible proxy for Azure OpenAI instances
@@ -110,9 +116,9 @@ Type=simple
 User=$user
 Group=$user
 Environment=ENVIRONMENT=production
-EnvironmentFile=$etc/env
-ExecStartPre=$bin_path --check-config --config-dir $etc
-ExecStart=$bin_path --config-dir $etc
+# Not EnvironmentFile=: systemd reads that only at start, the proxy reads it on reload too.
+ExecStartPre=$bin_path --check-config --config-dir $etc --env-file $etc/env
+ExecStart=$bin_path --config-dir $etc --env-file $etc/env
 ExecReload=/bin/kill -HUP \$MAINPID
 Restart=on-failure
 RestartSec=2

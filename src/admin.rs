@@ -320,14 +320,16 @@ pub fn config(g: &Generation) -> Reply {
     Reply::json(200, &json!({"status": "success", "config": *g.config}))
 }
 
-/// `POST /config/reload` (admin): 200 with what was loaded, or 400 with the validation
-/// message while the running configuration stays.
+/// `POST /config/reload` (admin): 200 with what was loaded and which `--env-file` was
+/// read again (`env_reread`), or 400 with the validation message while the running
+/// configuration stays.
 pub fn reload(state: &State) -> Reply {
     match state.reload() {
         Ok(done) => Reply::json(
             200,
             &json!({"status": "success", "message": "configuration reloaded",
-                    "instances": done.instances, "restart_needed": done.restart_needed}),
+                    "instances": done.instances, "restart_needed": done.restart_needed,
+                    "env_reread": done.env_reread}),
         ),
         Err(e) => Error::ReloadFailed(e).into(),
     }

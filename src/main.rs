@@ -1,8 +1,9 @@
 //! The command line: parse flags, load and validate the configuration, set up logging,
 //! and run the proxy.
 
-use azure_openai_proxy::config::{self, Env, Source};
+use azure_openai_proxy::config::{Env, Loaded, Source};
 use azure_openai_proxy::observe::logging;
+use azure_openai_proxy::upstream;
 use azure_openai_proxy::Proxy;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -13,49 +14,90 @@ use std::time::Duration;
 const USAGE: &str = "\
 azure-openai-proxy: an OpenAI-compatible proxy in front of Azure OpenAI instances
 
-Usage: azure-openai-proxy [--config-dir DIR] [--check-config]
+Usage: azure-openai-proxy [--config-dir DIR | --env-only] [--env-file PATH]
+                          [--host ADDR] [--port N] [--check-config]
 
 Options:
   --config-dir DIR   read DIR/base.yaml and DIR/$ENVIRONMENT.yaml (default: config)
-  --check-config     validate the configuration, print a summary and exit
+  --env-only         read no config file: the legacy API_* variables alone define the
+                     instances (API_KEY + API_BASE, or API_INSTANCES)
+  --env-file PATH    read KEY=VALUE lines from PATH over the process environment, at
+                     start and again on every reload (SIGHUP, POST /config/reload)
+  --host ADDR, --port N
+                     listen there, whatever the configuration's host and port say
+  --check-config     validate the configuration, print where each instance comes
+                     from and any warning, and exit (0: valid, 1: not)
   --version          print the version and exit
   --help             print this help and exit
 
 Environment: ENVIRONMENT selects the overlay file (default: development); ${VAR}
-references in the YAML and the legacy API_* variables are read from the environment.";
+references in the YAML and the legacy API_* variables are read from the environment
+(and --env-file).";
 
 struct Args {
-    config_dir: PathBuf,
+    /// `None` with `--env-only`.
+    config_dir: Option<PathBuf>,
+    env_file: Option<PathBuf>,
+    host: Option<String>,
+    port: Option<u16>,
     check_only: bool,
 }
 
 fn parse_args() -> Result<Option<Args>, String> {
-    let mut args = Args {
-        config_dir: PathBuf::from("config"),
-        check_only: false,
-    };
+    let mut config_dir = None;
+    let mut env_only = false;
+    let mut env_file = None;
+    let mut host = None;
+    let mut port = None;
+    let mut check_only = false;
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
-        match arg.as_str() {
-            "--help" | "-h" => {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => {
+                (flag.to_string(), Some(value.to_string()))
+            }
+            _ => (arg.clone(), None),
+        };
+        let mut value = |what: &str| -> Result<String, String> {
+            inline
+                .clone()
+                .or_else(|| it.next())
+                .ok_or_else(|| format!("{flag} needs {what}"))
+        };
+        match flag.as_str() {
+            "--help" | "-h" if inline.is_none() => {
                 println!("{USAGE}");
                 return Ok(None);
             }
-            "--version" | "-V" => {
+            "--version" | "-V" if inline.is_none() => {
                 println!("azure-openai-proxy {}", env!("CARGO_PKG_VERSION"));
                 return Ok(None);
             }
-            "--check-config" => args.check_only = true,
-            "--config-dir" => {
-                args.config_dir = it.next().ok_or("--config-dir needs a directory")?.into();
+            "--check-config" if inline.is_none() => check_only = true,
+            "--env-only" if inline.is_none() => env_only = true,
+            "--config-dir" => config_dir = Some(value("a directory")?.into()),
+            "--env-file" => env_file = Some(value("a file")?.into()),
+            "--host" => host = Some(value("an address")?),
+            "--port" => {
+                let n = value("a port number")?;
+                port = Some(
+                    n.parse()
+                        .map_err(|_| format!("--port {n:?} is not a port number"))?,
+                );
             }
-            other => match other.strip_prefix("--config-dir=") {
-                Some(dir) => args.config_dir = dir.into(),
-                None => return Err(format!("unknown argument {other:?}")),
-            },
+            _ => return Err(format!("unknown argument {arg:?}")),
         }
     }
-    Ok(Some(args))
+    if env_only && config_dir.is_some() {
+        return Err("--env-only reads no config file: it cannot go with --config-dir".into());
+    }
+    Ok(Some(Args {
+        config_dir: (!env_only).then(|| config_dir.unwrap_or_else(|| PathBuf::from("config"))),
+        env_file,
+        host,
+        port,
+        check_only,
+    }))
 }
 
 fn main() -> ExitCode {
@@ -71,13 +113,22 @@ fn main() -> ExitCode {
     let env: Env = std::env::vars_os()
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
         .collect();
-    let loaded = match config::load(&args.config_dir, &env) {
+    let source = Source {
+        dir: args.config_dir,
+        env,
+        env_file: args.env_file,
+        host: args.host,
+        port: args.port,
+    };
+    let mut loaded = match source.load() {
         Ok(l) => l,
         Err(e) => {
             eprintln!("error: invalid configuration: {e}");
             return ExitCode::FAILURE;
         }
     };
+    let usage_warnings = upstream::stream_usage_warnings(&loaded.config.instances);
+    loaded.warnings.extend(usage_warnings);
     let sources: Vec<String> = loaded
         .sources
         .iter()
@@ -88,18 +139,49 @@ fn main() -> ExitCode {
     } else {
         sources.join(" + ")
     };
-    let config = loaded.config;
-    let names: Vec<&str> = config.instances.iter().map(|i| i.name.as_str()).collect();
+    // Opened before anything is served, and by --check-config too, so that a log file
+    // that cannot be created stops the start (and the unit's ExecStartPre) with the
+    // file and key to fix.
+    let log_file = match logging::open_file(&loaded.config) {
+        Ok(file) => file,
+        Err(e) => {
+            eprintln!(
+                "error: invalid configuration: {}: {e}",
+                loaded.source_of("logging.file")
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let names: Vec<&str> = loaded
+        .config
+        .instances
+        .iter()
+        .map(|i| i.name.as_str())
+        .collect();
+    let origins: Vec<String> = names
+        .iter()
+        .zip(&loaded.origins)
+        .map(|(name, origin)| format!("{name} from {origin}"))
+        .collect();
     if args.check_only {
         println!(
             "configuration OK ({sources}): {} instance(s): {}",
             names.len(),
             names.join(", ")
         );
+        for origin in &origins {
+            println!("  instance {origin}");
+        }
+        for warning in &loaded.warnings {
+            eprintln!("warning: {warning}");
+        }
         return ExitCode::SUCCESS;
     }
 
-    let logs = match logging::init(&config) {
+    let Loaded {
+        config, warnings, ..
+    } = loaded;
+    let logs = match logging::init(&config, log_file) {
         Ok(logs) => logs,
         Err(e) => {
             eprintln!("error: {e}");
@@ -108,8 +190,11 @@ fn main() -> ExitCode {
     };
     log::info!(
         "configuration from {sources}; instances: {}",
-        names.join(", ")
+        origins.join("; ")
     );
+    for warning in &warnings {
+        log::warn!("{warning}");
+    }
     if config.auth.api_keys.is_empty() {
         log::warn!(
             "auth.api_keys is not set: any client that can reach {}:{} can spend these instances' quota",
@@ -118,10 +203,6 @@ fn main() -> ExitCode {
         );
     }
     let workers = config.server.workers;
-    let source = Source {
-        dir: args.config_dir,
-        env,
-    };
     let proxy = match Proxy::start(config, source) {
         Ok(p) => p,
         Err(e) => {

@@ -166,7 +166,11 @@ impl State {
                 return Err(e.to_string());
             }
         };
-        let new = loaded.config;
+        let crate::config::Loaded {
+            config: new,
+            warnings,
+            ..
+        } = loaded;
         let restart_needed = restart_needed(&old.config, &new);
         if new.logging.level != old.config.logging.level {
             crate::observe::logging::set_level(&new.logging.level);
@@ -175,7 +179,27 @@ impl State {
         let generation = Generation::new(new, Some(&old));
         self.table.lock().update(&generation.config);
         *self.current.write() = Arc::new(generation);
-        log::info!("configuration reloaded from {}", self.source.dir.display());
+        let from = match &self.source.dir {
+            Some(dir) => dir.display().to_string(),
+            None => "environment variables (--env-only)".to_string(),
+        };
+        let env_reread: Vec<String> = self
+            .source
+            .env_file
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        log::info!(
+            "configuration reloaded from {from}; environment variables re-read from: {}",
+            if env_reread.is_empty() {
+                "none (the process environment is the one it started with)".to_string()
+            } else {
+                env_reread.join(", ")
+            }
+        );
+        for warning in &warnings {
+            log::warn!("{warning}");
+        }
         if !restart_needed.is_empty() {
             log::warn!(
                 "reload: {} changed; that takes a restart",
@@ -185,6 +209,7 @@ impl State {
         Ok(Reloaded {
             instances,
             restart_needed,
+            env_reread,
         })
     }
 }
@@ -227,4 +252,7 @@ pub struct Reloaded {
     pub instances: Vec<String>,
     /// Changed settings that apply only at start.
     pub restart_needed: Vec<&'static str>,
+    /// The `--env-file` read again (none without one: the process environment cannot
+    /// change, so a reload sees the variables it started with).
+    pub env_reread: Vec<String>,
 }

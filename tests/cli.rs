@@ -339,3 +339,275 @@ fn running_out_of_file_descriptors_does_not_stop_accepting() {
         "the proxy stopped accepting"
     );
 }
+
+#[test]
+fn check_config_names_each_instances_sources_and_warns_without_values() {
+    let out = proxy_cmd()
+        .args(["--check-config", "--config-dir"])
+        .arg(example_config())
+        .envs([
+            ("API_INSTANCES", "extra"),
+            ("API_INSTANCE_EXTRA_API_KEY", "sk-extra-secret-1"),
+            ("API_INSTANCE_EXTRA_API_BASE", "https://extra.example.com"),
+            ("API_INSTANCE_EXTRA_SUPPORTED_MODELS", "gpt-4o"),
+            (
+                "API_INSTANCE_EXTRA_PROXY_URL",
+                "http://user:pw-secret-2@proxy",
+            ),
+            ("API_KEY", "sk-single-secret-3"),
+            ("API_BASE", "https://single.example.com"),
+        ])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    let base = example_config().join("base.yaml").display().to_string();
+    let dev = example_config()
+        .join("development.yaml")
+        .display()
+        .to_string();
+    assert!(
+        stdout.contains("3 instance(s): east-us, west-us, extra"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("instance east-us from {base}\n")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("instance extra from environment (API_INSTANCES, API_INSTANCE_EXTRA_API_BASE, API_INSTANCE_EXTRA_API_KEY, API_INSTANCE_EXTRA_SUPPORTED_MODELS)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .filter(|l| l.starts_with("  instance "))
+            .all(|l| !l.contains(&dev)),
+        "development.yaml sets no instance: {stdout}"
+    );
+    for expected in [
+        "warning: instance \"east-us\": its api_key (from",
+        "warning: instance \"west-us\": its api_key (from",
+        "warning: environment variable API_INSTANCE_EXTRA_PROXY_URL is ignored",
+        "warning: API_KEY/API_BASE are ignored: the config files define instances",
+    ] {
+        assert!(stderr.contains(expected), "{expected:?} in {stderr}");
+    }
+    for secret in [
+        "sk-extra-secret-1",
+        "pw-secret-2",
+        "sk-single-secret-3",
+        "replace-me",
+    ] {
+        assert!(
+            !stdout.contains(secret) && !stderr.contains(secret),
+            "{secret}: {stdout}{stderr}"
+        );
+    }
+}
+
+/// A config dir with one instance and `logging` as given.
+fn with_logging(logging: &str) -> TempDir {
+    let dir = TempDir::new();
+    dir.write(
+        "base.yaml",
+        &format!(
+            "logging: {logging}\ninstances:\n  - {{name: a, api_key: k, api_base: 'https://a.example.com', api_version: v, supported_models: [m]}}\n"
+        ),
+    );
+    dir
+}
+
+#[test]
+fn check_config_opens_the_log_file_and_takes_pythons_level_names() {
+    let check = |dir: &TempDir| {
+        proxy_cmd()
+            .args(["--check-config", "--config-dir"])
+            .arg(&dir.0)
+            .output()
+            .unwrap()
+    };
+    let bad = with_logging("{file: /proc/no-such-dir/app.log}");
+    let out = check(&bad);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}: logging.file: cannot create /proc/no-such-dir",
+            bad.0.join("base.yaml").display()
+        )),
+        "{err}"
+    );
+
+    // Relative: from the config directory's parent, as the Python proxy's ../logs/app.log.
+    let root = TempDir::new();
+    let dir = root.0.join("app/config");
+    std::fs::create_dir_all(&dir).unwrap();
+    for level in ["WARNING", "CRITICAL", "Info"] {
+        std::fs::write(
+            dir.join("base.yaml"),
+            format!("logging: {{level: {level}, file: ../logs/app.log}}\ninstances:\n  - {{name: a, api_key: k, api_base: 'https://a.example.com', api_version: v, supported_models: [m]}}\n"),
+        )
+        .unwrap();
+        let out = proxy_cmd()
+            .args(["--check-config", "--config-dir"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{level}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(root.0.join("logs/app.log").is_file(), "created beside app/");
+    let out = check(&with_logging("{level: verbose}"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("logging.level"));
+}
+
+#[test]
+fn flags_that_cannot_go_together_or_lack_a_value_are_refused() {
+    for args in [
+        &["--env-only", "--config-dir", "config"][..],
+        &["--port", "http"],
+        &["--env-file"],
+        &["--check-config=yes"],
+    ] {
+        let out = proxy_cmd().args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+    }
+    let help = proxy_cmd().arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for flag in ["--env-only", "--env-file", "--host", "--port"] {
+        assert!(help.contains(flag), "{help}");
+    }
+}
+
+#[test]
+fn env_only_ignores_the_config_directory_in_the_working_directory() {
+    let upstream = common::Mock::start(common::azure_like("sk-env-only-1"));
+    // Started where `config/` holds the example's instances.
+    let mut proxy = Running::start(
+        proxy_cmd()
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["--env-only", "--host", "127.0.0.1", "--port", "0"])
+            .env("API_KEY", "sk-env-only-1")
+            .env("API_BASE", &upstream.url),
+    );
+    let a = common::post_json(
+        &proxy.url("/v1/chat/completions"),
+        &serde_json::json!({"model": "gpt-4o", "messages": []}),
+    );
+    assert_eq!(a.status, 200);
+    assert_eq!(a.header("x-proxy-instance"), Some("default"));
+    assert_eq!(upstream.count(), 1);
+    let log = proxy.stderr();
+    assert!(
+        log.contains("configuration from environment variables; instances: default from environment (API_KEY/API_BASE)"),
+        "{log}"
+    );
+    assert!(!log.contains("east-us"), "{log}");
+}
+
+#[test]
+fn a_reload_reads_the_env_file_again_so_a_rotated_key_needs_no_restart() {
+    let upstream = common::Mock::start(std::sync::Arc::new(|_: &common::Recorded| {
+        common::json_reply(
+            200,
+            serde_json::json!({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}),
+        )
+    }));
+    let dir = TempDir::new();
+    dir.write(
+        "base.yaml",
+        &format!(
+            "host: 127.0.0.1\nport: 0\ninstances:\n  - {{name: a, api_key: '${{KEY}}', api_base: '{}', api_version: v, supported_models: [m]}}\n",
+            upstream.url
+        ),
+    );
+    let env_file = dir.0.join("env");
+    std::fs::write(&env_file, "# rotated by the operator\nKEY=sk-old-1\n").unwrap();
+    let proxy = Running::start(
+        proxy_cmd()
+            .arg("--config-dir")
+            .arg(&dir.0)
+            .arg("--env-file")
+            .arg(&env_file)
+            // The file wins over the process environment.
+            .env("KEY", "sk-process-0"),
+    );
+    let chat = || {
+        let a = common::post_json(
+            &proxy.url("/v1/chat/completions"),
+            &serde_json::json!({"model": "m", "messages": []}),
+        );
+        assert_eq!(a.status, 200);
+        upstream
+            .requests()
+            .last()
+            .unwrap()
+            .header("api-key")
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(chat(), "sk-old-1");
+    std::fs::write(&env_file, "KEY=\"sk-new-2\"\n").unwrap();
+    let reload = send("POST", &proxy.url("/config/reload"), &[], None);
+    assert_eq!(reload.status, 200);
+    let answer = reload.json();
+    assert_eq!(
+        answer["env_reread"],
+        serde_json::json!([env_file.display().to_string()]),
+        "{answer}"
+    );
+    assert!(!String::from_utf8_lossy(&reload.body).contains("sk-new-2"));
+    assert_eq!(chat(), "sk-new-2");
+
+    // A file that cannot be read fails the reload and keeps the running key.
+    std::fs::write(&env_file, "not a variable\n").unwrap();
+    let failed = send("POST", &proxy.url("/config/reload"), &[], None);
+    assert_eq!(failed.status, 400);
+    assert!(
+        String::from_utf8_lossy(&failed.body).contains(":1 (--env-file)"),
+        "{}",
+        String::from_utf8_lossy(&failed.body)
+    );
+    assert_eq!(chat(), "sk-new-2");
+}
+
+#[test]
+fn check_config_warns_of_instances_whose_api_version_gives_no_stream_usage() {
+    let dir = TempDir::new();
+    let inst = |name: &str, version: &str| {
+        format!("  - {{name: {name}, api_key: k, api_base: 'https://{name}.example.com', api_version: '{version}', supported_models: [m]}}\n")
+    };
+    dir.write(
+        "base.yaml",
+        &format!(
+            "instances:\n{}{}{}",
+            inst("old", "2024-02-01"),
+            inst("dated", "2024-10-21"),
+            inst("ga", "v1")
+        ),
+    );
+    let out = proxy_cmd()
+        .args(["--check-config", "--config-dir"])
+        .arg(&dir.0)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let warned: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("takes no stream_options"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{err}");
+    assert!(
+        warned[0].contains("instance \"old\": api_version 2024-02-01"),
+        "{err}"
+    );
+}

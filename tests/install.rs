@@ -53,8 +53,8 @@ fn installs_a_service_idempotently_and_uninstalls() {
     assert!(String::from_utf8_lossy(&version.stdout).starts_with("azure-openai-proxy "));
     assert_eq!(
         mode(&r("/etc/azure-openai-proxy/env")),
-        0o600,
-        "secrets are root-only"
+        0o640,
+        "secrets: root writes, the service's group reads (--env-file), others nothing"
     );
     let base = std::fs::read_to_string(r("/etc/azure-openai-proxy/base.yaml")).unwrap();
     assert_eq!(
@@ -65,9 +65,9 @@ fn installs_a_service_idempotently_and_uninstalls() {
     let unit =
         std::fs::read_to_string(r("/etc/systemd/system/azure-openai-proxy.service")).unwrap();
     for line in [
-        "ExecStart=/opt/aop/bin/azure-openai-proxy --config-dir /etc/azure-openai-proxy",
+        "ExecStartPre=/opt/aop/bin/azure-openai-proxy --check-config --config-dir /etc/azure-openai-proxy --env-file /etc/azure-openai-proxy/env",
+        "ExecStart=/opt/aop/bin/azure-openai-proxy --config-dir /etc/azure-openai-proxy --env-file /etc/azure-openai-proxy/env",
         "ExecReload=/bin/kill -HUP $MAINPID",
-        "EnvironmentFile=/etc/azure-openai-proxy/env",
         "Environment=ENVIRONMENT=production",
         "Restart=on-failure",
         "User=proxyuser",
@@ -84,24 +84,37 @@ fn installs_a_service_idempotently_and_uninstalls() {
         "the unit names real paths, not the staging root"
     );
 
-    // The installed config validates with the secrets the env file would give it.
-    let check = Command::new(&bin)
-        .args(["--check-config", "--config-dir"])
-        .arg(r("/etc/azure-openai-proxy"))
-        .env_clear()
-        .envs([
-            ("ENVIRONMENT", "production"),
-            ("AZURE_OPENAI_KEY_EAST", "k1"),
-            ("AZURE_OPENAI_BASE_EAST", "https://east.example.com"),
-            ("AZURE_OPENAI_KEY_WEST", "k2"),
-            ("AZURE_OPENAI_BASE_WEST", "https://west.example.com"),
-        ])
-        .output()
-        .unwrap();
     assert!(
-        check.status.success(),
+        !unit.lines().any(|l| l.starts_with("EnvironmentFile=")),
+        "systemd would read it at start only: {unit}"
+    );
+
+    // The unit's check, as it runs it: empty keys fail, filled-in keys pass.
+    let env_file = r("/etc/azure-openai-proxy/env");
+    let check = || {
+        Command::new(&bin)
+            .args(["--check-config", "--config-dir"])
+            .arg(r("/etc/azure-openai-proxy"))
+            .arg("--env-file")
+            .arg(&env_file)
+            .env_clear()
+            .env("ENVIRONMENT", "production")
+            .output()
+            .unwrap()
+    };
+    assert_eq!(check().status.code(), Some(1), "the keys are still empty");
+    let template = std::fs::read_to_string(&env_file).unwrap();
+    let filled = template
+        .replace("KEY_EAST=", "KEY_EAST=k1")
+        .replace("BASE_EAST=", "BASE_EAST=https://east.example.com")
+        .replace("KEY_WEST=", "KEY_WEST=k2")
+        .replace("BASE_WEST=", "BASE_WEST=https://west.example.com");
+    std::fs::write(&env_file, filled).unwrap();
+    let passed = check();
+    assert!(
+        passed.status.success(),
         "{}",
-        String::from_utf8_lossy(&check.stderr)
+        String::from_utf8_lossy(&passed.stderr)
     );
 
     // Operator edits survive a second run; the binary and unit are refreshed.
@@ -148,7 +161,7 @@ fn installs_a_service_idempotently_and_uninstalls() {
         std::fs::read_to_string(r("/etc/azure-openai-proxy/env")).unwrap(),
         "AZURE_OPENAI_KEY_EAST=secret\nREDIS_URL=redis://:pw%&1@cache:6380/2\n"
     );
-    assert_eq!(mode(&r("/etc/azure-openai-proxy/env")), 0o600);
+    assert_eq!(mode(&r("/etc/azure-openai-proxy/env")), 0o640);
     let production = std::fs::read_to_string(r("/etc/azure-openai-proxy/production.yaml")).unwrap();
     assert_eq!(
         production.matches("url: ${REDIS_URL}").count(),
@@ -160,23 +173,17 @@ fn installs_a_service_idempotently_and_uninstalls() {
         r("/etc/azure-openai-proxy/base.yaml"),
     )
     .unwrap();
-    let check = Command::new(&bin)
-        .args(["--check-config", "--config-dir"])
-        .arg(r("/etc/azure-openai-proxy"))
-        .env_clear()
-        .envs([
-            ("ENVIRONMENT", "production"),
-            ("AZURE_OPENAI_KEY_EAST", "k1"),
-            ("AZURE_OPENAI_BASE_EAST", "https://east.example.com"),
-            ("AZURE_OPENAI_KEY_WEST", "k2"),
-            ("AZURE_OPENAI_BASE_WEST", "https://west.example.com"),
-            ("REDIS_URL", "redis://:pw@cache:6380/2"),
-        ])
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&check.stderr).into_owned()
-        + &String::from_utf8_lossy(&check.stdout);
-    assert!(check.status.success(), "{said}");
+    let with_redis = template
+        .replace("KEY_EAST=", "KEY_EAST=k1")
+        .replace("BASE_EAST=", "BASE_EAST=https://east.example.com")
+        .replace("KEY_WEST=", "KEY_WEST=k2")
+        .replace("BASE_WEST=", "BASE_WEST=https://west.example.com")
+        + "REDIS_URL=redis://:pw@cache:6380/2\n";
+    std::fs::write(&env_file, with_redis).unwrap();
+    let checked = check();
+    let said = String::from_utf8_lossy(&checked.stderr).into_owned()
+        + &String::from_utf8_lossy(&checked.stdout);
+    assert!(checked.status.success(), "{said}");
     assert!(!said.contains(":pw@"), "{said}");
 
     let out = install(&root.0, &["--uninstall", "--prefix", "/opt/aop"]);
@@ -187,4 +194,21 @@ fn installs_a_service_idempotently_and_uninstalls() {
         "keys are not deleted"
     );
     install(&root.0, &["--uninstall", "--prefix", "/opt/aop"]); // twice is fine
+}
+
+#[test]
+fn help_prints_the_scripts_comment_and_nothing_of_its_code() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/install.sh");
+    let out = Command::new("bash")
+        .args([script, "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.starts_with("Installs the proxy"), "{help}");
+    assert!(
+        help.contains("--uninstall") && help.contains("--env-file"),
+        "{help}"
+    );
+    assert!(!help.contains("set -euo") && !help.contains('#'), "{help}");
 }

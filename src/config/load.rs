@@ -3,6 +3,7 @@
 //! each file, then the legacy environment variables. Every key remembers which source
 //! set it last, so a type or validation error names the file (or variable) to fix.
 
+use super::env_file;
 use super::schema::{Config, Invalid};
 use serde_yaml::{Mapping, Value};
 use std::collections::{BTreeMap, HashMap};
@@ -40,97 +41,169 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// A loaded config and the files it came from (for the start-up log).
+/// A loaded config, where it came from (for the start-up log and `--check-config`), and
+/// what in it is probably not what the operator meant.
 #[derive(Debug)]
 pub struct Loaded {
     pub config: Config,
+    /// The files read, in order.
     pub sources: Vec<PathBuf>,
+    /// For each instance, in config order, the files and variables that set it.
+    pub origins: Vec<String>,
+    /// Loads, but is probably a mistake: ignored variables, placeholder keys. Never a
+    /// value.
+    pub warnings: Vec<String>,
+    prov: Provenance,
+}
+
+impl Loaded {
+    /// The file or variable that set `path` (`logging.file`), for a message about it.
+    pub fn source_of(&self, path: &str) -> String {
+        self.prov.source(path)
+    }
 }
 
 /// Where the configuration comes from, kept so it can be read again on reload.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Source {
-    pub dir: PathBuf,
+    /// Where `base.yaml` and `{ENVIRONMENT}.yaml` are; `None` (`--env-only`) reads no
+    /// file, so the environment variables alone define the instances.
+    pub dir: Option<PathBuf>,
+    /// The process environment at start. Nothing outside a process can change its
+    /// environment, so every reload sees this same one.
     pub env: Env,
+    /// `--env-file`: read on every load, its variables over `env`, so that a reload
+    /// picks up a rotated key.
+    pub env_file: Option<PathBuf>,
+    /// `--host` and `--port`: over the configuration's `host` and `port` (the only way
+    /// to set them with `--env-only`).
+    pub host: Option<String>,
+    pub port: Option<u16>,
 }
 
 impl Source {
     pub fn load(&self) -> Result<Loaded, ConfigError> {
-        load(&self.dir, &self.env)
+        let mut env = self.env.clone();
+        if let Some(path) = &self.env_file {
+            env.extend(env_file::read(path)?);
+        }
+        let mut loaded = load(self.dir.as_deref(), &env)?;
+        if let Some(host) = &self.host {
+            loaded.config.host = host.clone();
+        }
+        if let Some(port) = self.port {
+            loaded.config.port = port;
+        }
+        Ok(loaded)
     }
 }
 
 /// Which source set each key path (`routing.strategy`, `instances[1].api_key`).
-#[derive(Default)]
-struct Provenance(HashMap<String, String>);
+#[derive(Default, Debug)]
+struct Provenance {
+    by_path: HashMap<String, String>,
+    /// The files read, joined: the source of a key no file or variable set (a default).
+    files: String,
+}
 
 impl Provenance {
     fn set(&mut self, path: &str, source: &str) {
-        self.0.insert(path.to_string(), source.to_string());
+        self.by_path.insert(path.to_string(), source.to_string());
     }
 
     /// The source of `path` or of its nearest ancestor that has one.
     fn of(&self, path: &str) -> Option<&str> {
         let mut p = path;
         loop {
-            if let Some(s) = self.0.get(p) {
+            if let Some(s) = self.by_path.get(p) {
                 return Some(s);
             }
             p = &p[..p.rfind(['.', '['])?];
         }
     }
+
+    /// `of`, else the files, else "environment".
+    fn source(&self, path: &str) -> String {
+        match self.of(path) {
+            Some(s) => s.to_string(),
+            None if self.files.is_empty() => "environment".to_string(),
+            None => self.files.clone(),
+        }
+    }
+
+    /// Every source that set something of instance `i`: its files in the order they
+    /// were read, then its environment variables by name.
+    fn of_instance(&self, i: usize, files: &[PathBuf]) -> String {
+        let at = format!("instances[{i}]");
+        let mut set: Vec<&str> = self
+            .by_path
+            .iter()
+            .filter(|(path, _)| {
+                path.strip_prefix(&at)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+            })
+            .map(|(_, source)| source.as_str())
+            .collect();
+        let rank = |s: &str| {
+            files
+                .iter()
+                .position(|f| f.display().to_string() == s)
+                .unwrap_or(files.len())
+        };
+        set.sort_by_key(|s| (rank(s), *s));
+        set.dedup();
+        let (vars, named): (Vec<&str>, Vec<&str>) = set
+            .iter()
+            .partition(|s| s.starts_with("environment variable"));
+        let mut parts: Vec<String> = named.iter().map(|s| s.to_string()).collect();
+        if !vars.is_empty() {
+            let names: Vec<&str> = vars
+                .iter()
+                .filter_map(|s| {
+                    s.strip_prefix("environment variables ")
+                        .or_else(|| s.strip_prefix("environment variable "))
+                })
+                .collect();
+            parts.push(format!("environment ({})", names.join(", ")));
+        }
+        parts.join(" + ")
+    }
 }
 
-pub fn load(dir: &Path, env: &Env) -> Result<Loaded, ConfigError> {
-    let environment = env
-        .get("ENVIRONMENT")
-        .map(String::as_str)
-        .unwrap_or("development");
-    if environment.is_empty() || environment.contains(['/', '\\', '.']) {
-        return Err(ConfigError(format!(
-            "ENVIRONMENT={environment:?} is not a plain name (it selects {}/<name>.yaml)",
-            dir.display()
-        )));
-    }
-    let base = dir.join("base.yaml");
-    let overlay = dir.join(format!("{environment}.yaml"));
-
+/// Reads `dir`'s files (none when `dir` is `None`), then the legacy variables of `env`.
+pub fn load(dir: Option<&Path>, env: &Env) -> Result<Loaded, ConfigError> {
     let mut merged = Mapping::new();
     let mut prov = Provenance::default();
     let mut sources = Vec::new();
-    for file in [&base, &overlay] {
-        if let Some(layer) = read_layer(file, env)? {
-            merge_map(
-                &mut merged,
-                layer,
-                "",
-                &file.display().to_string(),
-                &mut prov,
-            );
-            sources.push(file.clone());
+    if let Some(dir) = dir {
+        for file in files_of(dir, env)? {
+            if let Some(layer) = read_layer(&file, env)? {
+                let name = file.display().to_string();
+                merge_map(&mut merged, layer, "", &name, &mut prov);
+                sources.push(file);
+            }
         }
     }
-    let legacy_single = apply_legacy_env(&mut merged, env, &mut prov)?;
+    let Legacy {
+        single: legacy_single,
+        mut warnings,
+    } = apply_legacy_env(&mut merged, env, &mut prov)?;
     if sources.is_empty() && !env_defines_instances(env) {
-        return Err(ConfigError(format!(
-            "{}: not found, and no instance is defined by environment variables (API_KEY + API_BASE, or API_INSTANCES)",
-            base.display()
-        )));
+        return Err(ConfigError(match dir {
+            Some(dir) => format!(
+                "{}: not found, and no instance is defined by environment variables (API_KEY + API_BASE, or API_INSTANCES)",
+                dir.join("base.yaml").display()
+            ),
+            None => "--env-only reads no file, and no instance is defined by environment variables (API_KEY + API_BASE, or API_INSTANCES)".to_string(),
+        }));
     }
-    let files = sources
+    prov.files = sources
         .iter()
         .map(|p| p.display().to_string())
         .collect::<Vec<_>>()
         .join(" + ");
     let locate = |path: &str| -> String {
-        let source = prov.of(path).map(str::to_string).unwrap_or_else(|| {
-            if files.is_empty() {
-                "environment".to_string()
-            } else {
-                files.clone()
-            }
-        });
-        format!("{source}: {}", describe_path(path, &merged))
+        format!("{}: {}", prov.source(path), describe_path(path, &merged))
     };
 
     let mut config: Config = serde_path_to_error::deserialize(Value::Mapping(merged.clone()))
@@ -148,7 +221,77 @@ pub fn load(dir: &Path, env: &Env) -> Result<Loaded, ConfigError> {
     config.validate().map_err(|Invalid { path, message }| {
         ConfigError(format!("{}: {message}", locate(&path)))
     })?;
-    Ok(Loaded { config, sources })
+    if let (Some(dir), Some(file)) = (dir, &mut config.logging.file) {
+        *file = resolve_log_file(dir, file);
+    }
+    let origins = (0..config.instances.len())
+        .map(|i| prov.of_instance(i, &sources))
+        .collect();
+    for (i, inst) in config.instances.iter().enumerate() {
+        if PLACEHOLDER_KEYS
+            .iter()
+            .any(|p| inst.api_key.expose().contains(p))
+        {
+            warnings.push(format!(
+                "instance {:?}: its api_key (from {}) is a placeholder; the instance is routed to, and its requests fail until a real key is set",
+                inst.name,
+                prov.source(&format!("instances[{i}].api_key"))
+            ));
+        }
+    }
+    Ok(Loaded {
+        config,
+        sources,
+        origins,
+        warnings,
+        prov,
+    })
+}
+
+/// Markers of the example keys (`config/base.yaml`'s `replace-me-east`, the Python
+/// proxy's README's `your-api-key`): a key that contains one is not a real key.
+const PLACEHOLDER_KEYS: [&str; 2] = ["replace-me", "your-api-key"];
+
+/// `base.yaml` and `{ENVIRONMENT}.yaml` in `dir`.
+fn files_of(dir: &Path, env: &Env) -> Result<[PathBuf; 2], ConfigError> {
+    let environment = env
+        .get("ENVIRONMENT")
+        .map(String::as_str)
+        .unwrap_or("development");
+    if environment.is_empty() || environment.contains(['/', '\\', '.']) {
+        return Err(ConfigError(format!(
+            "ENVIRONMENT={environment:?} is not a plain name (it selects {}/<name>.yaml)",
+            dir.display()
+        )));
+    }
+    Ok([
+        dir.join("base.yaml"),
+        dir.join(format!("{environment}.yaml")),
+    ])
+}
+
+/// A relative `logging.file` is taken from the config directory's parent, as the Python
+/// proxy did (it resolved it against its `app/` package, the parent of `app/config`):
+/// its `../logs/app.log` lands beside `app/`, and `logs/app.log` beside `config/`.
+fn resolve_log_file(dir: &Path, file: &str) -> String {
+    let path = Path::new(file);
+    if path.is_absolute() {
+        return file.to_string();
+    }
+    let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let base = dir.parent().unwrap_or(&dir);
+    let mut out = PathBuf::new();
+    // Lexically, so that the log shows `/srv/logs/app.log`, not `/srv/app/../logs/app.log`.
+    for part in base.join(path).components() {
+        match part {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out.display().to_string()
 }
 
 /// serde's messages quote the value they could not read (`invalid type: string
@@ -353,11 +496,23 @@ fn env_defines_instances(env: &Env) -> bool {
         || (env.contains_key("API_KEY") && env.contains_key("API_BASE"))
 }
 
-fn env_prefix(name: &str) -> String {
-    format!(
-        "API_INSTANCE_{}_",
-        name.to_ascii_uppercase().replace('-', "_")
-    )
+/// The prefixes of an instance's variables: the name upper-cased (the Python proxy's
+/// form, `API_INSTANCE_SOUTH-1_`) and, when they differ, with `-` written as `_`
+/// (`API_INSTANCE_SOUTH_1_`, the form a shell can export).
+fn env_prefixes(name: &str) -> Vec<String> {
+    let upper = name.to_ascii_uppercase();
+    let mut prefixes = vec![format!("API_INSTANCE_{}_", upper.replace('-', "_"))];
+    if upper.contains('-') {
+        prefixes.push(format!("API_INSTANCE_{upper}_"));
+    }
+    prefixes
+}
+
+/// The model a `MODEL_MAP_{MODEL}` suffix names: lower-cased, `_` read as `-`, as the
+/// Python proxy did. `GPT-4O-2024-11-20` and `GPT_4O_2024_11_20` both name
+/// `gpt-4o-2024-11-20`.
+fn model_of(suffix: &str) -> String {
+    suffix.to_ascii_lowercase().replace('_', "-")
 }
 
 fn field_value(field: &str, raw: &str) -> Value {
@@ -374,21 +529,59 @@ fn field_value(field: &str, raw: &str) -> Value {
     }
 }
 
-/// Applies `API_INSTANCES` / `API_INSTANCE_{NAME}_*`, the legacy single instance and
-/// `MODEL_MAP_*`. Returns whether the legacy single instance was created.
+/// Sets `model`'s deployment in an (untyped) instance, recording `var` as its source.
+fn map_model(
+    list: &mut [Value],
+    i: usize,
+    model: &str,
+    deployment: &str,
+    var: &str,
+    prov: &mut Provenance,
+) {
+    let Some(inst) = list[i].as_mapping_mut() else {
+        return;
+    };
+    let map = inst
+        .entry("model_deployments".into())
+        .or_insert_with(|| Value::Mapping(Mapping::new()));
+    if let Value::Mapping(map) = map {
+        map.insert(model.into(), deployment.into());
+        prov.set(
+            &format!("instances[{i}].model_deployments"),
+            &format!("environment variable {var}"),
+        );
+    }
+}
+
+/// What the legacy variables did beyond the merged configuration.
+struct Legacy {
+    /// The single instance of `API_KEY`/`API_BASE` was created.
+    single: bool,
+    warnings: Vec<String>,
+}
+
+/// Applies `API_INSTANCES` / `API_INSTANCE_{NAME}_*` (fields and `MODEL_MAP_{MODEL}`),
+/// the legacy single instance and the global `MODEL_MAP_*`. A per-instance map is
+/// applied last, so it wins over a global one. Variables it does not use, and a single
+/// instance it cannot create, become warnings.
 fn apply_legacy_env(
     merged: &mut Mapping,
     env: &Env,
     prov: &mut Provenance,
-) -> Result<bool, ConfigError> {
+) -> Result<Legacy, ConfigError> {
+    let mut legacy = Legacy {
+        single: false,
+        warnings: Vec::new(),
+    };
     let instances = merged
         .entry(Value::String("instances".into()))
         .or_insert_with(|| Value::Sequence(Vec::new()));
     let Value::Sequence(list) = instances else {
         // A wrong type here is reported by deserialization with its file name.
-        return Ok(false);
+        return Ok(legacy);
     };
 
+    let from_files = list.len();
     let mut names: Vec<String> = list
         .iter()
         .filter_map(|i| i.get("name").map(key_text))
@@ -404,15 +597,9 @@ fn apply_legacy_env(
             names.push(n.to_string());
         }
     }
+    let mut used = std::collections::HashSet::new();
+    let mut instance_maps = Vec::new();
     for name in &names {
-        let prefix = env_prefix(name);
-        let fields: Vec<_> = LEGACY_FIELDS
-            .iter()
-            .filter_map(|(suffix, field)| {
-                let var = format!("{prefix}{suffix}");
-                env.get(&var).map(|raw| (var, *field, raw))
-            })
-            .collect();
         let index = match instance_index(list, name) {
             Some(i) => i,
             None => {
@@ -422,23 +609,36 @@ fn apply_legacy_env(
                 );
                 let mut m = Mapping::new();
                 m.insert("name".into(), Value::String(name.clone()));
+                // As for the single instance: the Python proxy had a default too.
+                m.insert("api_version".into(), DEFAULT_API_VERSION.into());
                 list.push(Value::Mapping(m));
                 list.len() - 1
             }
         };
-        let Some(target) = list[index].as_mapping_mut() else {
-            continue;
-        };
-        for (var, field, raw) in fields {
-            target.insert(field.into(), field_value(field, raw));
-            prov.set(
-                &format!("instances[{index}].{field}"),
-                &format!("environment variable {var}"),
-            );
+        for prefix in env_prefixes(name) {
+            let vars = env
+                .range(prefix.clone()..)
+                .take_while(|(k, _)| k.starts_with(&prefix));
+            for (var, raw) in vars {
+                let rest = &var[prefix.len()..];
+                if let Some(model) = rest.strip_prefix("MODEL_MAP_").filter(|m| !m.is_empty()) {
+                    instance_maps.push((index, model_of(model), raw, var));
+                } else if let Some((_, field)) = LEGACY_FIELDS.iter().find(|(s, _)| *s == rest) {
+                    if let Some(target) = list[index].as_mapping_mut() {
+                        target.insert((*field).into(), field_value(field, raw));
+                    }
+                    prov.set(
+                        &format!("instances[{index}].{field}"),
+                        &format!("environment variable {var}"),
+                    );
+                } else {
+                    continue;
+                }
+                used.insert(var.as_str());
+            }
         }
     }
 
-    let mut legacy_single = false;
     if list.is_empty() {
         match (env.get("API_KEY"), env.get("API_BASE")) {
             (Some(key), Some(base)) => {
@@ -450,7 +650,7 @@ fn apply_legacy_env(
                 m.insert("api_version".into(), version.into());
                 list.push(Value::Mapping(m));
                 prov.set("instances[0]", "environment variables API_KEY/API_BASE");
-                legacy_single = true;
+                legacy.single = true;
             }
             (Some(_), None) | (None, Some(_)) => {
                 return Err(ConfigError(
@@ -459,34 +659,56 @@ fn apply_legacy_env(
             }
             (None, None) => {}
         }
+    } else if env.contains_key("API_KEY") || env.contains_key("API_BASE") {
+        let source = if from_files > 0 {
+            "the config files define instances"
+        } else {
+            "API_INSTANCES defines instances"
+        };
+        legacy.warnings.push(format!(
+            "API_KEY/API_BASE are ignored: {source} ({}); the single legacy instance is only used when nothing else defines one (to run on environment variables alone, start with --env-only)",
+            names.join(", ")
+        ));
     }
 
     for (var, deployment) in env.range("MODEL_MAP_".to_string()..) {
         let Some(suffix) = var.strip_prefix("MODEL_MAP_") else {
             break;
         };
-        let model = suffix.to_ascii_lowercase().replace('_', "-");
-        for (i, inst) in list.iter_mut().enumerate() {
-            let serves = legacy_single || value_serves(inst, &model);
-            let Some(inst) = inst.as_mapping_mut().filter(|_| serves) else {
-                continue;
-            };
-            let map = inst
-                .entry("model_deployments".into())
-                .or_insert_with(|| Value::Mapping(Mapping::new()));
-            if let Value::Mapping(map) = map {
-                map.insert(
-                    Value::String(model.clone()),
-                    Value::String(deployment.clone()),
-                );
-                prov.set(
-                    &format!("instances[{i}].model_deployments"),
-                    &format!("environment variable {var}"),
-                );
+        let model = model_of(suffix);
+        for i in 0..list.len() {
+            if legacy.single || value_serves(&list[i], &model) {
+                map_model(list, i, &model, deployment, var, prov);
             }
         }
     }
-    Ok(legacy_single)
+    for (i, model, deployment, var) in instance_maps {
+        map_model(list, i, &model, deployment, var, prov);
+    }
+
+    let unknown = env
+        .range("API_INSTANCE_".to_string()..)
+        .take_while(|(k, _)| k.starts_with("API_INSTANCE_"))
+        .filter(|(k, _)| !used.contains(k.as_str()));
+    for (var, _) in unknown {
+        let instance = names
+            .iter()
+            .find(|n| env_prefixes(n).iter().any(|p| var.starts_with(p.as_str())));
+        let why = match instance {
+            Some(name) => format!(
+                "not a field of instance {name:?} (fields: {}, MODEL_MAP_{{MODEL}})",
+                LEGACY_FIELDS.map(|(s, _)| s).join(", ")
+            ),
+            None => format!(
+                "it names no instance (instances: {}; a new one must be listed in API_INSTANCES)",
+                names.join(", ")
+            ),
+        };
+        legacy
+            .warnings
+            .push(format!("environment variable {var} is ignored: {why}"));
+    }
+    Ok(legacy)
 }
 
 /// Whether an instance (still untyped) names `model` in its supported models or map.
@@ -557,7 +779,7 @@ instances:
             ),
         ]);
         let c = load(
-            &d.0,
+            Some(&d.0),
             &env(&[("EAST_KEY", "ek"), ("ENVIRONMENT", "production")]),
         )
         .unwrap()
@@ -591,7 +813,7 @@ instances:
     #[test]
     fn environment_defaults_to_development() {
         let d = dir_with(&[("base.yaml", BASE), ("development.yaml", "port: 4000")]);
-        let c = load(&d.0, &env(&[("EAST_KEY", "ek")])).unwrap();
+        let c = load(Some(&d.0), &env(&[("EAST_KEY", "ek")])).unwrap();
         assert_eq!(c.config.port, 4000);
         assert_eq!(c.sources.len(), 2);
     }
@@ -599,7 +821,7 @@ instances:
     #[test]
     fn unset_variable_names_file_key_and_variable() {
         let d = dir_with(&[("base.yaml", BASE)]);
-        let e = load(&d.0, &env(&[])).unwrap_err().0;
+        let e = load(Some(&d.0), &env(&[])).unwrap_err().0;
         assert!(e.contains("base.yaml"), "{e}");
         assert!(e.contains("instances[0].api_key"), "{e}");
         assert!(e.contains("EAST_KEY"), "{e}");
@@ -611,7 +833,7 @@ instances:
             "base.yaml",
             &format!("{BASE}logging: {{feishu_webhook: '${{HOOK}}'}}\n"),
         )]);
-        let c = load(&d.0, &env(&[("EAST_KEY", "k")])).unwrap().config;
+        let c = load(Some(&d.0), &env(&[("EAST_KEY", "k")])).unwrap().config;
         assert!(c.logging.feishu_webhook.is_none());
     }
 
@@ -634,7 +856,7 @@ instances:
                 "instances: [{name: west, max_tpm: lots}]",
             ),
         ]);
-        let e = load(&d.0, &env(&[("EAST_KEY", "k")])).unwrap_err().0;
+        let e = load(Some(&d.0), &env(&[("EAST_KEY", "k")])).unwrap_err().0;
         assert!(
             e.starts_with(&format!("{}", d.0.join("development.yaml").display())),
             "{e}"
@@ -651,14 +873,14 @@ instances:
             "base.yaml",
             &BASE.replace("strategy: failover", "strategy: fastest"),
         )]);
-        let e = load(&d.0, &env(&[("EAST_KEY", "k")])).unwrap_err().0;
+        let e = load(Some(&d.0), &env(&[("EAST_KEY", "k")])).unwrap_err().0;
         assert!(
             e.contains("routing.strategy") && e.contains("`round_robin`") && !e.contains("fastest"),
             "the path and what it may be, never the value: {e}"
         );
 
         let d = dir_with(&[("base.yaml", &BASE.replace("max_tpm:", "max_tmp:"))]);
-        let e = load(&d.0, &env(&[("EAST_KEY", "k")])).unwrap_err().0;
+        let e = load(Some(&d.0), &env(&[("EAST_KEY", "k")])).unwrap_err().0;
         assert!(e.contains("instances[0]") && e.contains("max_tmp"), "{e}");
     }
 
@@ -678,11 +900,11 @@ instances:
                 _ => "name: east",
             };
             let d = dir_with(&[("base.yaml", &BASE.replace(bad, replacement))]);
-            let e = load(&d.0, &env(&[("EAST_KEY", "k")])).unwrap_err().0;
+            let e = load(Some(&d.0), &env(&[("EAST_KEY", "k")])).unwrap_err().0;
             assert!(e.contains("base.yaml") && e.contains(key), "{key}: {e}");
         }
         let d = dir_with(&[("base.yaml", "instances: []")]);
-        let e = load(&d.0, &env(&[])).unwrap_err().0;
+        let e = load(Some(&d.0), &env(&[])).unwrap_err().0;
         assert!(e.contains("base.yaml") && e.contains("no instance"), "{e}");
     }
 
@@ -705,7 +927,7 @@ instances:
     #[test]
     fn yaml_syntax_error_names_the_file() {
         let d = dir_with(&[("base.yaml", "instances: [\n")]);
-        let e = load(&d.0, &env(&[])).unwrap_err().0;
+        let e = load(Some(&d.0), &env(&[])).unwrap_err().0;
         assert!(e.contains("base.yaml: invalid YAML"), "{e}");
     }
 
@@ -713,7 +935,7 @@ instances:
     fn legacy_instance_variables_override_and_add() {
         let d = dir_with(&[("base.yaml", BASE)]);
         let c = load(
-            &d.0,
+            Some(&d.0),
             &env(&[
                 ("EAST_KEY", "k"),
                 ("API_INSTANCES", "west, south-1"),
@@ -747,7 +969,7 @@ instances:
     fn legacy_variable_errors_name_the_variable() {
         let d = dir_with(&[("base.yaml", BASE)]);
         let e = load(
-            &d.0,
+            Some(&d.0),
             &env(&[("EAST_KEY", "k"), ("API_INSTANCE_EAST_WEIGHT", "heavy")]),
         )
         .unwrap_err()
@@ -762,7 +984,7 @@ instances:
     fn legacy_single_instance_serves_any_model() {
         let d = dir_with(&[]);
         let c = load(
-            &d.0,
+            Some(&d.0),
             &env(&[
                 ("API_KEY", "k"),
                 ("API_BASE", "https://one.example.com"),
@@ -777,9 +999,232 @@ instances:
         assert_eq!(only.deployment("other"), "other");
         assert_eq!(only.api_version, DEFAULT_API_VERSION);
 
-        let e = load(&d.0, &env(&[("API_KEY", "k")])).unwrap_err().0;
+        let e = load(Some(&d.0), &env(&[("API_KEY", "k")])).unwrap_err().0;
         assert!(e.contains("API_BASE"), "{e}");
-        let e = load(&d.0, &env(&[])).unwrap_err().0;
+        let e = load(Some(&d.0), &env(&[])).unwrap_err().0;
         assert!(e.contains("base.yaml: not found"), "{e}");
+    }
+
+    #[test]
+    fn per_instance_model_maps_as_the_python_readme_writes_them() {
+        let d = dir_with(&[("base.yaml", BASE)]);
+        let c = load(
+            Some(&d.0),
+            &env(&[
+                ("EAST_KEY", "k"),
+                (
+                    "API_INSTANCE_EAST_MODEL_MAP_GPT-4O-2024-11-20",
+                    "gpt4o-november",
+                ),
+                ("API_INSTANCE_EAST_MODEL_MAP_GPT_4O_MINI", "mini-east"),
+                ("API_INSTANCE_EAST_MODEL_MAP_GPT-4O", "east-own"),
+                ("MODEL_MAP_GPT_4O", "global-4o"),
+            ]),
+        )
+        .unwrap()
+        .config;
+        let (east, west) = (&c.instances[0], &c.instances[1]);
+        assert_eq!(east.deployment("gpt-4o-2024-11-20"), "gpt4o-november");
+        assert_eq!(
+            east.deployment("gpt-4o-mini"),
+            "mini-east",
+            "`_` reads as `-`"
+        );
+        assert_eq!(
+            east.deployment("gpt-4o"),
+            "east-own",
+            "the instance's map wins"
+        );
+        assert_eq!(west.deployment("gpt-4o"), "global-4o");
+        assert!(!west.serves("gpt-4o-2024-11-20"), "only the named instance");
+    }
+
+    #[test]
+    fn a_hyphenated_name_takes_both_variable_forms() {
+        let e = env(&[
+            ("API_INSTANCES", "south-1,north-2"),
+            ("API_INSTANCE_SOUTH-1_API_KEY", "k1"),
+            ("API_INSTANCE_SOUTH-1_API_BASE", "https://s.example.com"),
+            ("API_INSTANCE_SOUTH-1_SUPPORTED_MODELS", "m"),
+            ("API_INSTANCE_NORTH_2_API_KEY", "k2"),
+            ("API_INSTANCE_NORTH_2_API_BASE", "https://n.example.com"),
+            ("API_INSTANCE_NORTH_2_MODEL_MAP_M", "n-m"),
+        ]);
+        let loaded = load(None, &e).unwrap();
+        let c = &loaded.config;
+        assert_eq!(c.instances[0].api_base, "https://s.example.com");
+        assert_eq!(c.instances[1].deployment("m"), "n-m");
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    }
+
+    #[test]
+    fn variables_it_does_not_understand_are_warnings_naming_them_not_their_values() {
+        let d = dir_with(&[("base.yaml", BASE)]);
+        let loaded = load(
+            Some(&d.0),
+            &env(&[
+                ("EAST_KEY", "k"),
+                ("API_INSTANCE_EAST_PROXY_URL", "http://user:pw-secret@p"),
+                ("API_INSTANCE_SOUTH_API_KEY", "sk-secret-south"),
+                ("API_INSTANCE_EAST_MODEL_MAP_", "x"),
+                ("API_KEY", "sk-ignored"),
+                ("API_BASE", "https://one.example.com"),
+            ]),
+        )
+        .unwrap();
+        let w = loaded.warnings.join("\n");
+        assert_eq!(loaded.warnings.len(), 4, "{w}");
+        assert!(
+            w.contains("API_INSTANCE_EAST_PROXY_URL is ignored: not a field of instance \"east\""),
+            "{w}"
+        );
+        assert!(w.contains("API_INSTANCE_EAST_MODEL_MAP_ is ignored"), "{w}");
+        assert!(
+            w.contains("API_INSTANCE_SOUTH_API_KEY is ignored: it names no instance")
+                && w.contains("API_INSTANCES"),
+            "{w}"
+        );
+        assert!(
+            w.contains(
+                "API_KEY/API_BASE are ignored: the config files define instances (east, west)"
+            ) && w.contains("--env-only"),
+            "{w}"
+        );
+        for secret in ["pw-secret", "sk-secret-south", "sk-ignored"] {
+            assert!(!w.contains(secret), "{w}");
+        }
+    }
+
+    #[test]
+    fn origins_name_each_instances_files_and_variables_and_placeholders_warn() {
+        let d = dir_with(&[
+            (
+                "base.yaml",
+                &BASE.replace("api_key: k2", "api_key: replace-me-west"),
+            ),
+            ("production.yaml", "instances: [{name: east, priority: 3}]"),
+        ]);
+        let loaded = load(
+            Some(&d.0),
+            &env(&[
+                ("ENVIRONMENT", "production"),
+                ("EAST_KEY", "k"),
+                ("API_INSTANCES", "south"),
+                ("API_INSTANCE_SOUTH_API_KEY", "your-api-key"),
+                ("API_INSTANCE_SOUTH_API_BASE", "https://s.example.com"),
+                ("API_INSTANCE_SOUTH_API_VERSION", "2024-10-21"),
+                ("API_INSTANCE_EAST_WEIGHT", "2"),
+                ("API_INSTANCE_SOUTH_MODEL_MAP_M", "d"),
+            ]),
+        )
+        .unwrap();
+        let (base, prod) = (
+            d.0.join("base.yaml").display().to_string(),
+            d.0.join("production.yaml").display().to_string(),
+        );
+        assert_eq!(
+            loaded.origins,
+            [
+                format!("{base} + {prod} + environment (API_INSTANCE_EAST_WEIGHT)"),
+                base.clone(),
+                "environment (API_INSTANCES, API_INSTANCE_SOUTH_API_BASE, API_INSTANCE_SOUTH_API_KEY, API_INSTANCE_SOUTH_API_VERSION, API_INSTANCE_SOUTH_MODEL_MAP_M)".to_string(),
+            ]
+        );
+        let w = loaded.warnings.join("\n");
+        assert_eq!(loaded.warnings.len(), 2, "{w}");
+        assert!(
+            w.contains(&format!(
+                "instance \"west\": its api_key (from {base}) is a placeholder"
+            )),
+            "{w}"
+        );
+        assert!(
+            w.contains("instance \"south\": its api_key (from environment variable API_INSTANCE_SOUTH_API_KEY) is a placeholder"),
+            "{w}"
+        );
+        assert!(!w.contains("replace-me-west"), "{w}");
+    }
+
+    #[test]
+    fn env_only_reads_no_file() {
+        let d = dir_with(&[("base.yaml", BASE)]);
+        let e = env(&[("API_KEY", "k"), ("API_BASE", "https://one.example.com")]);
+        let loaded = load(None, &e).unwrap();
+        assert!(loaded.sources.is_empty());
+        assert_eq!(loaded.config.instances.len(), 1);
+        assert_eq!(loaded.origins, ["environment (API_KEY/API_BASE)"]);
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+        let from_dir = load(
+            Some(&d.0),
+            &env(&[
+                ("EAST_KEY", "k"),
+                ("API_KEY", "k"),
+                ("API_BASE", "https://one.example.com"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            from_dir.config.instances.len(),
+            2,
+            "the files' instances, not API_KEY's"
+        );
+        let e = load(None, &env(&[])).unwrap_err().0;
+        assert!(e.starts_with("--env-only reads no file"), "{e}");
+    }
+
+    #[test]
+    fn a_relative_log_file_is_taken_from_the_config_directorys_parent() {
+        assert_eq!(
+            resolve_log_file(Path::new("/srv/proxy/app/config"), "../logs/app.log"),
+            "/srv/proxy/logs/app.log"
+        );
+        assert_eq!(
+            resolve_log_file(Path::new("/etc/aop"), "./logs/./app.log"),
+            "/etc/logs/app.log"
+        );
+        assert_eq!(
+            resolve_log_file(Path::new("/etc/aop"), "/var/log/a.log"),
+            "/var/log/a.log"
+        );
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(
+            resolve_log_file(Path::new("config"), "logs/app.log"),
+            cwd.join("logs/app.log").display().to_string()
+        );
+        let d = dir_with(&[(
+            "base.yaml",
+            &format!("{BASE}logging: {{file: ../logs/app.log}}\n"),
+        )]);
+        let c = load(Some(&d.0), &env(&[("EAST_KEY", "k")])).unwrap().config;
+        let parent = d.0.parent().unwrap().parent().unwrap();
+        assert_eq!(
+            c.logging.file.as_deref(),
+            Some(parent.join("logs/app.log").to_str().unwrap())
+        );
+    }
+
+    #[test]
+    fn an_env_file_is_read_on_every_load_over_the_process_environment() {
+        let d = dir_with(&[("base.yaml", BASE)]);
+        let file = d.0.join("env");
+        std::fs::write(&file, "EAST_KEY=from-file-1\n").unwrap();
+        let source = Source {
+            dir: Some(d.0.clone()),
+            env: env(&[("EAST_KEY", "from-process")]),
+            env_file: Some(file.clone()),
+            ..Source::default()
+        };
+        let key = |s: &Source| {
+            s.load().unwrap().config.instances[0]
+                .api_key
+                .expose()
+                .to_string()
+        };
+        assert_eq!(key(&source), "from-file-1");
+        std::fs::write(&file, "EAST_KEY='from-file-2'\n").unwrap();
+        assert_eq!(key(&source), "from-file-2", "read again");
+        std::fs::remove_file(&file).unwrap();
+        let e = source.load().unwrap_err().0;
+        assert!(e.contains("(--env-file): cannot read"), "{e}");
     }
 }

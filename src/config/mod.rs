@@ -1,8 +1,9 @@
-//! Configuration: the schema and its secrets (`schema`), and how the layered sources
-//! become one validated `Config` (`load`).
+//! Configuration: the schema and its secrets (`schema`), how the layered sources
+//! become one validated `Config` (`load`), and the `--env-file` reader (`env_file`).
 
+mod env_file;
 mod load;
 mod schema;
 
-pub use load::{load, ConfigError, Env, Loaded, Source};
+pub use load::{ConfigError, Env, Loaded, Source};
 pub use schema::*;

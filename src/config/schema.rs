@@ -447,6 +447,19 @@ fn invalid(path: impl Into<String>, message: impl Into<String>) -> Invalid {
 
 pub const LOG_LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
 
+/// The level `name` means: one of `LOG_LEVELS` in any case, or a name of Python's
+/// `logging` that the Python proxy's configurations use (`WARNING` is `warn`,
+/// `CRITICAL` is `error`).
+pub fn log_level(name: &str) -> Option<&'static str> {
+    let lower = name.trim().to_ascii_lowercase();
+    let canonical = match lower.as_str() {
+        "warning" => "warn",
+        "critical" => "error",
+        other => other,
+    };
+    LOG_LEVELS.into_iter().find(|l| *l == canonical)
+}
+
 impl Config {
     /// The checks serde's types cannot express. Returns the first problem found.
     pub fn validate(&self) -> Result<(), Invalid> {
@@ -456,10 +469,10 @@ impl Config {
                 "no instance is configured: list at least one under `instances`, or set API_KEY and API_BASE",
             ));
         }
-        if !LOG_LEVELS.contains(&self.logging.level.to_ascii_lowercase().as_str()) {
+        if log_level(&self.logging.level).is_none() {
             return Err(invalid(
                 "logging.level",
-                format!("unknown level; use one of {LOG_LEVELS:?}"),
+                format!("unknown level; use one of {LOG_LEVELS:?} (or WARNING, CRITICAL)"),
             ));
         }
         let r = &self.routing;
@@ -711,6 +724,16 @@ mod tests {
         assert!(check_url("east.openai.azure.com").is_err());
         assert!(check_url("https://").is_err());
         assert!(check_url("https://x.com/?a=b").is_err());
+    }
+
+    #[test]
+    fn log_levels_in_any_case_and_pythons_names() {
+        assert_eq!(log_level("INFO"), Some("info"));
+        assert_eq!(log_level("WARNING"), Some("warn"));
+        assert_eq!(log_level("warning"), Some("warn"));
+        assert_eq!(log_level("Critical"), Some("error"));
+        assert_eq!(log_level("Warn"), Some("warn"));
+        assert_eq!(log_level("verbose"), None);
     }
 
     #[test]

@@ -269,10 +269,7 @@ mod tests {
             "instances: [{name: a, api_key: k, api_base: 'http://a', api_version: v, supported_models: [m]}]",
         )
         .unwrap();
-        let source = crate::config::Source {
-            dir: "unused".into(),
-            env: Default::default(),
-        };
+        let source = crate::config::Source::default();
         let state = Arc::new(State::new(config.clone(), source));
         let server = start(
             listen("127.0.0.1:0").unwrap(),

@@ -3,7 +3,7 @@
 //! background thread fed by a bounded channel, so a slow disk never holds a request;
 //! if the channel is full, lines are dropped and counted.
 
-use crate::config::Config;
+use crate::config::{log_level, Config};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use std::fmt::{self, Write as _};
 use std::fs::{File, OpenOptions};
@@ -216,9 +216,9 @@ pub fn open_file(config: &Config) -> Result<Option<RotatingFile>, String> {
         .map_err(|e| format!("logging.file: cannot open {}: {e}", path.display()))
 }
 
-/// Sets up the global logger from `logging`: the console always, the file when set, both
-/// written by one background thread.
-pub fn init(config: &Config) -> Result<Logging, String> {
+/// Sets up the global logger from `logging`: the console always, `file` (from
+/// `open_file`) when set, both written by one background thread.
+pub fn init(config: &Config, file: Option<RotatingFile>) -> Result<Logging, String> {
     use simplelog::{ConfigBuilder, LevelFilter, WriteLogger};
     let log_config = ConfigBuilder::new()
         // Client libraries log connection details at debug level; they are not ours to show.
@@ -226,7 +226,6 @@ pub fn init(config: &Config) -> Result<Logging, String> {
         .add_filter_ignore_str("rustls")
         .add_filter_ignore_str("tiny_http")
         .build();
-    let file = open_file(config)?;
     let (sink, tx, _writer) = start_writer(Box::new(std::io::stderr()), file)
         .map_err(|e| format!("cannot start the log writer: {e}"))?;
     // The logger passes every level; `log`'s maximum level filters, so that a reload
@@ -238,9 +237,11 @@ pub fn init(config: &Config) -> Result<Logging, String> {
     Ok(Logging { tx })
 }
 
-/// Logs from now on at `level` (one of `LOG_LEVELS`, validated with the configuration).
+/// Logs from now on at `level` (validated with the configuration, so `log_level` knows
+/// it: `WARNING` is `warn`).
 pub fn set_level(level: &str) {
-    log::set_max_level(level.parse().unwrap_or(log::LevelFilter::Info));
+    let filter = log_level(level).and_then(|l| l.parse().ok());
+    log::set_max_level(filter.unwrap_or(log::LevelFilter::Info));
 }
 
 #[cfg(test)]
@@ -255,6 +256,17 @@ mod tests {
 
     fn line(i: usize) -> String {
         format!("line {i:04} {}\n", "x".repeat(89)) // 100 bytes
+    }
+
+    #[test]
+    fn set_level_takes_pythons_level_names() {
+        // The only test in this binary that sets the global maximum level.
+        set_level("WARNING");
+        assert_eq!(log::max_level(), log::LevelFilter::Warn);
+        set_level("CRITICAL");
+        assert_eq!(log::max_level(), log::LevelFilter::Error);
+        set_level("debug");
+        assert_eq!(log::max_level(), log::LevelFilter::Debug);
     }
 
     #[test]

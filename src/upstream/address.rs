@@ -176,6 +176,21 @@ impl Address {
     }
 }
 
+/// A warning for each instance whose api-version takes no `stream_options`: its
+/// streams' usage can only be estimated.
+pub fn stream_usage_warnings(instances: &[Instance]) -> Vec<String> {
+    instances
+        .iter()
+        .filter(|inst| !Address::new(inst).asks_usage)
+        .map(|inst| {
+            format!(
+                "instance {:?}: api_version {} takes no stream_options (Azure accepts them from {FIRST_WITH_STREAM_USAGE}-preview on, and on v1): its streams are passed on as they are and their usage is estimated from the text",
+                inst.name, inst.api_version
+            )
+        })
+        .collect()
+}
+
 /// Whether a dated api-version (`2024-10-21`, `2024-09-01-preview`) accepts
 /// `stream_options`: from 2024-09-01 on. Anything else is assumed not to.
 pub fn accepts_stream_usage(version: &str) -> bool {

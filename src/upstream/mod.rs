@@ -9,7 +9,7 @@ pub mod headers;
 pub mod stream;
 mod transport;
 
-pub use address::{accepts_stream_usage, Address, Op, V1_VERSIONS};
+pub use address::{accepts_stream_usage, stream_usage_warnings, Address, Op, V1_VERSIONS};
 pub use agent::{agent, head_line_fits};
 
 use crate::config::{Instance, MASK};

@@ -3,7 +3,9 @@
 //! temp dir, and a proxy started in-process on port 0.
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
-use azure_openai_proxy::config::{Env, Source};
+pub mod api2026;
+
+use azure_openai_proxy::config::Source;
 use azure_openai_proxy::Proxy;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -53,6 +55,11 @@ pub enum MockReply {
         gap: Duration,
         end: SseEnd,
     },
+    /// A whole body of any type (audio, say).
+    Bytes {
+        content_type: &'static str,
+        body: Vec<u8>,
+    },
     /// Read the request, answer nothing, hold the connection for this long.
     Hang(Duration),
     /// Read the request and close the connection without a response.
@@ -61,6 +68,8 @@ pub enum MockReply {
 
 pub enum SseEnd {
     Done,
+    /// End the stream without `data: [DONE]` (the Responses API's streams).
+    Close,
     /// Stop mid-event and close the connection.
     Cut,
     /// Stop sending and hold the connection for this long.
@@ -216,7 +225,12 @@ fn serve_conn(
                 }
                 for (i, e) in events.iter().enumerate() {
                     std::thread::sleep(if i == 0 { first_after } else { gap });
-                    let ev = format!("data: {e}\n\n");
+                    // A named event (`event: ...\ndata: ...`) is written as it is.
+                    let ev = if e.starts_with("event: ") {
+                        format!("{e}\n\n")
+                    } else {
+                        format!("data: {e}\n\n")
+                    };
                     let chunk = format!("{:x}\r\n{ev}\r\n", ev.len());
                     if out
                         .write_all(chunk.as_bytes())
@@ -236,6 +250,12 @@ fn serve_conn(
                             return;
                         }
                     }
+                    SseEnd::Close => {
+                        if out.write_all(b"0\r\n\r\n").is_err() {
+                            aborted.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        }
+                    }
                     SseEnd::Cut => {
                         let _ = out.write_all(b"20\r\ndata: {\"choices\":[{\"del");
                         return;
@@ -244,6 +264,19 @@ fn serve_conn(
                         hold(d, &stop);
                         return;
                     }
+                }
+            }
+            MockReply::Bytes { content_type, body } => {
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\r\n",
+                    body.len()
+                );
+                if out
+                    .write_all(head.as_bytes())
+                    .and_then(|_| out.write_all(&body))
+                    .is_err()
+                {
+                    return;
                 }
             }
             MockReply::Hang(d) => {
@@ -289,12 +322,43 @@ pub fn chat_events(model: &str, words: &[&str], include_usage: bool) -> Vec<Stri
     events
 }
 
+/// The deployment a request names in its body: JSON's `model`, or an upload's field.
+fn body_model(req: &Recorded) -> String {
+    match req.json()["model"].as_str() {
+        Some(m) => m.to_string(),
+        None => api2026::form_model(&req.body).unwrap_or_default(),
+    }
+}
+
 /// An upstream that behaves like Azure OpenAI (`/openai/deployments/{dep}/{op}?api-version=`,
-/// `api-key`) and like OpenAI (`/v1/{op}`, `Authorization: Bearer`), checking `key`.
+/// Azure's v1 API `/openai/v1/{op}` with no api-version or `preview`, the Responses API
+/// at `/openai/responses?api-version=`, all with `api-key`) and like OpenAI
+/// (`/v1/{op}`, `Authorization: Bearer`), checking `key`.
 pub fn azure_like(key: &'static str) -> Behaviour {
+    let stored = api2026::Stored::default();
     Arc::new(move |req: &Recorded| {
         let (path, query) = req.target.split_once('?').unwrap_or((&req.target, ""));
-        let (dep, op, authorised) = if let Some(rest) = path.strip_prefix("/openai/deployments/") {
+        let api_key = req.header("api-key") == Some(key);
+        let (dep, op, authorised) = if let Some(op) = path.strip_prefix("/openai/v1/") {
+            if !(query.is_empty() || query == "api-version=preview") {
+                return json_reply(
+                    400,
+                    json!({"error": {"code": "BadRequest", "message": "API version not supported"}}),
+                );
+            }
+            (body_model(req), op.to_string(), api_key)
+        } else if let Some(op) = path
+            .strip_prefix("/openai/")
+            .filter(|op| op.starts_with("responses"))
+        {
+            if !query.starts_with("api-version=") {
+                return json_reply(
+                    404,
+                    json!({"error": {"code": "404", "message": "Resource not found"}}),
+                );
+            }
+            (body_model(req), op.to_string(), api_key)
+        } else if let Some(rest) = path.strip_prefix("/openai/deployments/") {
             let Some((dep, op)) = rest.split_once('/') else {
                 return json_reply(
                     404,
@@ -307,15 +371,10 @@ pub fn azure_like(key: &'static str) -> Behaviour {
                     json!({"error": {"code": "404", "message": "Resource not found"}}),
                 );
             }
-            (
-                dep.to_string(),
-                op.to_string(),
-                req.header("api-key") == Some(key),
-            )
+            (dep.to_string(), op.to_string(), api_key)
         } else if let Some(op) = path.strip_prefix("/v1/") {
-            let model = req.json()["model"].as_str().unwrap_or("").to_string();
             (
-                model,
+                body_model(req),
                 op.to_string(),
                 req.header("authorization") == Some(&format!("Bearer {key}")),
             )
@@ -330,6 +389,9 @@ pub fn azure_like(key: &'static str) -> Behaviour {
                 401,
                 json!({"error": {"code": "401", "message": "Access denied due to invalid subscription key or wrong API endpoint."}}),
             );
+        }
+        if let Some(reply) = api2026::answer(&stored, req, &dep, &op) {
+            return reply;
         }
         let body = req.json();
         let headers = vec![
@@ -418,8 +480,8 @@ impl TestProxy {
     pub fn start(yaml: &str) -> TestProxy {
         let dir = TempDir::new();
         let source = Source {
-            dir: dir.0.clone(),
-            env: Env::new(),
+            dir: Some(dir.0.clone()),
+            ..Source::default()
         };
         dir.write("base.yaml", &Self::base(yaml));
         let loaded = source.load().unwrap_or_else(|e| panic!("{e}"));

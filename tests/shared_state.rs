@@ -269,8 +269,12 @@ fn a_response_made_through_one_proxy_is_found_through_another() {
 fn losing_redis_fails_no_request_and_finding_it_again_shares_again() {
     let mut redis = RedisServer::start(None);
     let upstream = Mock::start(unlimited());
+    let hook = Mock::start(Arc::new(|_: &Recorded| {
+        json_reply(200, json!({"code": 0, "msg": "success"}))
+    }));
     let yaml = format!(
-        "instances:\n{}{}",
+        "logging: {{feishu_webhook: '{}/hook'}}\ninstances:\n{}{}",
+        hook.url,
         instance("a", &upstream.url, 1, ", max_tpm: 100000000"),
         redis_yaml(&redis, "outage")
     );
@@ -340,6 +344,20 @@ fn losing_redis_fails_no_request_and_finding_it_again_shares_again() {
         Vec::<u16>::new(),
         "failed requests"
     );
+    // One alert per proxy for the outage, however many requests met it.
+    let redis_alerts = || {
+        hook.requests()
+            .iter()
+            .filter(|r| {
+                r.json()["content"]["text"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("Redis")
+            })
+            .count()
+    };
+    assert!(wait_until(Duration::from_secs(5), || redis_alerts() >= 2));
+    assert_eq!(redis_alerts(), 2, "{:?}", hook.requests());
 }
 
 #[test]

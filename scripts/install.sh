@@ -91,8 +91,8 @@ ENV
 fi
 if [ -n "$redis_url" ]; then
   case "$redis_url" in
-    redis://*) ;;
-    *) echo "--redis-url must be a redis:// URL" >&2; exit 2 ;;
+    redis://*|rediss://*) ;;
+    *) echo "--redis-url must be a redis:// or rediss:// URL" >&2; exit 2 ;;
   esac
   env_file=$destdir$etc/env
   (umask 077 && { grep -v '^REDIS_URL=' "$env_file" || true; printf 'REDIS_URL=%s\n' "$redis_url"; } >"$env_file.new")

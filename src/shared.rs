@@ -165,9 +165,17 @@ pub struct Shared {
 
 impl Shared {
     /// Connects (or starts degraded, reconnecting in the background). `name` is the
-    /// proxy's name: the default key prefix. The URL was checked with the configuration.
+    /// proxy's name: the default key prefix. The URL and the CA file were checked with
+    /// the configuration; if they fail now (the file gone since), the proxy runs on its
+    /// own state, and says so.
     pub fn start(config: &Redis, name: &str, alerts: &Alerts) -> Option<Arc<Shared>> {
-        let client = redis::Client::open(config.url.expose()).ok()?;
+        let client = match client(config) {
+            Ok(client) => client,
+            Err(e) => {
+                alerts.error("redis", &format!("shared state is off: {e}"));
+                return None;
+            }
+        };
         let (wake, woken) = crossbeam_channel::bounded(1);
         let tag = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -373,6 +381,25 @@ impl Shared {
     pub fn forget(&self, alerts: &Alerts, id: &str) {
         let key = self.key("response", id);
         let _: Option<()> = self.with(alerts, |c| redis::cmd("DEL").arg(&key).query(c));
+    }
+}
+
+/// The client for `redis.url`: TLS for `rediss://`, checked against `redis.ca_file` or
+/// else the Mozilla roots compiled in.
+fn client(config: &Redis) -> Result<redis::Client, String> {
+    let url = config.url.expose();
+    match &config.ca_file {
+        None => redis::Client::open(url).map_err(|_| "redis.url is not a valid Redis URL".into()),
+        Some(file) => {
+            let root_cert = std::fs::read(file)
+                .map_err(|e| format!("redis.ca_file {file:?} cannot be read: {e}"))?;
+            let certificates = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root_cert),
+            };
+            redis::Client::build_with_tls(url, certificates)
+                .map_err(|e| format!("redis.ca_file {file:?} is not usable: {e}"))
+        }
     }
 }
 

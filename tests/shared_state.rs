@@ -509,3 +509,35 @@ fn simulate_fleets_on_one_quota() {
         }
     }
 }
+
+#[test]
+fn rediss_with_the_servers_ca_is_shared_and_without_it_is_not() {
+    let redis = RedisServer::start_tls();
+    let ca = redis.ca.as_ref().unwrap().to_str().unwrap();
+    let upstream = Mock::start(unlimited());
+    let yaml = |ca_file: &str| {
+        format!(
+            "instances:\n{}redis: {{url: '{}', prefix: tls{ca_file}}}\n",
+            instance("a", &upstream.url, 1, ", max_tpm: 100000"),
+            redis.url()
+        )
+    };
+    let trusted = TestProxy::start(&yaml(&format!(", ca_file: '{ca}'")));
+    assert_eq!(health(&trusted)["shared_state"], "shared");
+    let url = format!("{}/v1/chat/completions", trusted.url);
+    assert_eq!(post_json(&url, &chat()).status, 200);
+    let reserved = std::process::Command::new("redis-cli")
+        .args(["--tls", "--cacert", ca, "-h", "127.0.0.1", "-p"])
+        .arg(redis.port.to_string())
+        .args(["zcard", "tls:a:tpm"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&reserved.stdout).trim(),
+        "1",
+        "the request's reservation, made over TLS"
+    );
+    // The compiled-in roots do not know this CA: the certificate is refused.
+    let untrusting = TestProxy::start(&yaml(""));
+    assert_eq!(health(&untrusting)["shared_state"], "degraded");
+}

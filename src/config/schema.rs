@@ -341,9 +341,13 @@ pub struct Auth {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Redis {
-    /// `redis://[[user]:password@]host[:port][/db]`. A `Secret`, since it may carry the
-    /// password: `/config` and the log show only the mask.
+    /// `redis://[[user]:password@]host[:port][/db]`, or `rediss://` for TLS. A
+    /// `Secret`, since it may carry the password: `/config` and the log show only the mask.
     pub url: Secret,
+    /// With `rediss://`: a PEM file of the CA that signed the server's certificate, in
+    /// place of the Mozilla roots compiled in (which a private CA is not among).
+    #[serde(default, deserialize_with = "lenient_opt")]
+    pub ca_file: Option<String>,
     /// Milliseconds a connect or an answer may take before the proxy goes on with its
     /// own state alone.
     #[serde(default = "default_redis_timeout", deserialize_with = "lenient")]
@@ -636,25 +640,27 @@ fn check_url(url: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// A Redis URL the shared state can use. The messages do not quote it: it may hold a
-/// password.
+/// A Redis URL the shared state can use, and its CA file. The messages do not quote
+/// the URL: it may hold a password.
 fn check_redis(redis: &Redis) -> Result<(), Invalid> {
     let url = redis.url.expose();
-    if url.starts_with("rediss://") {
-        return Err(invalid(
-            "redis.url",
-            "rediss:// (TLS) is not supported: this build's Redis client has no TLS; reach Redis on a private network or through a TLS tunnel (stunnel, spiped) with redis://",
-        ));
-    }
+    let tls = url.starts_with("rediss://");
     let rest = url
         .strip_prefix("redis://")
-        .ok_or_else(|| invalid("redis.url", "is not a redis:// URL"))?;
+        .or_else(|| url.strip_prefix("rediss://"))
+        .ok_or_else(|| invalid("redis.url", "is not a redis:// or rediss:// URL"))?;
+    if rest.contains('#') {
+        return Err(invalid(
+            "redis.url",
+            "must not end in a #fragment (#insecure is not supported: certificates are always checked)",
+        ));
+    }
     let host = rest.rsplit('@').next().unwrap_or("");
     if host.is_empty() || host.starts_with([':', '/']) {
         return Err(invalid("redis.url", "has no host"));
     }
     if redis::Client::open(url).is_err() {
-        return Err(invalid("redis.url", "is not a valid redis:// URL"));
+        return Err(invalid("redis.url", "is not a valid Redis URL"));
     }
     if !(1..=10_000).contains(&redis.timeout_ms) {
         return Err(invalid(
@@ -664,6 +670,19 @@ fn check_redis(redis: &Redis) -> Result<(), Invalid> {
     }
     if redis.prefix.as_ref().is_some_and(|p| p.trim().is_empty()) {
         return Err(invalid("redis.prefix", "is empty"));
+    }
+    if let Some(file) = &redis.ca_file {
+        if !tls {
+            return Err(invalid("redis.ca_file", "needs a rediss:// URL"));
+        }
+        let pem = std::fs::read(file)
+            .map_err(|e| invalid("redis.ca_file", format!("cannot be read: {e}")))?;
+        if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+            return Err(invalid(
+                "redis.ca_file",
+                "holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            ));
+        }
     }
     Ok(())
 }
@@ -682,29 +701,41 @@ mod tests {
 
     #[test]
     fn redis_urls_are_checked_without_being_quoted() {
-        let check = |url: &str| {
+        let check = |url: &str, ca_file: Option<&str>| {
             check_redis(&Redis {
                 url: Secret::new(url),
+                ca_file: ca_file.map(str::to_string),
                 timeout_ms: 50,
                 prefix: None,
             })
         };
-        assert!(check("redis://127.0.0.1:6379/0").is_ok());
-        assert!(check("redis://:s3cret@cache.internal:6380/2").is_ok());
+        assert!(check("redis://127.0.0.1:6379/0", None).is_ok());
+        assert!(check("redis://:s3cret@cache.internal:6380/2", None).is_ok());
+        assert!(check("rediss://:s3cret@cache.redis.cache.windows.net:6380", None).is_ok());
         for bad in [
-            "rediss://:s3cret@cache:6380",
             "http://:s3cret@cache",
             "redis://",
             "redis://:s3cret@",
+            "rediss://:s3cret@cache:6380/#insecure",
         ] {
-            let e = check(bad).unwrap_err();
+            let e = check(bad, None).unwrap_err();
             assert_eq!(e.path, "redis.url", "{bad}");
             assert!(!e.message.contains("s3cret"), "{}", e.message);
         }
-        assert!(check("rediss://cache:6380")
-            .unwrap_err()
-            .message
-            .contains("TLS"));
+        let dir = crate::testutil::TempDir::new("redis-ca");
+        let (pem, other) = (dir.0.join("ca.pem"), dir.0.join("other.txt"));
+        std::fs::write(&pem, "-----BEGIN CERTIFICATE-----\nMIIB\n").unwrap();
+        std::fs::write(&other, "not a certificate").unwrap();
+        let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+        assert!(check("rediss://cache:6380", Some(&path(&pem))).is_ok());
+        for (url, file) in [
+            ("redis://cache:6379", path(&pem)),
+            ("rediss://cache:6380", path(&other)),
+            ("rediss://cache:6380", path(&dir.0.join("missing.pem"))),
+        ] {
+            let e = check(url, Some(&file)).unwrap_err();
+            assert_eq!(e.path, "redis.ca_file", "{url} {file}: {}", e.message);
+        }
     }
 
     #[test]

@@ -856,23 +856,38 @@ impl Rng {
 pub struct RedisServer {
     pub port: u16,
     password: Option<String>,
+    /// TLS only: the CA that signed its certificate (for 127.0.0.1), a PEM file.
+    pub ca: Option<PathBuf>,
     child: Option<Child>,
     dir: TempDir,
 }
 
 impl RedisServer {
     pub fn start(password: Option<&str>) -> RedisServer {
+        Self::start_on(password, false)
+    }
+
+    /// A server that speaks TLS only, with a certificate for 127.0.0.1 from a CA of
+    /// its own (made with the `openssl` command).
+    pub fn start_tls() -> RedisServer {
+        Self::start_on(None, true)
+    }
+
+    fn start_on(password: Option<&str>, tls: bool) -> RedisServer {
         for _ in 0..5 {
             let port = TcpListener::bind("127.0.0.1:0")
                 .unwrap()
                 .local_addr()
                 .unwrap()
                 .port();
+            let dir = TempDir::new();
+            let ca = tls.then(|| make_certificates(&dir));
             let mut server = RedisServer {
                 port,
                 password: password.map(str::to_string),
+                ca,
                 child: None,
-                dir: TempDir::new(),
+                dir,
             };
             // Another test may have taken the port in between: then try another.
             if server.restart() {
@@ -885,7 +900,26 @@ impl RedisServer {
     /// Starts it again on the same port (after `kill`); whether it answers.
     pub fn restart(&mut self) -> bool {
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        let port = self.port.to_string();
+        match &self.ca {
+            None => cmd.args(["--port", &port]),
+            Some(ca) => cmd
+                .args([
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &port,
+                    "--tls-auth-clients",
+                    "no",
+                ])
+                .arg("--tls-ca-cert-file")
+                .arg(ca)
+                .arg("--tls-cert-file")
+                .arg(self.dir.0.join("server.crt"))
+                .arg("--tls-key-file")
+                .arg(self.dir.0.join("server.key")),
+        };
+        cmd.args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--dir"])
             .arg(&self.dir.0)
             .stdout(Stdio::null())
@@ -905,6 +939,21 @@ impl RedisServer {
     }
 
     fn ping(&self) -> bool {
+        if let Some(ca) = &self.ca {
+            let out = Command::new("redis-cli")
+                .args([
+                    "--tls",
+                    "-p",
+                    &self.port.to_string(),
+                    "-h",
+                    "127.0.0.1",
+                    "--cacert",
+                ])
+                .arg(ca)
+                .arg("ping")
+                .output();
+            return out.is_ok_and(|o| o.stdout.starts_with(b"PONG"));
+        }
         let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
             return false;
         };
@@ -927,9 +976,10 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
+        let scheme = if self.ca.is_some() { "rediss" } else { "redis" };
         match &self.password {
-            Some(p) => format!("redis://:{p}@127.0.0.1:{}/0", self.port),
-            None => format!("redis://127.0.0.1:{}/0", self.port),
+            Some(p) => format!("{scheme}://:{p}@127.0.0.1:{}/0", self.port),
+            None => format!("{scheme}://127.0.0.1:{}/0", self.port),
         }
     }
 
@@ -951,6 +1001,79 @@ impl RedisServer {
             let _ = child.wait();
         }
     }
+}
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, in `dir`; the CA's path.
+fn make_certificates(dir: &TempDir) -> PathBuf {
+    let at = |f: &str| dir.0.join(f);
+    std::fs::write(at("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let steps: [Vec<&str>; 3] = [
+        [
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=test-ca",
+            ],
+        ]
+        .concat(),
+        [
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+        ]
+        .concat(),
+        vec![
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ],
+    ];
+    for args in steps {
+        let done = Command::new("openssl")
+            .args(&args)
+            .current_dir(&dir.0)
+            .output()
+            .expect("openssl");
+        assert!(
+            done.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&done.stderr)
+        );
+    }
+    at("ca.crt")
 }
 
 impl Drop for RedisServer {

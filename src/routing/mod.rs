@@ -28,6 +28,9 @@ pub fn candidates(config: &Config, model: &str) -> Vec<usize> {
 /// What routing needs to know of a request.
 pub struct Plan<'a> {
     pub model: &'a str,
+    /// What a deployment fault (401, 403, 404) takes an instance out for: the model, or
+    /// the model for one operation (`upstream::Op::fault_scope`).
+    pub scope: &'a str,
     /// The instances that may serve it (by index in the configuration).
     pub candidates: &'a [usize],
     /// Tokens to reserve in a window: the admission estimate.
@@ -79,7 +82,7 @@ pub fn run<A>(
                 config,
                 plan.candidates,
                 &tried,
-                (plan.model, plan.need),
+                (plan.scope, plan.need),
                 now,
             ) {
                 Ok(a) => a,
@@ -109,7 +112,7 @@ pub fn run<A>(
         });
         let finished = table
             .lock()
-            .finish(config, admission, plan.model, outcome, Instant::now());
+            .finish(config, admission, plan.scope, outcome, Instant::now());
         report(config, alerts, i, plan.model, &outcome, &finished);
         if !outcome.retry_elsewhere() {
             if let Some(answer) = answer {
@@ -164,7 +167,7 @@ fn precedence(outcome: &Outcome) -> (u8, std::cmp::Reverse<Duration>) {
 /// next; a request that arrives while others wait in its line joins it. Refusals that
 /// cannot end by the deadline return at once.
 fn admit(table: &Mutex<Table>, config: &Config, plan: &Plan) -> Result<Admission, Blocked> {
-    let want = (plan.model, plan.need);
+    let want = (plan.scope, plan.need);
     let line_of = || format!("{}\n{:?}", plan.model, plan.candidates);
     let mut t = table.lock();
     let mut now = Instant::now();
@@ -326,6 +329,7 @@ mod tests {
                 let waiter = std::thread::spawn(move || {
                     let plan = Plan {
                         model: "m",
+                        scope: "m",
                         candidates: &[0],
                         need: 100,
                         deadline: start + Duration::from_secs(5),

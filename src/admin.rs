@@ -269,7 +269,7 @@ pub fn health(state: &State, g: &Generation) -> Reply {
             "available_instances": available,
             "total_instances": views.len(),
             "version": env!("CARGO_PKG_VERSION"),
-            "config_version": g.config.version,
+            "config_version": Some(&g.config.version).filter(|v| !v.is_empty()),
             "uptime_seconds": state.started.elapsed().as_secs(),
             "shared_state": state.shared_state(),
         }),

@@ -113,10 +113,16 @@ fn route(
             return e.into();
         }
     }
-    // `/openai/v1/...` is `/v1/...` for clients whose base URL is an Azure v1 endpoint.
+    // `/openai/v1/...` is `/v1/...` for clients whose base URL is an Azure v1 endpoint;
+    // `AzureOpenAI` clients call the Responses API and the model list at
+    // `/openai/responses` and `/openai/models`, outside any deployment.
     let v1 = path
         .strip_prefix("/v1/")
-        .or_else(|| path.strip_prefix("/openai/v1/"));
+        .or_else(|| path.strip_prefix("/openai/v1/"))
+        .or_else(|| {
+            path.strip_prefix("/openai/")
+                .filter(|rest| rest.starts_with("responses") || *rest == "models")
+        });
     if let Some(op) = v1.and_then(Op::from_path) {
         return only(method, "POST", path, || {
             api::forward(state, g, request, op, None)

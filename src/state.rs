@@ -96,11 +96,14 @@ pub struct State {
     /// Held through a reload, so that two at once take turns: the later reads the
     /// files after the earlier has swapped its configuration in.
     reloading: parking_lot::Mutex<()>,
+    /// The configuration at start: the settings read only then stay in force from it.
+    at_start: Config,
     next_id: AtomicU64,
 }
 
 impl State {
     pub fn new(config: Config, source: Source) -> State {
+        let at_start = config.clone();
         let generation = Generation::new(config, None);
         let config = generation.config.clone();
         let shared = config
@@ -120,6 +123,7 @@ impl State {
             connections: std::sync::OnceLock::new(),
             source,
             reloading: parking_lot::Mutex::new(()),
+            at_start,
             next_id: AtomicU64::new(1),
         }
     }
@@ -167,11 +171,14 @@ impl State {
             }
         };
         let crate::config::Loaded {
-            config: new,
+            config: mut new,
             warnings,
             ..
         } = loaded;
-        let restart_needed = restart_needed(&old.config, &new);
+        // Against what runs (the start's values), not the last file: a change reported
+        // once is still pending at the next reload.
+        let restart_needed = restart_needed(&self.at_start, &new);
+        keep_start_only(&self.at_start, &mut new);
         if new.logging.level != old.config.logging.level {
             crate::observe::logging::set_level(&new.logging.level);
         }
@@ -244,6 +251,23 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     .into_iter()
     .filter_map(|(name, changed)| changed.then_some(name))
     .collect()
+}
+
+/// Puts back in `new` the settings read only at start, so that the generation (and
+/// `GET /config`) says what is in force; `restart_needed` lists those that differ.
+fn keep_start_only(start: &Config, new: &mut Config) {
+    (new.host, new.port) = (start.host.clone(), start.port);
+    let (s, n) = (&start.server, &mut new.server);
+    n.workers = s.workers;
+    n.max_connections = s.max_connections;
+    n.max_body_memory = s.max_body_memory;
+    n.client_timeout = s.client_timeout;
+    n.body_timeout = s.body_timeout;
+    let (s, n) = (&start.logging, &mut new.logging);
+    n.file.clone_from(&s.file);
+    n.max_size = s.max_size;
+    n.backup_count = s.backup_count;
+    new.redis.clone_from(&start.redis);
 }
 
 /// What a successful reload did.

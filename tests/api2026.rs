@@ -546,3 +546,76 @@ fn a_response_reserves_its_max_output_tokens_and_counts_its_instructions() {
     assert_eq!(long_instructions.status, 400);
     assert_eq!(up.count(), 1, "only the first was sent");
 }
+
+#[test]
+fn an_api_version_without_the_responses_api_takes_out_only_responses_for_the_model() {
+    let up = Mock::start(azure_like(KEY));
+    let proxy = proxy(
+        "",
+        &[instance(
+            "a",
+            &up.url,
+            "2024-10-21",
+            "supported_models: [m]",
+        )],
+    );
+    let responses = post(
+        &proxy,
+        "/v1/responses",
+        &json!({"model": "m", "input": "hi"}),
+    );
+    assert_eq!(responses.status, 404, "Azure's answer, passed on");
+    // Chat for the same model on the same deployment goes on.
+    let chat = post(
+        &proxy,
+        "/v1/chat/completions",
+        &json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
+    );
+    assert_eq!(chat.status, 200, "{}", String::from_utf8_lossy(&chat.body));
+    let again = post(
+        &proxy,
+        "/v1/responses",
+        &json!({"model": "m", "input": "hi"}),
+    );
+    assert_eq!(again.status, 503, "out for responses a while");
+    assert_eq!(up.count(), 2);
+}
+
+#[test]
+fn azure_clients_reach_the_responses_api_and_the_model_list_outside_a_deployment() {
+    let up = Mock::start(azure_like(KEY));
+    let proxy = proxy(
+        "",
+        &[instance(
+            "a",
+            &up.url,
+            "2025-04-01-preview",
+            "supported_models: [m]",
+        )],
+    );
+    // What `AzureOpenAI(...).responses.create` and `.models.list()` send.
+    let created = post(
+        &proxy,
+        "/openai/responses?api-version=2025-04-01-preview",
+        &json!({"model": "m", "input": "hi"}),
+    );
+    assert_eq!(
+        created.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&created.body)
+    );
+    let id = created.json()["id"].as_str().unwrap().to_string();
+    let fetched = send(
+        "GET",
+        &format!(
+            "{}/openai/responses/{id}?api-version=2025-04-01-preview",
+            proxy.url
+        ),
+        &[],
+        None,
+    );
+    assert_eq!(fetched.json()["id"], id.as_str());
+    let models = get(&proxy, "/openai/models?api-version=2025-04-01-preview");
+    assert_eq!(models["data"][0]["id"], "m", "{models}");
+}

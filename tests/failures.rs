@@ -509,4 +509,7 @@ fn health_reports_the_configuration_version_next_to_the_binarys() {
     let health = get(&proxy, "/health");
     assert_eq!(health["config_version"], "1.0.9", "{health}");
     assert_eq!(health["version"], env!("CARGO_PKG_VERSION"), "{health}");
+    // Without one, none: the binary's version is not the configuration's.
+    let unversioned = TestProxy::start(&format!("instances:\n{}", instance("a", &up.url, 1, "")));
+    assert_eq!(get(&unversioned, "/health")["config_version"], Value::Null);
 }

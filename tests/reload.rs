@@ -145,6 +145,23 @@ fn settings_read_only_at_start_are_reported_and_the_others_applied() {
         Some(big.as_bytes()),
     );
     assert_eq!(refused.status, 413);
+    // What runs is what /config says: the start's client_timeout, the new body limit.
+    let config = send("GET", &format!("{}/config", proxy.url), &[], None).json();
+    assert_eq!(
+        config["config"]["server"]["client_timeout"], 30.0,
+        "{config}"
+    );
+    assert_eq!(
+        config["config"]["server"]["max_body_bytes"], 1000,
+        "{config}"
+    );
+    // A later reload that changes something else still lists what is pending.
+    proxy.rewrite(&base(&format!(
+        "logging: {{level: debug, file: '{}', max_size: 1MB, backup_count: 2}}\nserver: {{client_timeout: 5, body_timeout: 7, max_body_bytes: 2000, shutdown_grace_seconds: 3}}\n",
+        dir.0.join("app.log").display()
+    )));
+    let again = reload(&proxy.url);
+    assert_eq!(again.json()["restart_needed"], r.json()["restart_needed"]);
     // And the shutdown grace, read when the proxy stops.
     assert_eq!(proxy.take().shutdown_grace(), Duration::from_secs(3));
 }

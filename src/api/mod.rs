@@ -71,8 +71,10 @@ pub fn stored_response(
         let model: &str = trace.model.insert(model);
         let forwarded = forwarded_headers(req)?;
         let permit = permit(state, config)?;
+        let scope = Op::Responses.fault_scope(model);
         let plan = Plan {
             model,
+            scope: &scope,
             candidates: &[i],
             need: 0,
             deadline: Instant::now(),
@@ -225,8 +227,10 @@ fn forward_traced(
     }
     let forwarded = forwarded_headers(req)?;
     let permit = permit(state, config)?;
+    let scope = op.fault_scope(model);
     let plan = Plan {
         model,
+        scope: &scope,
         candidates: &fits,
         need,
         deadline: Instant::now() + Duration::from_secs_f64(config.routing.queue_timeout),

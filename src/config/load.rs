@@ -546,8 +546,9 @@ fn map_model(
         .or_insert_with(|| Value::Mapping(Mapping::new()));
     if let Value::Mapping(map) = map {
         map.insert(model.into(), deployment.into());
+        // One path per model: each variable stays among the instance's origins.
         prov.set(
-            &format!("instances[{i}].model_deployments"),
+            &format!("instances[{i}].model_deployments.{model}"),
             &format!("environment variable {var}"),
         );
     }
@@ -1006,6 +1007,21 @@ instances:
     }
 
     #[test]
+    fn a_list_where_a_value_belongs_is_named_as_such() {
+        let d = dir_with(&[(
+            "base.yaml",
+            "instances:\n  - {name: a, api_key: [x], api_base: 'https://a.example.com', api_version: v, supported_models: [m]}\n",
+        )]);
+        let e = load(Some(&d.0), &env(&[])).unwrap_err().0;
+        assert!(
+            e.contains(
+                "instances[0].api_key (instance \"a\"): a single value (a string or a number)"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn per_instance_model_maps_as_the_python_readme_writes_them() {
         let d = dir_with(&[("base.yaml", BASE)]);
         let c = load(
@@ -1021,8 +1037,21 @@ instances:
                 ("MODEL_MAP_GPT_4O", "global-4o"),
             ]),
         )
-        .unwrap()
-        .config;
+        .unwrap();
+        // Every variable that mapped one of east's models is among its origins.
+        for var in [
+            "API_INSTANCE_EAST_MODEL_MAP_GPT-4O-2024-11-20",
+            "API_INSTANCE_EAST_MODEL_MAP_GPT_4O_MINI",
+            "API_INSTANCE_EAST_MODEL_MAP_GPT-4O",
+        ] {
+            assert!(
+                c.origins[0].contains(&format!("{var},"))
+                    || c.origins[0].contains(&format!("{var})")),
+                "{var}: {}",
+                c.origins[0]
+            );
+        }
+        let c = c.config;
         let (east, west) = (&c.instances[0], &c.instances[1]);
         assert_eq!(east.deployment("gpt-4o-2024-11-20"), "gpt4o-november");
         assert_eq!(

@@ -53,7 +53,10 @@ impl<'de> Deserialize<'de> for Secret {
 /// A scalar written as a number or as a string. `${VAR}` substitution and the legacy
 /// environment variables always produce strings, so `max_tpm: ${TPM:-1000}` must parse.
 #[derive(Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a single value (a string or a number), not a list or a map"
+)]
 enum Scalar {
     Str(String),
     U64(u64),
@@ -161,8 +164,10 @@ pub struct Config {
 fn default_name() -> String {
     "azure-openai-proxy".into()
 }
+/// None set: empty, so that nothing passes the binary's version off as the
+/// configuration's.
 fn default_version() -> String {
-    env!("CARGO_PKG_VERSION").into()
+    String::new()
 }
 fn default_port() -> u16 {
     3010

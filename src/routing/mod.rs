@@ -31,6 +31,9 @@ pub fn candidates(config: &Config, model: &str) -> Vec<usize> {
 /// What routing needs to know of a request.
 pub struct Plan<'a> {
     pub model: &'a str,
+    /// What a deployment fault (401, 403, 404) takes an instance out for: the model, or
+    /// the model for one operation (`upstream::Op::fault_scope`).
+    pub scope: &'a str,
     /// The instances that may serve it (by index in the configuration).
     pub candidates: &'a [usize],
     /// Tokens to reserve in a window: the admission estimate.
@@ -89,7 +92,7 @@ pub fn run<A>(
                     config,
                     plan.candidates,
                     &tried,
-                    (plan.model, plan.need),
+                    (plan.scope, plan.need),
                     now,
                 )
             }
@@ -127,7 +130,7 @@ pub fn run<A>(
         });
         let finished = table
             .lock()
-            .finish(config, admission, plan.model, outcome, Instant::now());
+            .finish(config, admission, plan.scope, outcome, Instant::now());
         settle(states, alerts, &config.instances[i], |s| {
             if outcome.never_counted() {
                 s.release = reservation.as_deref().map(|r| (r, plan.need));
@@ -243,7 +246,7 @@ fn precedence(outcome: &Outcome) -> (u8, std::cmp::Reverse<Duration>) {
 /// next; a request that arrives while others wait in its line joins it. Refusals that
 /// cannot end by the deadline return at once.
 fn admit(table: &Mutex<Table>, config: &Config, plan: &Plan) -> Result<Admission, Blocked> {
-    let want = (plan.model, plan.need);
+    let want = (plan.scope, plan.need);
     let line_of = || format!("{}\n{:?}", plan.model, plan.candidates);
     let mut t = table.lock();
     let mut now = Instant::now();
@@ -408,6 +411,7 @@ mod tests {
                 let waiter = std::thread::spawn(move || {
                     let plan = Plan {
                         model: "m",
+                        scope: "m",
                         candidates: &[0],
                         need: 100,
                         deadline: start + Duration::from_secs(5),
@@ -439,9 +443,10 @@ mod tests {
             "first come, first served"
         );
         let looks = table.lock().checks - checks_before;
-        // Each waiter looks once on arrival, once when it is first (woken by the one
-        // before it), and once when its room is due: 30. Waking every waiter whenever
-        // room came would make it 10 + 10 + 9 + ... + 1 = 65.
+        // The first looks on arrival; later arrivals join the line without looking.
+        // Each then looks when it becomes first and when its room is due: about 2 per
+        // waiter (21 seen), with slack for a spurious wake-up. Waking every waiter
+        // whenever room came would make it 10 + 10 + 9 + ... + 1 = 65.
         assert!(looks <= 30, "{looks} admission checks for 10 waiters");
         assert_eq!(table.lock().waiting(), 0);
     }

@@ -48,6 +48,19 @@ impl Op {
         Op::ALL.into_iter().find(|op| op.path() == path)
     }
 
+    /// What a deployment fault (401, 403, 404) on this operation for `model` takes an
+    /// instance out for. Chat, completions and embeddings are served under the
+    /// deployment on every api-version, so their 404 means the deployment is missing:
+    /// the model is out. The other operations exist only on some api-versions or
+    /// deployments, so their 404 may mean only that: the model is out for that
+    /// operation alone, and chat goes on.
+    pub fn fault_scope(self, model: &str) -> std::borrow::Cow<'_, str> {
+        match self {
+            Op::Chat | Op::Completions | Op::Embeddings => model.into(),
+            _ => format!("{model} ({})", self.path()).into(),
+        }
+    }
+
     /// Its request is a `multipart/form-data` upload, not JSON.
     pub fn is_upload(self) -> bool {
         matches!(self, Op::Transcriptions | Op::Translations)

@@ -351,7 +351,9 @@ pub fn azure_like(key: &'static str) -> Behaviour {
             .strip_prefix("/openai/")
             .filter(|op| op.starts_with("responses"))
         {
-            if !query.starts_with("api-version=") {
+            // Azure serves the Responses API from 2025-03-01-preview on.
+            let version = query.strip_prefix("api-version=").unwrap_or("");
+            if version < "2025-03-01-preview" {
                 return json_reply(
                     404,
                     json!({"error": {"code": "404", "message": "Resource not found"}}),

@@ -5,10 +5,10 @@
 //! (a small pool), the Lua scripts that make each admission and settlement one atomic
 //! step, the shared/degraded flag, and the thread that reconnects after a failure.
 //!
-//! Redis is never on the critical path: every call has `redis.timeout_ms` to connect and
-//! to answer, and any failure switches the proxy to its own state alone (degraded: no
-//! further Redis calls on the request path, one alert) until the reconnect thread gets
-//! an answer again. No call is made with the instance table's lock held: routing takes
+//! Redis never holds a request up for long: every call has `redis.timeout_ms` to
+//! connect and to answer, and any failure switches the proxy to its own state alone
+//! (degraded: no further Redis calls on the request path, one alert) until the
+//! reconnect thread gets an answer again. No call is made with the instance table's lock held: routing takes
 //! its local decision under the lock, releases it, and then asks Redis.
 
 use crate::config::{Instance, Redis};

@@ -225,6 +225,14 @@ pub fn first_event(upstream: &mut dyn Read, by: Instant) -> io::Result<Vec<u8>> 
     }
 }
 
+/// Whether `bytes` are the `data: [DONE]` line and nothing else.
+fn is_done_line(bytes: &[u8]) -> bool {
+    bytes
+        .trim_ascii()
+        .strip_prefix(b"data:")
+        .is_some_and(|d| d.trim_ascii() == b"[DONE]")
+}
+
 pub fn error_event(message: &str) -> Vec<u8> {
     let body = serde_json::json!({"error": {"message": message, "type": "upstream_error",
                                               "param": null, "code": "stream_interrupted"}});
@@ -254,7 +262,11 @@ pub fn relay(upstream: &mut dyn Read, send: &mut Send<'_>, options: Options) -> 
         pending.truncate(filled + *read.as_ref().unwrap_or(&0));
         match read {
             Ok(0) => {
-                break (!done).then(|| "the upstream closed the stream before its end".to_string())
+                // Some upstreams end with `data: [DONE]` and one newline, not two: the
+                // stream is complete all the same.
+                let ended = done || is_done_line(&pending);
+                break (!ended)
+                    .then(|| "the upstream closed the stream before its end".to_string());
             }
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -404,6 +416,16 @@ data: [DONE]\n\n";
         let err: serde_json::Value =
             serde_json::from_str(last.strip_prefix("data: ").unwrap()).unwrap();
         assert_eq!(err["error"]["code"], "stream_interrupted");
+    }
+
+    #[test]
+    fn a_last_done_without_its_blank_line_still_completes_the_stream() {
+        let input = "data: {\"choices\":[{}]}\n\ndata: [DONE]\n";
+        let (body, s) = run(input.as_bytes(), true);
+        assert_eq!((body.as_str(), s.end), (input, End::Completed));
+        // But a cut in the middle of an event is still a cut.
+        let (_, s) = run(b"data: {\"choices\":[{}]}\n\ndata: [DO", true);
+        assert!(matches!(s.end, End::UpstreamFailed(_)), "{:?}", s.end);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! reload, so that a rotated key needs no restart. Errors name the file and line,
 //! never a value.
 
-use super::load::{ConfigError, Env};
+use super::{ConfigError, Env};
 use std::path::Path;
 
 /// Reads `path`: `KEY=VALUE` per line; blank lines and lines starting with `#` or `;`

@@ -5,13 +5,10 @@
 
 use super::env_file;
 use super::schema::{Config, Invalid};
+use super::{ConfigError, Env};
 use serde_yaml::{Mapping, Value};
-use std::collections::{BTreeMap, HashMap};
-use std::fmt;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-
-/// The process environment as the loader sees it; tests pass their own.
-pub type Env = BTreeMap<String, String>;
 
 /// Keys where an unset `${VAR}` without a default means "off" instead of an error.
 const OPTIONAL_KEYS: [&str; 3] = ["logging.feishu_webhook", "logging.file", "auth.admin_key"];
@@ -29,17 +26,6 @@ const LEGACY_FIELDS: [(&str, &str); 9] = [
 ];
 
 const DEFAULT_API_VERSION: &str = "2024-10-21";
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct ConfigError(pub String);
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for ConfigError {}
 
 /// A loaded config, where it came from (for the start-up log and `--check-config`), and
 /// what in it is probably not what the operator meant.

@@ -5,5 +5,21 @@ mod env_file;
 mod load;
 mod schema;
 
-pub use load::{ConfigError, Env, Loaded, Source};
+pub use load::{Loaded, Source};
 pub use schema::*;
+
+/// The process environment as the loader sees it; tests pass their own.
+pub type Env = std::collections::BTreeMap<String, String>;
+
+/// Why a configuration cannot be loaded: names the file (or variable) and key, never
+/// a value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}

@@ -324,6 +324,12 @@ report() {
 }
 report
 if $write; then
-  report >bench/results.md
+  # Sections after the report's own (from the next `## ` heading on) were measured by
+  # other commands: they are kept.
+  kept=$(awk '/^## /{found=1} found' bench/results.md 2>/dev/null || true)
+  {
+    report
+    if [ -n "$kept" ]; then printf '\n%s\n' "$kept"; fi
+  } >bench/results.md
   say "written to bench/results.md"
 fi

@@ -51,7 +51,7 @@ local function used(key)
   return total
 end
 local function add(key, id, n)
-  redis.call('ZADD', key, now, id .. ':' .. n)
+  redis.call('ZADD', key, now, id .. ':' .. string.format('%d', n))
   redis.call('INCRBY', key .. ':sum', n)
   redis.call('PEXPIRE', key, ttl)
   redis.call('PEXPIRE', key .. ':sum', ttl)
@@ -60,8 +60,9 @@ end
 
 /// Checks cooldown and circuit, then room in both windows, and reserves in one step.
 /// KEYS: tokens, requests, cooldown, circuit. ARGV: reservation id, tokens, max_tpm,
-/// max_rpm (0: no limit). Returns {0, 0} admitted, {1, ms} full or cooling down for ms,
-/// {2, ms} its circuit is open for ms.
+/// max_rpm (0: no limit). Returns {0, 0} admitted, {1, ms} cooling down or no room for
+/// a request for ms, {2, ms} its circuit is open for ms, {3, ms} no room for this many
+/// tokens for ms (a smaller request may fit).
 const ADMIT: &str = r"
 local open = tonumber(redis.call('GET', KEYS[4]) or '0')
 if open > now then return {2, open - now} end
@@ -77,9 +78,10 @@ local function room(key, need, max)
   return 60000
 end
 local need, tpm, rpm = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-if tpm > 0 then wait = math.max(wait, room(KEYS[1], need, tpm)) end
 if rpm > 0 then wait = math.max(wait, room(KEYS[2], 1, rpm)) end
 if wait > 0 then return {1, wait} end
+if tpm > 0 then wait = room(KEYS[1], need, tpm) end
+if wait > 0 then return {3, wait} end
 if tpm > 0 then add(KEYS[1], ARGV[1], ARGV[2]) end
 if rpm > 0 then add(KEYS[2], ARGV[1], 1) end
 return {0, 0}
@@ -122,8 +124,11 @@ return 0
 pub enum Verdict {
     /// Reserved under this id (to give back with `settle`).
     Admitted(String),
-    /// The instance cools down or a window is full, for this long.
+    /// The instance cools down or has no room for a request, for this long.
     Full(Duration),
+    /// The instance has no room for this many tokens for this long; a smaller request
+    /// may fit.
+    NoRoom(Duration),
     /// Another proxy opened the instance's circuit, for this long.
     Down(Duration),
 }
@@ -287,12 +292,19 @@ impl Shared {
         let _ = self.wake.try_send(());
     }
 
+    /// An instance's key: `{prefix}:i:{instance}:tpm` and so on. The braces make all of
+    /// one instance's keys one Redis Cluster hash slot, as a script needs.
     fn key(&self, instance: &str, what: &str) -> String {
-        format!("{}:{instance}:{what}", self.prefix)
+        format!("{}:i:{{{instance}}}:{what}", self.prefix)
     }
 
     fn keys(&self, instance: &str) -> [String; 4] {
         ["tpm", "rpm", "cooldown", "circuit"].map(|k| self.key(instance, k))
+    }
+
+    /// A response id's key: `{prefix}:r:{id}`, apart from every instance's keys.
+    fn response_key(&self, id: &str) -> String {
+        format!("{}:r:{id}", self.prefix)
     }
 
     /// Checks and reserves `need` tokens and a request on `inst` in the shared windows,
@@ -316,6 +328,7 @@ impl Shared {
         Some(match kind {
             0 => Verdict::Admitted(id),
             1 => Verdict::Full(wait),
+            3 => Verdict::NoRoom(wait),
             _ => Verdict::Down(wait),
         })
     }
@@ -357,7 +370,7 @@ impl Shared {
 
     /// Remembers which instance made a Responses API answer, for `ttl`.
     pub fn remember(&self, alerts: &Alerts, id: &str, instance: &str, model: &str, ttl: Duration) {
-        let key = self.key("response", id);
+        let key = self.response_key(id);
         let value = format!("{instance}\n{model}");
         let ttl = ttl.as_millis() as u64;
         let _: Option<()> = self.with(alerts, |c| {
@@ -372,14 +385,14 @@ impl Shared {
 
     /// The instance and model another proxy remembered for a response id.
     pub fn find(&self, alerts: &Alerts, id: &str) -> Option<(String, String)> {
-        let key = self.key("response", id);
+        let key = self.response_key(id);
         let found: Option<String> = self.with(alerts, |c| redis::cmd("GET").arg(&key).query(c))?;
         let (instance, model) = found?.split_once('\n').map(|(i, m)| (i.into(), m.into()))?;
         Some((instance, model))
     }
 
     pub fn forget(&self, alerts: &Alerts, id: &str) {
-        let key = self.key("response", id);
+        let key = self.response_key(id);
         let _: Option<()> = self.with(alerts, |c| redis::cmd("DEL").arg(&key).query(c));
     }
 }

@@ -19,7 +19,7 @@ use crate::outcome::{Attempt, Outcome};
 use crate::shared::{Settle, Shared, Verdict};
 use parking_lot::Mutex;
 use std::time::{Duration, Instant};
-use table::{Admission, Blocked, Table};
+use table::{Admission, Blocked, Held, Table};
 
 /// Every instance that serves `model` exactly, in configuration order.
 pub fn candidates(config: &Config, model: &str) -> Vec<usize> {
@@ -191,17 +191,14 @@ fn confirmed(
             return Ok((admission, None));
         };
         let inst = &config.instances[admission.index];
-        let blocked = match shared.admit(alerts, inst, plan.need) {
+        let held = match shared.admit(alerts, inst, plan.need) {
             None => return Ok((admission, None)),
             Some(Verdict::Admitted(id)) => return Ok((admission, Some(id))),
-            Some(Verdict::Full(wait)) => Blocked::RateLimited {
-                until: Instant::now() + wait,
-            },
-            Some(Verdict::Down(wait)) => Blocked::Down {
-                until: Instant::now() + wait,
-            },
+            Some(Verdict::Full(wait)) => Held::Cooling(Instant::now() + wait),
+            Some(Verdict::NoRoom(wait)) => Held::NoRoom(Instant::now() + wait),
+            Some(Verdict::Down(wait)) => Held::Down(Instant::now() + wait),
         };
-        states.table.lock().hold(config, admission, blocked);
+        states.table.lock().hold(config, admission, held);
     }
 }
 

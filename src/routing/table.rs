@@ -89,6 +89,9 @@ struct Runtime {
     circuit: Circuit,
     /// Another proxy opened its circuit (shared state): down until then.
     shared_down_until: Option<Instant>,
+    /// The shared windows had no room for this many tokens until then (requests as
+    /// large wait; smaller ones may fit, and Redis says).
+    shared_full: Option<(Instant, u64)>,
     /// Failures since the last success.
     consecutive: u32,
     /// `consecutive` before the last success reset it: a stream counts as a success
@@ -110,6 +113,7 @@ impl Runtime {
             cooldown_until: None,
             circuit: Circuit::Closed,
             shared_down_until: None,
+            shared_full: None,
             consecutive: 0,
             run_before_success: 0,
             recent: Recent::default(),
@@ -141,6 +145,18 @@ pub struct Admission {
     tokens: u64,
     epoch: u64,
     trial: bool,
+}
+
+/// Why the shared state refused an admission, and until when.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Held {
+    /// Another proxy's 429, or no room for one more request: the instance is out.
+    Cooling(Instant),
+    /// Another proxy opened its circuit.
+    Down(Instant),
+    /// No room for this request's tokens: requests as large are held, smaller ones
+    /// may still fit.
+    NoRoom(Instant),
 }
 
 /// Why no instance could take a request, and the soonest one might.
@@ -272,6 +288,11 @@ impl Table {
         if let Some(c) = rt.cooldown_until.filter(|c| *c > now) {
             until = until.max(c);
         }
+        if let Some((full, least)) = rt.shared_full {
+            if full > now && need >= least {
+                until = until.max(full);
+            }
+        }
         if let Some(max) = inst.max_tpm {
             until = until.max(rt.tokens.room_at(now, need, max));
         }
@@ -376,14 +397,19 @@ impl Table {
         }
     }
 
-    /// The shared state refused `admission` (`Blocked` says why and until when): its
+    /// The shared state refused `admission` (`Held` says why and until when): its
     /// reservation goes back, and the instance stays out here too until then, as if
-    /// this proxy had seen the 429 or opened the circuit itself. Only ever extends.
-    pub fn hold(&mut self, config: &Config, admission: Admission, blocked: Blocked) {
+    /// this proxy had seen the 429 or opened the circuit itself (only ever extended),
+    /// or, for want of room for its tokens, for requests at least as large.
+    pub fn hold(&mut self, config: &Config, admission: Admission, held: Held) {
         if let Some(rt) = self.admitted(config, &admission) {
-            let (slot, until) = match blocked {
-                Blocked::RateLimited { until } => (&mut rt.cooldown_until, until),
-                Blocked::Down { until } => (&mut rt.shared_down_until, until),
+            let (slot, until) = match held {
+                Held::Cooling(until) => (&mut rt.cooldown_until, until),
+                Held::Down(until) => (&mut rt.shared_down_until, until),
+                Held::NoRoom(until) => {
+                    rt.shared_full = Some((until, admission.tokens));
+                    return self.cancel(config, admission);
+                }
             };
             *slot = Some(slot.map_or(until, |u| u.max(until)));
         }
@@ -823,14 +849,8 @@ mod tests {
         let full = Blocked::RateLimited {
             until: at(t0, 30.0),
         };
-        t.hold(&c, first, full);
-        t.hold(
-            &c,
-            second,
-            Blocked::RateLimited {
-                until: at(t0, 10.0),
-            },
-        );
+        t.hold(&c, first, Held::Cooling(at(t0, 30.0)));
+        t.hold(&c, second, Held::Cooling(at(t0, 10.0)));
         assert_eq!(t.view(&c, t0)[0].current_tpm, 0, "reservations given back");
         assert_eq!(t.admit(&c, &all, &[], ("m", 600), t0).unwrap().index, 1);
         assert_eq!(
@@ -844,10 +864,22 @@ mod tests {
         let down = Blocked::Down {
             until: at(t0, 40.0),
         };
-        t.hold(&c, a, down);
+        t.hold(&c, a, Held::Down(at(t0, 40.0)));
         assert_eq!(t.admit(&c, &[0], &[], ("m", 1), at(t0, 33.0)), Err(down));
         assert_eq!(t.view(&c, at(t0, 33.0))[0].health, Health::CircuitOpen);
-        assert!(t.admit(&c, &[0], &[], ("m", 1), at(t0, 40.0)).is_ok());
+        let a = t.admit(&c, &[0], &[], ("m", 1), at(t0, 40.0)).unwrap();
+        // No room in the shared window for 600 tokens: requests that large are held
+        // here, a smaller one may still go (Redis will say).
+        let big = t.admit(&c, &[0], &[], ("m", 600), at(t0, 41.0)).unwrap();
+        t.cancel(&c, a);
+        t.hold(&c, big, Held::NoRoom(at(t0, 50.0)));
+        assert_eq!(
+            t.admit(&c, &[0], &[], ("m", 600), at(t0, 42.0)),
+            Err(Blocked::RateLimited {
+                until: at(t0, 50.0)
+            })
+        );
+        assert!(t.admit(&c, &[0], &[], ("m", 100), at(t0, 42.0)).is_ok());
     }
 
     #[test]

@@ -987,8 +987,12 @@ impl RedisServer {
 
     /// Stops (SIGSTOP) or resumes (SIGCONT) the server: connections are accepted by
     /// the kernel, but nothing answers while it is stopped.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     pub fn pause(&self, paused: bool) {
-        let pid = self.child.as_ref().expect("running").id();
+        let pid = self.pid();
         let signal = if paused { "-STOP" } else { "-CONT" };
         let sent = Command::new("kill")
             .args([signal, &pid.to_string()])

@@ -242,6 +242,16 @@ impl Shared {
         let mut conn = self.connect()?;
         self.admit.load(&mut conn)?;
         self.settle.load(&mut conn)?;
+        // And a write, through the script, on keys no instance has (names are not
+        // empty): a read-only replica or a Redis out of memory answers, but refuses
+        // every reservation, and must not count as back.
+        let mut probe = self.settle.prepare_invoke();
+        for key in self.keys("") {
+            probe.key(key);
+        }
+        probe.arg("").arg(0).arg(1).arg(0);
+        probe.arg(-1).arg(-1).arg(-1).arg(-1).arg("probe");
+        let _: i64 = probe.invoke(&mut conn)?;
         Ok(conn)
     }
 

@@ -555,3 +555,39 @@ fn rediss_with_the_servers_ca_is_shared_and_without_it_is_not() {
     let untrusting = TestProxy::start(&yaml(""));
     assert_eq!(health(&untrusting)["shared_state"], "degraded");
 }
+
+#[test]
+fn a_redis_that_answers_but_refuses_writes_stays_degraded_until_it_takes_them() {
+    let redis = RedisServer::start(None);
+    let upstream = Mock::start(unlimited());
+    let yaml = format!(
+        "instances:\n{}{}",
+        instance("a", &upstream.url, 1, ", max_tpm: 100000000"),
+        redis_yaml(&redis, "oom")
+    );
+    let proxy = TestProxy::start(&yaml);
+    let url = format!("{}/v1/chat/completions", proxy.url);
+    assert_eq!(post_json(&url, &chat()).status, 200);
+    // Out of memory: Redis answers every call, and refuses every write.
+    assert_eq!(
+        redis.cli(&["config", "set", "maxmemory-policy", "noeviction"]),
+        "OK"
+    );
+    assert_eq!(redis.cli(&["config", "set", "maxmemory", "1"]), "OK");
+    assert_eq!(
+        post_json(&url, &chat()).status,
+        200,
+        "served on local state"
+    );
+    let state = || health(&proxy)["shared_state"].clone();
+    assert!(wait_until(Duration::from_secs(5), || state() == "degraded"));
+    // The reconnect thread's tries (at once, 0.1 s, 0.2 s, 0.4 s, ...) answer, but
+    // cannot write: the proxy must not count Redis as back.
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        assert_eq!(state(), "degraded");
+        assert_eq!(post_json(&url, &chat()).status, 200);
+    }
+    assert_eq!(redis.cli(&["config", "set", "maxmemory", "0"]), "OK");
+    assert!(wait_until(Duration::from_secs(10), || state() == "shared"));
+}

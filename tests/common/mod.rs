@@ -985,12 +985,22 @@ impl RedisServer {
         }
     }
 
-    /// Stops (SIGSTOP) or resumes (SIGCONT) the server: connections are accepted by
-    /// the kernel, but nothing answers while it is stopped.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }
 
+    /// Runs `redis-cli` with `args` against this (plain, password-less) server.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Stops (SIGSTOP) or resumes (SIGCONT) the server: connections are accepted by
+    /// the kernel, but nothing answers while it is stopped.
     pub fn pause(&self, paused: bool) {
         let pid = self.pid();
         let signal = if paused { "-STOP" } else { "-CONT" };

@@ -22,6 +22,9 @@ use std::time::{Duration, Instant};
 /// Connections kept for reuse (at most one per request talking to Redis at once, so
 /// bounded by `server.workers`); past this, a connection is closed after its call.
 const IDLE: usize = 64;
+/// Connections opened ahead of need when Redis is reached (at start and when it is
+/// back), so that the requests then do not each connect on their own path.
+const WARM: usize = 8;
 /// The reconnect thread's first and longest pause between attempts.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
 /// A Redis that came back this long ago and fails again starts its backoff afresh.
@@ -209,7 +212,7 @@ impl Shared {
         }
         match shared.connect_and_load() {
             Ok(conn) => {
-                shared.idle.lock().push(conn);
+                shared.warm(conn);
                 log::info!("shared state in Redis (key prefix {:?})", shared.prefix);
             }
             Err(e) => shared.failed(alerts, &e),
@@ -253,6 +256,18 @@ impl Shared {
         probe.arg(-1).arg(-1).arg(-1).arg(-1).arg("probe");
         let _: i64 = probe.invoke(&mut conn)?;
         Ok(conn)
+    }
+
+    /// Pools `first` and up to `WARM` - 1 more, stopping at the first that fails.
+    fn warm(&self, first: redis::Connection) {
+        let mut conns = vec![first];
+        while conns.len() < WARM {
+            match self.connect() {
+                Ok(conn) => conns.push(conn),
+                Err(_) => break,
+            }
+        }
+        self.idle.lock().extend(conns);
     }
 
     /// Runs `f` on a pooled connection, or returns None at once while degraded. A
@@ -449,7 +464,7 @@ fn reconnect(shared: Weak<Shared>, woken: Receiver<()>) {
                 break;
             }
             if let Ok(conn) = s.connect_and_load() {
-                s.idle.lock().push(conn);
+                s.warm(conn);
                 // Wakes from failures of this same outage are not a new one; taken
                 // before the state is shared again, so none from a new one is lost.
                 while woken.try_recv().is_ok() {}

@@ -590,4 +590,8 @@ fn a_redis_that_answers_but_refuses_writes_stays_degraded_until_it_takes_them() 
     }
     assert_eq!(redis.cli(&["config", "set", "maxmemory", "0"]), "OK");
     assert!(wait_until(Duration::from_secs(10), || state() == "shared"));
+    // Back, the proxy has its connections ready (8, and redis-cli's own): the requests
+    // that follow do not each connect on their way.
+    let clients = redis.cli(&["client", "list"]).lines().count();
+    assert!(clients >= 9, "{clients} connections");
 }

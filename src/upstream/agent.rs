@@ -101,31 +101,6 @@ impl<R: Resolver> Resolver for CachingResolver<R> {
     ) -> Result<ResolvedSocketAddrs, ureq::Error> {
         let scheme = uri.scheme_str().unwrap_or_default();
         let authority = uri.authority().map_or("", |a| a.as_str());
-        let fresh = self
-            .cache
-            .lock()
-            .iter()
-            .find(|r| r.scheme == scheme && r.authority == authority && r.at.elapsed() < self.ttl)
-            .map(|r| r.addrs.clone());
-        match fresh {
-            Some(addrs) => Ok(addrs),
-            None => self.look_up(uri, config, timeout),
-        }
-    }
-}
-
-impl<R: Resolver> CachingResolver<R> {
-    /// A lookup, remembered; on failure, the last answer while it is recent enough. Out
-    /// of line: the common path above runs deep in ureq's stack, on every request.
-    #[inline(never)]
-    fn look_up(
-        &self,
-        uri: &ureq::http::Uri,
-        config: &ureq::config::Config,
-        timeout: NextTimeout,
-    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
-        let scheme = uri.scheme_str().unwrap_or_default();
-        let authority = uri.authority().map_or("", |a| a.as_str());
         let now = Instant::now();
         let cached = self
             .cache
@@ -133,6 +108,26 @@ impl<R: Resolver> CachingResolver<R> {
             .iter()
             .find(|r| r.scheme == scheme && r.authority == authority)
             .map(|r| (now.saturating_duration_since(r.at), r.addrs.clone()));
+        match cached {
+            Some((age, addrs)) if age < self.ttl => Ok(addrs),
+            stale => self.look_up(uri, config, timeout, (scheme, authority, now), stale),
+        }
+    }
+}
+
+impl<R: Resolver> CachingResolver<R> {
+    /// A lookup, remembered; on failure, the `stale` answer (its age and addresses)
+    /// while it is recent enough. Out of line: the common path above runs deep in
+    /// ureq's stack, on every request.
+    #[inline(never)]
+    fn look_up(
+        &self,
+        uri: &ureq::http::Uri,
+        config: &ureq::config::Config,
+        timeout: NextTimeout,
+        (scheme, authority, now): (&str, &str, Instant),
+        stale: Option<(Duration, ResolvedSocketAddrs)>,
+    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
         match self.inner.resolve(uri, config, timeout) {
             Ok(addrs) => {
                 let mut cache = self.cache.lock();
@@ -145,7 +140,7 @@ impl<R: Resolver> CachingResolver<R> {
                 });
                 Ok(addrs)
             }
-            Err(e) => match cached {
+            Err(e) => match stale {
                 Some((age, addrs)) if age < DNS_STALE_MAX => {
                     log::warn!(
                         "resolving {authority} failed ({e}); using its addresses from {} s ago",

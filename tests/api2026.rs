@@ -20,6 +20,13 @@ fn proxy(routing: &str, instances: &[String]) -> TestProxy {
     TestProxy::start(&format!("{routing}instances:\n{}", instances.concat()))
 }
 
+/// A proxy in front of one instance, `name` on a mock upstream of its own.
+fn one(name: &str, version: &str, extra: &str) -> (Mock, TestProxy) {
+    let up = Mock::start(azure_like(KEY));
+    let proxy = proxy("", &[instance(name, &up.url, version, extra)]);
+    (up, proxy)
+}
+
 fn get(proxy: &TestProxy, path: &str) -> Value {
     send("GET", &format!("{}{path}", proxy.url), &[], None).json()
 }
@@ -56,27 +63,17 @@ fn output_text(response: &Value) -> &str {
 
 #[test]
 fn the_responses_api_plain_and_streamed_goes_to_the_mapped_deployment_and_counts_usage() {
-    let up = Mock::start(azure_like(KEY));
-    let proxy = proxy(
-        "",
-        &[instance(
-            "a",
-            &up.url,
-            "2025-04-01-preview",
-            "model_deployments: {gpt-4o: dep-4o}",
-        )],
+    let (up, proxy) = one(
+        "a",
+        "2025-04-01-preview",
+        "model_deployments: {gpt-4o: dep-4o}",
     );
     let plain = post(
         &proxy,
         "/v1/responses",
         &json!({"model": "gpt-4o", "input": "hi"}),
     );
-    assert_eq!(
-        plain.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&plain.body)
-    );
+    plain.assert_status(200);
     assert_eq!(output_text(&plain.json()), "Hello from dep-4o");
     // A dated api-version: the Responses API is not under a deployment; the body names it.
     let sent = &up.requests()[0];
@@ -139,7 +136,7 @@ fn instances_on_azures_v1_api_are_called_at_its_urls_with_the_deployment_in_the_
         "/v1/chat/completions",
         &json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
     );
-    assert_eq!(chat.status, 200, "{}", String::from_utf8_lossy(&chat.body));
+    chat.assert_status(200);
     assert_eq!(chat.json()["model"], "dep-ga");
     let responses = post(
         &proxy,
@@ -178,22 +175,13 @@ fn instances_on_azures_v1_api_are_called_at_its_urls_with_the_deployment_in_the_
 
 #[test]
 fn clients_whose_base_url_is_an_azure_v1_endpoint_are_served() {
-    let up = Mock::start(azure_like(KEY));
-    let proxy = proxy(
-        "",
-        &[instance(
-            "a",
-            &up.url,
-            "2024-10-21",
-            "supported_models: [m]",
-        )],
-    );
+    let (up, proxy) = one("a", "2024-10-21", "supported_models: [m]");
     let chat = post(
         &proxy,
         "/openai/v1/chat/completions",
         &json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
     );
-    assert_eq!(chat.status, 200, "{}", String::from_utf8_lossy(&chat.body));
+    chat.assert_status(200);
     assert_eq!(
         chat.json()["choices"][0]["message"]["content"],
         "Hello from m"
@@ -245,7 +233,7 @@ fn a_response_and_everything_that_refers_to_it_stay_on_the_instance_that_made_it
             "/v1/responses",
             &json!({"model": "m", "input": "more", "previous_response_id": id, "stream": stream}),
         );
-        assert_eq!(next.status, 200, "{}", String::from_utf8_lossy(&next.body));
+        next.assert_status(200);
         assert_eq!(next.header("x-proxy-instance"), Some(home.as_str()));
         let made = if stream {
             let completed = sse_data(&next.body)
@@ -323,12 +311,7 @@ fn images_speech_and_uploads_are_routed_by_model_and_passed_through() {
         "/v1/images/generations",
         &json!({"model": "dall-e-3", "prompt": "a cat", "n": 1}),
     );
-    assert_eq!(
-        image.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&image.body)
-    );
+    image.assert_status(200);
     assert_eq!(
         image.json()["data"][0]["url"],
         "https://images.example/images.png"
@@ -363,12 +346,7 @@ fn images_speech_and_uploads_are_routed_by_model_and_passed_through() {
         (answer, body)
     };
     let (dated, sent_body) = upload("whisper");
-    assert_eq!(
-        dated.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&dated.body)
-    );
+    dated.assert_status(200);
     assert_eq!(dated.json()["text"], "transcribed by ears");
     let (on_v1, _) = upload("whisper-v1");
     assert_eq!(on_v1.json()["text"], "transcribed by ears-v1");
@@ -408,16 +386,7 @@ fn images_speech_and_uploads_are_routed_by_model_and_passed_through() {
 
 #[test]
 fn an_api_version_without_stream_usage_gets_the_stream_as_it_is_and_usage_is_estimated() {
-    let up = Mock::start(azure_like(KEY));
-    let proxy = proxy(
-        "",
-        &[instance(
-            "old",
-            &up.url,
-            "2024-02-01",
-            "supported_models: [m]",
-        )],
-    );
+    let (up, proxy) = one("old", "2024-02-01", "supported_models: [m]");
     let streamed = post(
         &proxy,
         "/v1/chat/completions",
@@ -445,16 +414,7 @@ fn an_api_version_without_stream_usage_gets_the_stream_as_it_is_and_usage_is_est
 
 #[test]
 fn tool_schemas_count_in_the_estimate_and_a_whole_number_written_as_a_float_is_accepted() {
-    let up = Mock::start(azure_like(KEY));
-    let proxy = proxy(
-        "",
-        &[instance(
-            "a",
-            &up.url,
-            "2024-10-21",
-            "supported_models: [m], max_tpm: 1500",
-        )],
-    );
+    let (up, proxy) = one("a", "2024-10-21", "supported_models: [m], max_tpm: 1500");
     let ask = |extra: Value| {
         let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100.0});
         body.as_object_mut()
@@ -474,12 +434,7 @@ fn tool_schemas_count_in_the_estimate_and_a_whole_number_written_as_a_float_is_a
         .collect();
     let tools = json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": big}}}]});
     let refused = ask(tools);
-    assert_eq!(
-        refused.status,
-        400,
-        "{}",
-        String::from_utf8_lossy(&refused.body)
-    );
+    refused.assert_status(400);
     assert_eq!(refused.openai_error()["code"], "tokens_exceed_limit");
     assert_eq!(up.count(), 1, "the refused request was not sent");
 }
@@ -508,28 +463,14 @@ fn images_and_audio_count_as_requests_against_rpm_not_as_tokens() {
     assert_eq!(image().status, 200);
     assert_eq!(image().status, 200);
     let third = image();
-    assert_eq!(
-        third.status,
-        429,
-        "{}",
-        String::from_utf8_lossy(&third.body)
-    );
+    third.assert_status(429);
     assert_eq!(third.openai_error()["code"], "rate_limit_exceeded");
     assert_eq!(up.count(), 2);
 }
 
 #[test]
 fn a_response_reserves_its_max_output_tokens_and_counts_its_instructions() {
-    let up = Mock::start(azure_like(KEY));
-    let proxy = proxy(
-        "",
-        &[instance(
-            "a",
-            &up.url,
-            "v1",
-            "supported_models: [m], max_tpm: 1000",
-        )],
-    );
+    let (up, proxy) = one("a", "v1", "supported_models: [m], max_tpm: 1000");
     let ask = |body: Value| post(&proxy, "/v1/responses", &body);
     assert_eq!(
         ask(json!({"model": "m", "input": "hi", "max_output_tokens": 500})).status,
@@ -549,16 +490,7 @@ fn a_response_reserves_its_max_output_tokens_and_counts_its_instructions() {
 
 #[test]
 fn an_api_version_without_the_responses_api_takes_out_only_responses_for_the_model() {
-    let up = Mock::start(azure_like(KEY));
-    let proxy = proxy(
-        "",
-        &[instance(
-            "a",
-            &up.url,
-            "2024-10-21",
-            "supported_models: [m]",
-        )],
-    );
+    let (up, proxy) = one("a", "2024-10-21", "supported_models: [m]");
     let responses = post(
         &proxy,
         "/v1/responses",
@@ -571,7 +503,7 @@ fn an_api_version_without_the_responses_api_takes_out_only_responses_for_the_mod
         "/v1/chat/completions",
         &json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
     );
-    assert_eq!(chat.status, 200, "{}", String::from_utf8_lossy(&chat.body));
+    chat.assert_status(200);
     let again = post(
         &proxy,
         "/v1/responses",
@@ -583,28 +515,14 @@ fn an_api_version_without_the_responses_api_takes_out_only_responses_for_the_mod
 
 #[test]
 fn azure_clients_reach_the_responses_api_and_the_model_list_outside_a_deployment() {
-    let up = Mock::start(azure_like(KEY));
-    let proxy = proxy(
-        "",
-        &[instance(
-            "a",
-            &up.url,
-            "2025-04-01-preview",
-            "supported_models: [m]",
-        )],
-    );
+    let (up, proxy) = one("a", "2025-04-01-preview", "supported_models: [m]");
     // What `AzureOpenAI(...).responses.create` and `.models.list()` send.
     let created = post(
         &proxy,
         "/openai/responses?api-version=2025-04-01-preview",
         &json!({"model": "m", "input": "hi"}),
     );
-    assert_eq!(
-        created.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&created.body)
-    );
+    created.assert_status(200);
     let id = created.json()["id"].as_str().unwrap().to_string();
     let fetched = send(
         "GET",

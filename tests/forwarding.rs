@@ -30,7 +30,7 @@ fn chat_completions_and_embeddings_reach_the_mapped_azure_deployment() {
         &format!("{}/v1/chat/completions", proxy.url),
         &json!({"model": "gpt-4o-2024-11-20", "messages": [{"role": "user", "content": "hi"}]}),
     );
-    assert_eq!(chat.status, 200, "{}", String::from_utf8_lossy(&chat.body));
+    chat.assert_status(200);
     assert_eq!(
         chat.json()["choices"][0]["message"]["content"],
         "Hello from gpt4o-prod"
@@ -143,7 +143,7 @@ fn openai_provider_uses_bearer_auth_and_the_deployment_as_model() {
         &format!("{}/v1/chat/completions", proxy.url),
         &json!({"model": "fast", "messages": []}),
     );
-    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    a.assert_status(200);
     let r = &mock.requests()[0];
     assert_eq!(r.target, "/v1/chat/completions");
     assert_eq!(r.header("authorization"), Some("Bearer sk-upstream"));
@@ -211,7 +211,7 @@ fn a_5xx_or_dead_instance_is_retried_on_the_next_one() {
         &format!("{}/v1/chat/completions", proxy.url),
         &json!({"model": "gpt-4o", "messages": []}),
     );
-    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    a.assert_status(200);
     assert_eq!(a.header("x-proxy-instance"), Some("d-good"));
     assert_eq!((failing.count(), closing.count(), good.count()), (1, 1, 1));
 }

@@ -183,7 +183,7 @@ fn a_request_larger_than_every_window_gets_400_and_reserves_nothing() {
         &json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
                 "max_tokens": 1_000_000_000_000_000u64}),
     );
-    assert_eq!(huge.status, 400, "{}", String::from_utf8_lossy(&huge.body));
+    huge.assert_status(400);
     let message = huge.openai_error()["message"].as_str().unwrap().to_string();
     assert!(
         message.contains("1000000000000008") && message.contains("1000"),
@@ -204,7 +204,7 @@ fn absurd_estimates_on_an_instance_without_a_limit_break_nothing() {
             &proxy.url("/v1/chat/completions"),
             &json!({"model": "m", "messages": [], "max_tokens": 1e300, "n": 1e300}),
         );
-        assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+        a.assert_status(200);
     }
     assert_eq!(chat(&proxy, &[]).status, 200);
     let instances = send("GET", &proxy.url("/stats/instances"), &[], None).json();
@@ -287,12 +287,7 @@ fn four_maximum_size_bodies_at_once_stay_under_512_mb() {
         .collect();
     for c in clients {
         let answer = c.join().unwrap();
-        assert_eq!(
-            answer.status,
-            200,
-            "{}",
-            String::from_utf8_lossy(&answer.body)
-        );
+        answer.assert_status(200);
         assert!(String::from_utf8_lossy(&answer.body).contains("[DONE]"));
     }
     let peak_mb = proxy.status_field("VmHWM") / 1024;

@@ -89,12 +89,7 @@ fn two_reloads_at_once_take_turns_and_the_newest_file_wins() {
         .unwrap();
     drop(fifo);
     let (first, second) = (first.join().unwrap(), second.join().unwrap());
-    assert_eq!(
-        first.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&first.body)
-    );
+    first.assert_status(200);
     assert_eq!(first.json()["instances"], json!(["older"]));
     assert_eq!(second.json()["instances"], json!(["newest"]));
     assert!(!overtook, "the second reload waited for the first");
@@ -117,7 +112,7 @@ fn settings_read_only_at_start_are_reported_and_the_others_applied() {
     )));
     let mut proxy = proxy;
     let r = reload(&proxy.url);
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    r.assert_status(200);
     assert_eq!(
         log::max_level(),
         log::LevelFilter::Debug,

@@ -142,7 +142,7 @@ fn reload_under_load_loses_no_request_and_keeps_instance_state() {
     ));
     for _ in 0..3 {
         let r = send("POST", &format!("{}/config/reload", proxy.url), &[], None);
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.assert_status(200);
         assert_eq!(r.json()["instances"], json!(["a", "b", "c"]));
     }
     let before = c.count();

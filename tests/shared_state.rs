@@ -261,7 +261,7 @@ fn a_response_made_through_one_proxy_is_found_through_another() {
             &[],
             None,
         );
-        assert_eq!(got.status, 200, "{}", String::from_utf8_lossy(&got.body));
+        got.assert_status(200);
         assert_eq!(got.json()["made_by"], home.as_str());
         assert_eq!(got.json()["method"], "GET");
     }

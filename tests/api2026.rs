@@ -515,7 +515,7 @@ fn an_api_version_without_the_responses_api_takes_out_only_responses_for_the_mod
 
 #[test]
 fn azure_clients_reach_the_responses_api_and_the_model_list_outside_a_deployment() {
-    let (up, proxy) = one("a", "2025-04-01-preview", "supported_models: [m]");
+    let (_up, proxy) = one("a", "2025-04-01-preview", "supported_models: [m]");
     // What `AzureOpenAI(...).responses.create` and `.models.list()` send.
     let created = post(
         &proxy,

@@ -71,6 +71,9 @@ pub type Handler = dyn Fn(Request<'_>) + Send + Sync;
 const IDLE: u8 = 0;
 const BUSY: u8 = 1;
 const STREAMING: u8 = 2;
+/// Chosen by `evict_idle` and shut down; stays so until its thread removes it, so that
+/// it is never chosen (and counted as room) twice.
+const CLOSING: u8 = 3;
 
 /// States of a streamed answer, under `Entry::write`.
 pub(crate) const STREAM_OPEN: u8 = 0;
@@ -95,16 +98,25 @@ impl Entry {
     pub(crate) fn set_idle(&self, shared: &Shared) {
         let ms = shared.started.elapsed().as_millis() as u64;
         self.idle_since.store(ms, Ordering::Relaxed);
-        self.state.store(IDLE, Ordering::Release);
+        self.set_state(IDLE);
     }
 
     pub(crate) fn set_busy(&self) {
-        self.state.store(BUSY, Ordering::Release);
+        self.set_state(BUSY);
     }
 
     pub(crate) fn set_streaming(&self, chunked: bool) {
         self.chunked.store(chunked, Ordering::Relaxed);
-        self.state.store(STREAMING, Ordering::Release);
+        self.set_state(STREAMING);
+    }
+
+    /// Any state but `CLOSING`, which is final.
+    fn set_state(&self, state: u8) {
+        let _ = self
+            .state
+            .fetch_update(Ordering::Release, Ordering::Acquire, |s| {
+                (s != CLOSING).then_some(state)
+            });
     }
 }
 
@@ -165,18 +177,24 @@ impl Shared {
     /// none is idle.
     fn evict_idle(&self) -> bool {
         let r = self.registry();
-        let oldest = r
-            .slots
-            .iter()
-            .flatten()
-            .filter(|e| e.state.load(Ordering::Acquire) == IDLE)
-            .min_by_key(|e| e.idle_since.load(Ordering::Relaxed));
-        match oldest {
-            Some(entry) => {
+        loop {
+            let oldest = r
+                .slots
+                .iter()
+                .flatten()
+                .filter(|e| e.state.load(Ordering::Acquire) == IDLE)
+                .min_by_key(|e| e.idle_since.load(Ordering::Relaxed));
+            let Some(entry) = oldest else { return false };
+            // Only if still idle (its request may have just come): then it is never
+            // chosen, and counted as room, again.
+            let closing =
+                entry
+                    .state
+                    .compare_exchange(IDLE, CLOSING, Ordering::AcqRel, Ordering::Acquire);
+            if closing.is_ok() {
                 let _ = entry.stream.shutdown(Shutdown::Both);
-                true
+                return true;
             }
-            None => false,
         }
     }
 

@@ -244,21 +244,24 @@ fn precedence(outcome: &Outcome) -> (u8, std::cmp::Reverse<Duration>) {
 /// cannot end by the deadline return at once.
 fn admit(table: &Mutex<Table>, config: &Config, plan: &Plan) -> Result<Admission, Blocked> {
     let want = (plan.scope, plan.need);
-    let line_of = || format!("{}\n{:?}", plan.model, plan.candidates);
+    // The line, named by a hash of the model and the candidates, taken before the lock.
+    let line = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (plan.model, plan.candidates).hash(&mut h);
+        h.finish()
+    };
     let mut t = table.lock();
     let mut now = Instant::now();
-    // Without anyone waiting (the usual case) the line's name is not even written.
-    let line = t.anyone_waits().then(line_of);
-    if line.as_ref().is_none_or(|l| !t.has_waiters(l)) {
+    if !t.has_waiters(line) {
         match t.admit(config, plan.candidates, &[], want, now) {
             Err(Blocked::RateLimited { until }) if until <= plan.deadline => {}
             done => return done,
         }
     }
-    let line = line.unwrap_or_else(line_of);
-    let ticket = t.wait_in_line(&line);
+    let ticket = t.wait_in_line(line);
     loop {
-        let first = t.is_first(&line, ticket);
+        let first = t.is_first(line, ticket);
         let result = if first || now >= plan.deadline {
             t.admit(config, plan.candidates, &[], want, now)
         } else {
@@ -277,7 +280,7 @@ fn admit(table: &Mutex<Table>, config: &Config, plan: &Plan) -> Result<Admission
                 }
             }
             done => {
-                t.leave_line(&line, ticket);
+                t.leave_line(line, ticket);
                 return done;
             }
         };

@@ -194,9 +194,9 @@ pub struct Table {
     origin: Instant,
     last_pick: Option<usize>,
     rng: u64,
-    /// Per line (a model and its candidate instances), the requests waiting for room,
+    /// Per line (a hash of a model and its candidate instances), the requests waiting for room,
     /// first come first.
-    waiting: HashMap<String, VecDeque<Waiter>>,
+    waiting: HashMap<u64, VecDeque<Waiter>>,
     tickets: u64,
     /// Admissions tried (to show that waiting for room is not polling).
     #[cfg(test)]
@@ -519,19 +519,12 @@ impl Table {
     }
 
     /// Adds the calling thread to the requests waiting in `line`, last.
-    pub fn wait_in_line(&mut self, line: &str) -> u64 {
+    pub fn wait_in_line(&mut self, line: u64) -> u64 {
         self.tickets += 1;
-        let waiter = Waiter {
+        self.waiting.entry(line).or_default().push_back(Waiter {
             ticket: self.tickets,
             thread: std::thread::current(),
-        };
-        match self.waiting.get_mut(line) {
-            Some(waiters) => waiters.push_back(waiter),
-            None => {
-                self.waiting
-                    .insert(line.to_string(), VecDeque::from([waiter]));
-            }
-        }
+        });
         self.tickets
     }
 
@@ -541,20 +534,15 @@ impl Table {
         self.waiting.values().map(VecDeque::len).sum()
     }
 
-    /// Whether anyone waits for room.
-    pub fn anyone_waits(&self) -> bool {
-        !self.waiting.is_empty()
-    }
-
     /// Whether anyone waits in `line`.
-    pub fn has_waiters(&self, line: &str) -> bool {
-        self.waiting.contains_key(line)
+    pub fn has_waiters(&self, line: u64) -> bool {
+        self.waiting.contains_key(&line)
     }
 
     /// Whether `ticket` is first in `line`.
-    pub fn is_first(&self, line: &str, ticket: u64) -> bool {
+    pub fn is_first(&self, line: u64, ticket: u64) -> bool {
         self.waiting
-            .get(line)
+            .get(&line)
             .and_then(VecDeque::front)
             .is_some_and(|w| w.ticket == ticket)
     }
@@ -562,8 +550,8 @@ impl Table {
     /// Takes `ticket` out of `line` and wakes whoever is first now. A request usually
     /// leaves from the front (all wait up to the same `routing.queue_timeout`), so
     /// this costs O(1).
-    pub fn leave_line(&mut self, line: &str, ticket: u64) {
-        let Some(waiters) = self.waiting.get_mut(line) else {
+    pub fn leave_line(&mut self, line: u64, ticket: u64) {
+        let Some(waiters) = self.waiting.get_mut(&line) else {
             return;
         };
         if let Some(at) = waiters.iter().position(|w| w.ticket == ticket) {
@@ -572,7 +560,7 @@ impl Table {
         match waiters.front() {
             Some(first) => first.thread.unpark(),
             None => {
-                self.waiting.remove(line);
+                self.waiting.remove(&line);
             }
         }
     }

@@ -175,6 +175,8 @@ impl State {
             warnings,
             ..
         } = loaded;
+        // As at start: an instance a reload adds on an old api-version is named too.
+        let usage_warnings = upstream::stream_usage_warnings(&new.instances);
         // Against what runs (the start's values), not the last file: a change reported
         // once is still pending at the next reload.
         let restart_needed = restart_needed(&self.at_start, &new);
@@ -204,7 +206,7 @@ impl State {
                 env_reread.join(", ")
             }
         );
-        for warning in &warnings {
+        for warning in warnings.iter().chain(&usage_warnings) {
             log::warn!("{warning}");
         }
         if !restart_needed.is_empty() {

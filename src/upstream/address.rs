@@ -128,7 +128,7 @@ impl Address {
                 },
                 credential: ("api-key", key.to_string()),
                 shape: Shape::V1,
-                asks_usage: true,
+                asks_usage: asks_usage(inst),
             },
             Provider::Azure => {
                 let mut query = String::from("?api-version=");
@@ -138,7 +138,7 @@ impl Address {
                     query,
                     credential: ("api-key", key.to_string()),
                     shape: Shape::Deployments,
-                    asks_usage: accepts_stream_usage(version),
+                    asks_usage: asks_usage(inst),
                 }
             }
             // `https://api.openai.com/v1` and `https://api.openai.com` both work as api_base.
@@ -151,7 +151,7 @@ impl Address {
                 query: String::new(),
                 credential: ("authorization", format!("Bearer {key}")),
                 shape: Shape::V1,
-                asks_usage: true,
+                asks_usage: asks_usage(inst),
             },
         }
     }
@@ -194,7 +194,7 @@ impl Address {
 pub fn stream_usage_warnings(instances: &[Instance]) -> Vec<String> {
     instances
         .iter()
-        .filter(|inst| !Address::new(inst).asks_usage)
+        .filter(|inst| !asks_usage(inst))
         .map(|inst| {
             format!(
                 "instance {:?}: api_version {} takes no stream_options (Azure accepts them from {FIRST_WITH_STREAM_USAGE}-preview on, and on v1): its streams are passed on as they are and their usage is estimated from the text",
@@ -202,6 +202,16 @@ pub fn stream_usage_warnings(instances: &[Instance]) -> Vec<String> {
             )
         })
         .collect()
+}
+
+/// Whether `inst` accepts `stream_options.include_usage`: Azure's v1 API and dated
+/// versions from 2024-09-01 on, and OpenAI-compatible upstreams.
+fn asks_usage(inst: &Instance) -> bool {
+    let version = inst.api_version.trim();
+    match inst.provider_type {
+        Provider::Azure => V1_VERSIONS.contains(&version) || accepts_stream_usage(version),
+        Provider::Openai => true,
+    }
 }
 
 /// Whether a dated api-version (`2024-10-21`, `2024-09-01-preview`) accepts

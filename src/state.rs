@@ -179,8 +179,7 @@ impl State {
         let usage_warnings = upstream::stream_usage_warnings(&new.instances);
         // Against what runs (the start's values), not the last file: a change reported
         // once is still pending at the next reload.
-        let restart_needed = restart_needed(&self.at_start, &new);
-        keep_start_only(&self.at_start, &mut new);
+        let restart_needed = keep_start_only(&self.at_start, &mut new);
         if new.logging.level != old.config.logging.level {
             crate::observe::logging::set_level(&new.logging.level);
         }
@@ -223,53 +222,70 @@ impl State {
     }
 }
 
-/// The settings read only at start that differ between `old` and `new`. Everything
-/// else a reload applies: instances, routing, auth, monitoring, `logging.level` and
-/// `feishu_webhook`, `server.max_body_bytes` and `server.shutdown_grace_seconds`.
-fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
-    let (o, n) = (&old.server, &new.server);
-    let (ol, nl) = (&old.logging, &new.logging);
-    [
-        ("host/port", (&old.host, old.port) != (&new.host, new.port)),
-        ("server.workers", o.workers != n.workers),
-        (
-            "server.max_connections",
-            o.max_connections != n.max_connections,
-        ),
-        (
-            "server.max_body_memory",
-            o.max_body_memory != n.max_body_memory,
-        ),
-        (
-            "server.client_timeout",
-            o.client_timeout != n.client_timeout,
-        ),
-        ("server.body_timeout", o.body_timeout != n.body_timeout),
-        ("logging.file", ol.file != nl.file),
-        ("logging.max_size", ol.max_size != nl.max_size),
-        ("logging.backup_count", ol.backup_count != nl.backup_count),
-        ("redis", old.redis != new.redis),
-    ]
-    .into_iter()
-    .filter_map(|(name, changed)| changed.then_some(name))
-    .collect()
-}
-
 /// Puts back in `new` the settings read only at start, so that the generation (and
-/// `GET /config`) says what is in force; `restart_needed` lists those that differ.
-fn keep_start_only(start: &Config, new: &mut Config) {
-    (new.host, new.port) = (start.host.clone(), start.port);
+/// `GET /config`) says what is in force, and names those the files changed (for
+/// `restart_needed`). Everything else a reload applies: instances, routing, auth,
+/// monitoring, `logging.level` and `feishu_webhook`, `server.max_body_bytes` and
+/// `server.shutdown_grace_seconds`.
+fn keep_start_only(start: &Config, new: &mut Config) -> Vec<&'static str> {
+    fn keep<T: PartialEq + Clone>(
+        changed: &mut Vec<&'static str>,
+        name: &'static str,
+        start: &T,
+        new: &mut T,
+    ) {
+        if start != new {
+            changed.push(name);
+            new.clone_from(start);
+        }
+    }
+    let mut changed = Vec::new();
+    if (&start.host, start.port) != (&new.host, new.port) {
+        changed.push("host/port");
+        (new.host, new.port) = (start.host.clone(), start.port);
+    }
     let (s, n) = (&start.server, &mut new.server);
-    n.workers = s.workers;
-    n.max_connections = s.max_connections;
-    n.max_body_memory = s.max_body_memory;
-    n.client_timeout = s.client_timeout;
-    n.body_timeout = s.body_timeout;
+    keep(&mut changed, "server.workers", &s.workers, &mut n.workers);
+    keep(
+        &mut changed,
+        "server.max_connections",
+        &s.max_connections,
+        &mut n.max_connections,
+    );
+    keep(
+        &mut changed,
+        "server.max_body_memory",
+        &s.max_body_memory,
+        &mut n.max_body_memory,
+    );
+    keep(
+        &mut changed,
+        "server.client_timeout",
+        &s.client_timeout,
+        &mut n.client_timeout,
+    );
+    keep(
+        &mut changed,
+        "server.body_timeout",
+        &s.body_timeout,
+        &mut n.body_timeout,
+    );
     let (s, n) = (&start.logging, &mut new.logging);
-    n.file.clone_from(&s.file);
-    n.max_size = s.max_size;
-    n.backup_count = s.backup_count;
-    new.redis.clone_from(&start.redis);
+    keep(&mut changed, "logging.file", &s.file, &mut n.file);
+    keep(
+        &mut changed,
+        "logging.max_size",
+        &s.max_size,
+        &mut n.max_size,
+    );
+    keep(
+        &mut changed,
+        "logging.backup_count",
+        &s.backup_count,
+        &mut n.backup_count,
+    );
+    keep(&mut changed, "redis", &start.redis, &mut new.redis);
+    changed
 }
 
 /// What a successful reload did.

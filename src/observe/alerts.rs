@@ -1,7 +1,8 @@
 //! Alerts (DESIGN §10): ERROR events go to `logging.feishu_webhook` as
 //! `{"msg_type":"text","content":{"text":...}}`. Each event has a key (`auth:east`,
-//! `circuit:east`, `all_down:gpt-4o`); a key alerts at most once per
-//! `DEDUP_WINDOW`, so an outage sends a few alerts, not one per request. Sending
+//! `circuit:east`, `all_down:gpt-4o`); a key alerts (and logs) at most once per
+//! `DEDUP_WINDOW`, with or without a webhook, so an outage sends and logs a few
+//! lines, not one per request. Sending
 //! happens on a background thread behind a bounded queue with a timeout, so a dead
 //! webhook never slows a request.
 
@@ -18,24 +19,26 @@ const MAX_KEYS: usize = 512;
 const QUEUE: usize = 32;
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
-struct Inner {
-    tx: Sender<String>,
+pub struct Alerts {
+    /// To the sender thread; none without a webhook (alerts are only logged).
+    tx: Option<Sender<String>>,
     /// Per key: when it last alerted, and how many repeats were held back since.
     seen: Mutex<HashMap<String, (Instant, u64)>>,
-}
-
-pub struct Alerts {
-    inner: Option<Inner>,
     proxy: String,
 }
 
 impl Alerts {
-    /// Alerts that only log (no webhook configured).
-    pub fn disabled(proxy: &str) -> Alerts {
+    fn new(tx: Option<Sender<String>>, proxy: &str) -> Alerts {
         Alerts {
-            inner: None,
+            tx,
+            seen: Mutex::new(HashMap::new()),
             proxy: proxy.into(),
         }
+    }
+
+    /// Alerts that only log (no webhook configured).
+    pub fn disabled(proxy: &str) -> Alerts {
+        Alerts::new(None, proxy)
     }
 
     pub fn to_webhook(webhook: &Secret, proxy: &str) -> Alerts {
@@ -65,13 +68,7 @@ impl Alerts {
                 }
             });
         match spawned {
-            Ok(_) => Alerts {
-                inner: Some(Inner {
-                    tx,
-                    seen: Mutex::new(HashMap::new()),
-                }),
-                proxy: proxy.into(),
-            },
+            Ok(_) => Alerts::new(Some(tx), proxy),
             Err(e) => {
                 log::error!("alerts are off: cannot start their thread: {e}");
                 Alerts::disabled(proxy)
@@ -79,19 +76,15 @@ impl Alerts {
         }
     }
 
-    /// Logs the event at ERROR and, unless `key` alerted within the last
-    /// `DEDUP_WINDOW`, queues it for the webhook (dropping it if the queue is full).
+    /// Unless `key` alerted within the last `DEDUP_WINDOW`, logs the event at ERROR and
+    /// queues it for the webhook, if any (dropping it if the queue is full).
     pub fn error(&self, key: &str, message: &str) {
         self.error_at(key, message, Instant::now());
     }
 
     fn error_at(&self, key: &str, message: &str, now: Instant) {
-        let Some(inner) = &self.inner else {
-            log::error!("{message}");
-            return;
-        };
         let held_back = {
-            let mut seen = inner.seen.lock();
+            let mut seen = self.seen.lock();
             let mut key = key;
             if seen.len() >= MAX_KEYS && !seen.contains_key(key) {
                 seen.retain(|_, (last, _)| now.saturating_duration_since(*last) < DEDUP_WINDOW);
@@ -111,13 +104,19 @@ impl Alerts {
                 }
             }
         };
-        log::error!("{message}");
-        let mut text = format!("[{}] ERROR: {message}", self.proxy);
-        if held_back > 0 {
-            text.push_str(&format!(" ({held_back} more since the last alert)"));
-        }
-        if inner.tx.try_send(text).is_err() {
-            log::warn!("alert queue full; an alert was dropped");
+        let held = if held_back > 0 {
+            format!(" ({held_back} more since the last alert)")
+        } else {
+            String::new()
+        };
+        log::error!("{message}{held}");
+        if let Some(tx) = &self.tx {
+            if tx
+                .try_send(format!("[{}] ERROR: {message}{held}", self.proxy))
+                .is_err()
+            {
+                log::warn!("alert queue full; an alert was dropped");
+            }
         }
     }
 }
@@ -129,13 +128,7 @@ mod tests {
     #[test]
     fn a_key_alerts_once_per_window_and_counts_what_it_held_back() {
         let (tx, rx) = crossbeam_channel::bounded(QUEUE);
-        let alerts = Alerts {
-            inner: Some(Inner {
-                tx,
-                seen: Mutex::new(HashMap::new()),
-            }),
-            proxy: "p".into(),
-        };
+        let alerts = Alerts::new(Some(tx), "p");
         let t0 = Instant::now();
         for i in 0..100 {
             alerts.error_at(
@@ -164,13 +157,7 @@ mod tests {
     #[test]
     fn distinct_keys_past_the_bound_share_one() {
         let (tx, rx) = crossbeam_channel::bounded(4 * MAX_KEYS);
-        let alerts = Alerts {
-            inner: Some(Inner {
-                tx,
-                seen: Mutex::new(HashMap::new()),
-            }),
-            proxy: "p".into(),
-        };
+        let alerts = Alerts::new(Some(tx), "p");
         let t0 = Instant::now();
         for i in 0..3 * MAX_KEYS {
             alerts.error_at(&format!("deployment:x:m{i}"), "no deployment", t0);
@@ -180,7 +167,7 @@ mod tests {
             MAX_KEYS + 1,
             "one per key, then one for the rest"
         );
-        let seen = alerts.inner.as_ref().unwrap().seen.lock().len();
+        let seen = alerts.seen.lock().len();
         assert_eq!(seen, MAX_KEYS + 1);
     }
 }

@@ -47,7 +47,8 @@ pub enum Error {
     },
     /// A header that would be forwarded is too long for a head line upstream.
     HeaderTooLong { name: String },
-    /// The model, as a deployment in the upstream URL, makes that line too long.
+    /// The model is longer than the proxy takes (256 bytes), or, as a deployment in
+    /// the upstream URL, makes that line too long.
     ModelTooLong,
     /// The request could not be put on the wire (the upstream client refused it).
     NotForwardable(String),
@@ -205,7 +206,7 @@ impl Error {
                 "The header {name} is too long to be forwarded upstream (about 4 KiB per line at most)."
             ),
             ModelTooLong => {
-                "The model name is too long to be sent to an upstream as a deployment.".into()
+                "The model name is too long (at most 256 bytes, and short enough to be sent upstream as a deployment).".into()
             }
             NotForwardable(why) => format!("The request could not be forwarded: {why}"),
             NoPermit { total } => format!(

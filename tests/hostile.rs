@@ -1035,3 +1035,20 @@ fn hostile_byte_streams_leave_the_process_as_it_was() {
         assert_eq!(health["status"], "healthy", "{}", class.name);
     }
 }
+
+#[test]
+fn a_model_name_longer_than_any_deployment_is_refused_before_it_is_kept_anywhere() {
+    let up = Mock::start(azure_like(KEY));
+    let proxy = TestProxy::start(&format!(
+        "instances:\n{}",
+        azure_instance("a", &up.url, KEY, 1, "supported_models: [m]")
+    ));
+    let long = "m".repeat(257);
+    let answer = post_json(
+        &format!("{}/v1/chat/completions", proxy.url),
+        &json!({"model": long, "messages": []}),
+    );
+    answer.assert_status(400);
+    assert_eq!(answer.openai_error()["param"], "model");
+    assert_eq!(up.count(), 0);
+}

@@ -19,6 +19,10 @@ use body::Meta;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
+/// The longest model name or response id the proxy takes, in bytes. Azure's
+/// deployment names and response ids are far shorter.
+const MAX_NAME: usize = 256;
+
 /// Every model at least one instance names, sorted, once each.
 fn served_models(config: &Config) -> Vec<&str> {
     let mut ids: Vec<&str> = config.instances.iter().flat_map(|i| i.models()).collect();
@@ -125,6 +129,10 @@ pub fn stored_response(
 /// Where response `id` was made (instance, model): remembered here, else by another
 /// proxy of the fleet (shared state).
 fn home(state: &State, g: &Generation, id: &str) -> Option<(String, String)> {
+    // Not one the upstream made (theirs are short): no lookup, no Redis key.
+    if id.len() > MAX_NAME {
+        return None;
+    }
     let local = state
         .affinity
         .lock()
@@ -193,6 +201,11 @@ fn forward_traced(
     let model = path_model
         .or_else(|| meta.model.clone())
         .ok_or(Error::MissingModel)?;
+    // A name the client chose ends up in an instance's faults, alert keys and log
+    // lines: bounded here, once, for every way a model arrives.
+    if model.len() > MAX_NAME {
+        return Err(Error::ModelTooLong);
+    }
     let model: &str = trace.model.insert(model);
     let mut candidates = routing::candidates(config, model);
     if candidates.is_empty() {

@@ -201,12 +201,13 @@ fn forward_traced(
     let model = path_model
         .or_else(|| meta.model.clone())
         .ok_or(Error::MissingModel)?;
+    let model: &str = trace.model.insert(model);
     // A name the client chose ends up in an instance's faults, alert keys and log
-    // lines: bounded here, once, for every way a model arrives.
+    // lines: bounded here, once, for every way a model arrives (the access line cuts
+    // its own copy).
     if model.len() > MAX_NAME {
         return Err(Error::ModelTooLong);
     }
-    let model: &str = trace.model.insert(model);
     let mut candidates = routing::candidates(config, model);
     if candidates.is_empty() {
         return Err(Error::ModelNotFound {

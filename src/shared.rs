@@ -305,7 +305,9 @@ impl Shared {
     /// Switches to local state (once per outage: one log line, one alert) and wakes
     /// the reconnect thread.
     fn failed(&self, alerts: &Alerts, e: &redis::RedisError) {
-        self.idle.lock().clear();
+        // Closed after the pool's lock is let go: other requests take it meanwhile.
+        let broken = std::mem::take(&mut *self.idle.lock());
+        drop(broken);
         if self.healthy.swap(false, Ordering::AcqRel) {
             alerts.error(
                 "redis",

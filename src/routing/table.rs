@@ -403,15 +403,11 @@ impl Table {
     /// or, for want of room for its tokens, for requests at least as large.
     pub fn hold(&mut self, config: &Config, admission: Admission, held: Held) {
         if let Some(rt) = self.admitted(config, &admission) {
-            let (slot, until) = match held {
-                Held::Cooling(until) => (&mut rt.cooldown_until, until),
-                Held::Down(until) => (&mut rt.shared_down_until, until),
-                Held::NoRoom(until) => {
-                    rt.shared_full = Some((until, admission.tokens));
-                    return self.cancel(config, admission);
-                }
-            };
-            *slot = Some(slot.map_or(until, |u| u.max(until)));
+            match held {
+                Held::Cooling(until) => extend(&mut rt.cooldown_until, until),
+                Held::Down(until) => extend(&mut rt.shared_down_until, until),
+                Held::NoRoom(until) => rt.shared_full = Some((until, admission.tokens)),
+            }
         }
         // After the mark, so that the waiters it wakes see it.
         self.cancel(config, admission);
@@ -479,7 +475,7 @@ impl Table {
                 finished.cooled = Some(asked.min(cap));
                 // Only ever extend: a late 429 with a short Retry-After must not cut a
                 // longer cooldown short.
-                rt.cooldown_until = Some(rt.cooldown_until.map_or(until, |c| c.max(until)));
+                extend(&mut rt.cooldown_until, until);
             }
             Outcome::DeploymentFault { status } => {
                 if admission.trial {
@@ -767,6 +763,12 @@ impl Table {
             })
             .collect()
     }
+}
+
+/// Sets `slot` to `until` unless it already runs later: a time out is only ever
+/// extended.
+fn extend(slot: &mut Option<Instant>, until: Instant) {
+    *slot = Some(slot.map_or(until, |u| u.max(until)));
 }
 
 fn secs(s: f64) -> Duration {

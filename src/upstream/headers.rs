@@ -57,8 +57,11 @@ const RETURNED_RESPONSE_HEADERS: [&str; 11] = [
 ];
 
 pub fn return_response_header(name: &str) -> bool {
-    let lower = name.to_ascii_lowercase();
-    lower.starts_with("x-ratelimit-") || RETURNED_RESPONSE_HEADERS.contains(&lower.as_str())
+    name.get(..12)
+        .is_some_and(|p| p.eq_ignore_ascii_case("x-ratelimit-"))
+        || RETURNED_RESPONSE_HEADERS
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(name))
 }
 
 /// What the upstream's headers say about a refusal: how long to stay away.

@@ -51,11 +51,13 @@ pub struct Summary {
 /// Index just past the first event separator (a blank line) in `buf`.
 fn event_end(buf: &[u8]) -> Option<usize> {
     let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
+    // A CRLF separator counts only if it ends before the LF one: search no further.
+    let before = lf.unwrap_or(buf.len());
+    let crlf = buf[..before]
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| i + 4);
+    crlf.or(lf)
 }
 
 /// What one event means to the relay.

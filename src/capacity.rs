@@ -102,13 +102,18 @@ impl BodyHold<'_> {
             return true;
         }
         let memory = self.memory;
-        let before = memory.used.fetch_add(more, Ordering::AcqRel);
-        if before.saturating_add(more) > memory.limit {
-            memory.used.fetch_sub(more, Ordering::AcqRel);
-            return false;
+        // Added only if it fits: two requests near the limit cannot both fail for
+        // each other's attempt.
+        let added = memory
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(more)
+                    .filter(|&total| total <= memory.limit)
+            });
+        if added.is_ok() {
+            self.bytes = bytes;
         }
-        self.bytes = bytes;
-        true
+        added.is_ok()
     }
 }
 

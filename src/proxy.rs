@@ -139,7 +139,7 @@ fn route(
             "/input_items" => "GET",
             _ => "POST",
         };
-        let query = request.url().split_once('?').map_or("", |(_, q)| q);
+        let query = query(request);
         return only(method, allowed, path, || {
             api::stored_response(state, g, request, (method.as_str(), id, rest, query))
         });
@@ -152,15 +152,18 @@ fn route(
 fn stored_response(path: &str) -> Option<(&str, &'static str)> {
     let rest = path.strip_prefix("responses/")?;
     let (id, more) = rest.split_once('/').unwrap_or((rest, ""));
-    let more = ["", "input_items", "cancel"]
-        .into_iter()
-        .find(|m| *m == more)?;
     let rest = match more {
         "" => "",
         "input_items" => "/input_items",
-        _ => "/cancel",
+        "cancel" => "/cancel",
+        _ => return None,
     };
     (!id.is_empty()).then_some((id, rest))
+}
+
+/// The request's query string (after `?`), or "".
+fn query<'c>(request: &Request<'c>) -> &'c str {
+    request.url().split_once('?').map_or("", |(_, q)| q)
 }
 
 /// The endpoints that are not forwarded. Never inlined: inlined, their locals made the
@@ -183,12 +186,8 @@ fn route_other(
         "/health" => get(&|| admin::health(state, g)),
         "/metrics" => get(&|| admin::metrics(state, g)),
         "/stats" => {
-            let query = request
-                .url()
-                .split_once('?')
-                .map_or("", |(_, q)| q)
-                .to_string();
-            get(&|| admin::stats(state, g, &query))
+            let query = query(request);
+            get(&|| admin::stats(state, g, query))
         }
         "/stats/windows" => get(&|| admin::stats_windows(state, g)),
         "/stats/instances" => get(&|| admin::stats_instances(state, g)),

@@ -196,12 +196,16 @@ fn count(views: &[View], h: Health) -> usize {
     views.iter().filter(|v| v.health == h).count()
 }
 
+/// Instances that can take requests: their circuit is not open.
+fn available(views: &[View]) -> usize {
+    views.len() - count(views, Health::CircuitOpen)
+}
+
 /// `GET /stats/health`.
 pub fn stats_health(state: &State, g: &Generation) -> Reply {
     let (views, _) = views(state, g);
     let total = views.len();
     let healthy = count(&views, Health::Healthy);
-    let available = total - count(&views, Health::CircuitOpen);
     success(
         "health_status",
         json!({
@@ -210,7 +214,7 @@ pub fn stats_health(state: &State, g: &Generation) -> Reply {
             "rate_limited_instances": count(&views, Health::RateLimited),
             "error_instances": count(&views, Health::Error),
             "circuit_open_instances": count(&views, Health::CircuitOpen),
-            "available_instances": available,
+            "available_instances": available(&views),
             "health_percentage": percent(healthy as u64, total as u64),
             "has_available_capacity": views.iter().any(|v| matches!(v.health, Health::Healthy | Health::Error)),
             "shared_state": state.shared_state(),
@@ -251,10 +255,7 @@ pub fn stats_reset(state: &State) -> Reply {
 /// (`degraded`: still 200, the proxy serves on its own state), or is not (`local`).
 pub fn health(state: &State, g: &Generation) -> Reply {
     let (views, _) = views(state, g);
-    let available = views
-        .iter()
-        .filter(|v| v.health != Health::CircuitOpen)
-        .count();
+    let available = available(&views);
     let draining = state.draining.load(std::sync::atomic::Ordering::SeqCst);
     let ok = available > 0 && !draining;
     let status = match (draining, ok) {
@@ -270,7 +271,7 @@ pub fn health(state: &State, g: &Generation) -> Reply {
             "total_instances": views.len(),
             "version": env!("CARGO_PKG_VERSION"),
             "config_version": Some(&g.config.version).filter(|v| !v.is_empty()),
-            "uptime_seconds": state.started.elapsed().as_secs(),
+            "uptime_seconds": state.uptime_secs(),
             "shared_state": state.shared_state(),
         }),
     )

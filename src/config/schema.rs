@@ -486,18 +486,17 @@ impl Config {
         }
         let r = &self.routing;
         for (key, secs) in [
-            ("timeout", r.timeout),
-            ("first_byte_timeout", r.first_byte_timeout()),
-            ("connect_timeout", r.connect_timeout),
-            ("circuit_open_seconds", r.circuit_open_seconds),
-            ("circuit_max_open_seconds", r.circuit_max_open_seconds),
-            ("max_cooldown", r.max_cooldown),
+            ("routing.timeout", r.timeout),
+            ("routing.first_byte_timeout", r.first_byte_timeout()),
+            ("routing.connect_timeout", r.connect_timeout),
+            ("routing.circuit_open_seconds", r.circuit_open_seconds),
+            ("routing.circuit_max_open_seconds", r.circuit_max_open_seconds),
+            ("routing.max_cooldown", r.max_cooldown),
+            ("server.client_timeout", self.server.client_timeout),
+            ("server.body_timeout", self.server.body_timeout),
         ] {
             if !(secs.is_finite() && secs > 0.0) {
-                return Err(invalid(
-                    format!("routing.{key}"),
-                    "must be a number of seconds above 0",
-                ));
+                return Err(invalid(key, "must be a number of seconds above 0"));
             }
         }
         if !(r.queue_timeout.is_finite() && (0.0..=60.0).contains(&r.queue_timeout)) {
@@ -527,17 +526,6 @@ impl Config {
                 "server.shutdown_grace_seconds",
                 "must be seconds, 0 or more",
             ));
-        }
-        for (key, secs) in [
-            ("client_timeout", self.server.client_timeout),
-            ("body_timeout", self.server.body_timeout),
-        ] {
-            if !(secs.is_finite() && secs > 0.0) {
-                return Err(invalid(
-                    format!("server.{key}"),
-                    "must be a number of seconds above 0",
-                ));
-            }
         }
         if self.server.max_body_bytes == 0 {
             return Err(invalid("server.max_body_bytes", "must be above 0"));

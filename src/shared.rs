@@ -248,10 +248,7 @@ impl Shared {
         // And a write, through the script, on keys no instance has (names are not
         // empty): a read-only replica or a Redis out of memory answers, but refuses
         // every reservation, and must not count as back.
-        let mut probe = self.settle.prepare_invoke();
-        for key in self.keys("") {
-            probe.key(key);
-        }
+        let mut probe = self.invocation(&self.settle, "");
         probe.arg("").arg(0).arg(1).arg(0);
         probe.arg(-1).arg(-1).arg(-1).arg(-1).arg("probe");
         let _: i64 = probe.invoke(&mut conn)?;
@@ -325,8 +322,24 @@ impl Shared {
         format!("{}:i:{{{instance}}}:{what}", self.prefix)
     }
 
-    fn keys(&self, instance: &str) -> [String; 4] {
-        ["tpm", "rpm", "cooldown", "circuit"].map(|k| self.key(instance, k))
+    /// A call of `script` on `instance`'s keys: tokens, requests, cooldown, circuit.
+    fn invocation<'s>(
+        &self,
+        script: &'s redis::Script,
+        instance: &str,
+    ) -> redis::ScriptInvocation<'s> {
+        let mut call = script.prepare_invoke();
+        for what in ["tpm", "rpm", "cooldown", "circuit"] {
+            call.key(self.key(instance, what));
+        }
+        call
+    }
+
+    /// A new reservation (or correction, `kind` "c") id: this process's random tag and
+    /// a counter.
+    fn new_id(&self, kind: &str) -> String {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        format!("{:x}-{kind}{n}", self.tag)
     }
 
     /// A response id's key: `{prefix}:r:{id}`, apart from every instance's keys.
@@ -337,15 +350,8 @@ impl Shared {
     /// Checks and reserves `need` tokens and a request on `inst` in the shared windows,
     /// in one round trip. None: Redis is not answering; the local decision stands.
     pub fn admit(&self, alerts: &Alerts, inst: &Instance, need: u64) -> Option<Verdict> {
-        let id = format!(
-            "{:x}-{}",
-            self.tag,
-            self.next.fetch_add(1, Ordering::Relaxed)
-        );
-        let mut call = self.admit.prepare_invoke();
-        for key in self.keys(&inst.name) {
-            call.key(key);
-        }
+        let id = self.new_id("");
+        let mut call = self.invocation(&self.admit, &inst.name);
         call.arg(&id)
             .arg(need)
             .arg(inst.max_tpm.unwrap_or(0))
@@ -374,15 +380,13 @@ impl Shared {
         let (release, tokens) = s.release.unwrap_or(("", 0));
         let (max_tpm, left_tokens) = known(inst.max_tpm, s.remaining.0);
         let (max_rpm, left_requests) = known(inst.max_rpm, s.remaining.1);
-        let correction = format!(
-            "{:x}-c{}",
-            self.tag,
-            self.next.fetch_add(1, Ordering::Relaxed)
-        );
-        let mut call = self.settle.prepare_invoke();
-        for key in self.keys(&inst.name) {
-            call.key(key);
-        }
+        // The script reads it only to record a correction.
+        let correction = if s.remaining == (None, None) {
+            String::new()
+        } else {
+            self.new_id("c")
+        };
+        let mut call = self.invocation(&self.settle, &inst.name);
         call.arg(release)
             .arg(tokens)
             .arg(ms(s.cooldown))

@@ -490,7 +490,10 @@ impl Config {
             ("routing.first_byte_timeout", r.first_byte_timeout()),
             ("routing.connect_timeout", r.connect_timeout),
             ("routing.circuit_open_seconds", r.circuit_open_seconds),
-            ("routing.circuit_max_open_seconds", r.circuit_max_open_seconds),
+            (
+                "routing.circuit_max_open_seconds",
+                r.circuit_max_open_seconds,
+            ),
             ("routing.max_cooldown", r.max_cooldown),
             ("server.client_timeout", self.server.client_timeout),
             ("server.body_timeout", self.server.body_timeout),

@@ -373,15 +373,14 @@ fn remember_response(
     };
     let made = serde_json::from_slice::<Made>(bytes).ok();
     let id = made.and_then(|m| m.id.or_else(|| m.response?.id));
+    // `instance` is this generation's: the one whose answer this is.
     if let (Some(id), Some(instance)) = (id, instance) {
-        if g.config.instances.iter().any(|i| i.name == instance) {
-            state
-                .affinity
-                .lock()
-                .remember(&id, instance, model, Instant::now());
-            if let Some(shared) = &state.shared {
-                shared.remember(&g.alerts, &id, instance, model, affinity::TTL);
-            }
+        state
+            .affinity
+            .lock()
+            .remember(&id, instance, model, Instant::now());
+        if let Some(shared) = &state.shared {
+            shared.remember(&g.alerts, &id, instance, model, affinity::TTL);
         }
     }
 }

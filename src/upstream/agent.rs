@@ -60,6 +60,10 @@ pub fn head_line_fits(parts: &[&str]) -> bool {
 /// long an old one still serves when the lookup fails.
 const DNS_TTL: Duration = Duration::from_secs(60);
 const DNS_STALE_MAX: Duration = Duration::from_secs(600);
+/// After a failed lookup, how long the old answer serves before the next try: one
+/// lookup (and one log line) per host every few seconds during a DNS outage, not one
+/// per request.
+const DNS_RETRY: Duration = Duration::from_secs(5);
 
 /// ureq resolves the upstream's host name on every request, before it looks for a
 /// pooled connection: against an Azure host that is a DNS lookup per request (musl's
@@ -78,7 +82,10 @@ struct CachingResolver<R = DefaultResolver> {
 struct Resolved {
     scheme: String,
     authority: String,
+    /// When it was looked up.
     at: Instant,
+    /// When to look it up again.
+    next: Instant,
     addrs: ResolvedSocketAddrs,
 }
 
@@ -107,10 +114,19 @@ impl<R: Resolver> Resolver for CachingResolver<R> {
             .lock()
             .iter()
             .find(|r| r.scheme == scheme && r.authority == authority)
-            .map(|r| (now.saturating_duration_since(r.at), r.addrs.clone()));
+            .map(|r| {
+                (
+                    now < r.next,
+                    now.saturating_duration_since(r.at),
+                    r.addrs.clone(),
+                )
+            });
         match cached {
-            Some((age, addrs)) if age < self.ttl => Ok(addrs),
-            stale => self.look_up(uri, config, timeout, (scheme, authority, now), stale),
+            Some((true, _, addrs)) => Ok(addrs),
+            stale => {
+                let stale = stale.map(|(_, age, addrs)| (age, addrs));
+                self.look_up(uri, config, timeout, (scheme, authority, now), stale)
+            }
         }
     }
 }
@@ -136,6 +152,7 @@ impl<R: Resolver> CachingResolver<R> {
                     scheme: scheme.to_string(),
                     authority: authority.to_string(),
                     at: now,
+                    next: now + self.ttl,
                     addrs: addrs.clone(),
                 });
                 Ok(addrs)
@@ -146,6 +163,13 @@ impl<R: Resolver> CachingResolver<R> {
                         "resolving {authority} failed ({e}); using its addresses from {} s ago",
                         age.as_secs()
                     );
+                    let mut cache = self.cache.lock();
+                    let entry = cache
+                        .iter_mut()
+                        .find(|r| r.scheme == scheme && r.authority == authority);
+                    if let Some(entry) = entry {
+                        entry.next = now + DNS_RETRY;
+                    }
                     Ok(addrs)
                 }
                 _ => Err(e),
@@ -163,6 +187,7 @@ mod tests {
     #[derive(Debug, Default)]
     struct Counting {
         lookups: AtomicUsize,
+        tries: AtomicUsize,
         fail: std::sync::atomic::AtomicBool,
     }
 
@@ -173,6 +198,7 @@ mod tests {
             _: &ureq::config::Config,
             _: NextTimeout,
         ) -> Result<ResolvedSocketAddrs, ureq::Error> {
+            self.tries.fetch_add(1, Ordering::SeqCst);
             if self.fail.load(Ordering::SeqCst) {
                 return Err(ureq::Error::HostNotFound);
             }
@@ -222,6 +248,13 @@ mod tests {
             lookup(&expiring, east).unwrap(),
             "10.0.0.2:443",
             "the last good answer"
+        );
+        let tries = expiring.inner.tries.load(Ordering::SeqCst);
+        assert_eq!(lookup(&expiring, east).unwrap(), "10.0.0.2:443");
+        assert_eq!(
+            expiring.inner.tries.load(Ordering::SeqCst),
+            tries,
+            "not looked up again for DNS_RETRY"
         );
         assert!(lookup(&expiring, "https://new.example.com/").is_err());
     }

@@ -423,6 +423,9 @@ fn tool_schemas_count_in_the_estimate_and_a_whole_number_written_as_a_float_is_a
         post(&proxy, "/v1/chat/completions", &body)
     };
     assert_eq!(ask(json!({})).status, 200, "max_tokens 100.0 is 100");
+    // Reserved as 100 (and the prompt), not as the default 1024 of an unread number.
+    let a = &get(&proxy, "/stats/instances")["instances"][0];
+    assert!(a["current_tpm"].as_u64().unwrap() < 1024, "{a}");
     // A tool whose schema alone is thousands of tokens: more than max_tpm allows.
     let big: serde_json::Map<String, Value> = (0..400)
         .map(|i| {
@@ -440,7 +443,7 @@ fn tool_schemas_count_in_the_estimate_and_a_whole_number_written_as_a_float_is_a
 }
 
 #[test]
-fn images_and_audio_count_as_requests_against_rpm_not_as_tokens() {
+fn images_and_speech_count_as_requests_against_rpm_not_as_tokens() {
     let up = Mock::start(azure_like(KEY));
     let proxy = proxy(
         "routing: {queue_timeout: 0}\n",
@@ -448,7 +451,7 @@ fn images_and_audio_count_as_requests_against_rpm_not_as_tokens() {
             "a",
             &up.url,
             "2025-04-01-preview",
-            "supported_models: [dall-e-3], max_tpm: 10, max_rpm: 2",
+            "supported_models: [dall-e-3, tts], max_tpm: 10, max_rpm: 2",
         )],
     );
     let long_prompt = "a very detailed picture ".repeat(50);
@@ -459,9 +462,15 @@ fn images_and_audio_count_as_requests_against_rpm_not_as_tokens() {
             &json!({"model": "dall-e-3", "prompt": long_prompt}),
         )
     };
-    // A prompt of hundreds of tokens passes a TPM limit of 10: images are not tokens.
+    // Hundreds of tokens of text pass a TPM limit of 10: images and speech are not
+    // tokens.
     assert_eq!(image().status, 200);
-    assert_eq!(image().status, 200);
+    let speech = post(
+        &proxy,
+        "/v1/audio/speech",
+        &json!({"model": "tts", "input": long_prompt, "voice": "alloy"}),
+    );
+    assert_eq!(speech.status, 200);
     let third = image();
     third.assert_status(429);
     assert_eq!(third.openai_error()["code"], "rate_limit_exceeded");

@@ -299,8 +299,9 @@ fn a_retry_after_of_a_day_is_capped_at_max_cooldown_and_logged() {
         instance("a", &a2.url, 1, ""),
         instance("b", &b.url, 2, "")
     ));
-    assert_eq!(served_by(&chat(&proxy)), "b");
+    // Before the request: the 1 s cooldown starts when its 429 comes, no earlier.
     let started = Instant::now();
+    assert_eq!(served_by(&chat(&proxy)), "b");
     assert!(wait_until(Duration::from_secs(5), || served_by(&chat(
         &proxy
     )) == "a"));
@@ -409,15 +410,18 @@ fn the_client_gets_no_usage_it_did_not_ask_for() {
         &json!({"model": "m", "stream": true, "stream_options": {"include_usage": true},
                 "messages": [{"role": "user", "content": "hi"}]}),
     );
+    asked.assert_status(200);
     let with_usage: Vec<Value> = sse_data(&asked.body)
         .iter()
         .filter(|e| *e != "[DONE]")
         .map(|e| serde_json::from_str(e).unwrap())
         .collect();
-    assert!(with_usage
+    let content: Vec<&Value> = with_usage
         .iter()
         .filter(|c| !c["choices"].as_array().unwrap().is_empty())
-        .all(|c| c.get("usage") == Some(&Value::Null)));
+        .collect();
+    assert_eq!(content.len(), 2, "{with_usage:?}");
+    assert!(content.iter().all(|c| c.get("usage") == Some(&Value::Null)));
 }
 
 fn late_stream(first_after: Duration, gap: Duration) -> Behaviour {

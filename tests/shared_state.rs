@@ -274,10 +274,18 @@ fn losing_redis_fails_no_request_and_finding_it_again_shares_again() {
     let hook = Mock::start(Arc::new(|_: &Recorded| {
         json_reply(200, json!({"code": 0, "msg": "success"}))
     }));
+    // Its 404 gives each proxy a distinct, last alert to wait for.
+    let missing = Mock::start(Arc::new(|_: &Recorded| {
+        json_reply(
+            404,
+            json!({"error": {"code": "DeploymentNotFound", "message": "no"}}),
+        )
+    }));
     let yaml = format!(
-        "logging: {{feishu_webhook: '{}/hook'}}\ninstances:\n{}{}",
+        "logging: {{feishu_webhook: '{}/hook'}}\ninstances:\n{}{}{}",
         hook.url,
         instance("a", &upstream.url, 1, ", max_tpm: 100000000"),
+        instance("gone", &missing.url, 2, "").replace("[m]", "[sentinel]"),
         redis_yaml(&redis, "outage")
     );
     let proxies: Vec<TestProxy> = (0..2).map(|_| TestProxy::start(&yaml)).collect();
@@ -346,20 +354,27 @@ fn losing_redis_fails_no_request_and_finding_it_again_shares_again() {
         Vec::<u16>::new(),
         "failed requests"
     );
-    // One alert per proxy for the outage, however many requests met it.
-    let redis_alerts = || {
+    // One alert per proxy for the outage, however many requests met it. Alerts leave
+    // each proxy in order: once both sentinels have come, every earlier alert has.
+    for p in &proxies {
+        let sentinel = json!({"model": "sentinel", "messages": []});
+        post_json(&format!("{}/v1/chat/completions", p.url), &sentinel);
+    }
+    let alerts_with = |text: &str| {
         hook.requests()
             .iter()
             .filter(|r| {
                 r.json()["content"]["text"]
                     .as_str()
                     .unwrap_or("")
-                    .contains("Redis")
+                    .contains(text)
             })
             .count()
     };
-    assert!(wait_until(Duration::from_secs(5), || redis_alerts() >= 2));
-    assert_eq!(redis_alerts(), 2, "{:?}", hook.requests());
+    assert!(wait_until(Duration::from_secs(5), || alerts_with(
+        "sentinel"
+    ) == 2));
+    assert_eq!(alerts_with("Redis"), 2, "{:?}", hook.requests());
 }
 
 #[test]
@@ -375,13 +390,18 @@ fn a_redis_that_stops_answering_delays_requests_by_its_timeout_only() {
     let url = format!("{}/v1/chat/completions", proxy.url);
     assert_eq!(post_json(&url, &chat()).status, 200);
     redis.pause(true);
-    // Should a request hang on the stopped Redis, the test fails rather than hangs.
+    // Should a request hang on the stopped Redis, the test fails rather than hangs;
+    // once Redis is resumed, the watchdog signals nothing (the pid may be reused).
     let pid = redis.pid();
+    let resumed = Arc::new(AtomicBool::new(false));
+    let watched = resumed.clone();
     std::thread::spawn(move || {
         std::thread::sleep(Duration::from_secs(15));
-        let _ = std::process::Command::new("kill")
-            .args(["-CONT", &pid.to_string()])
-            .status();
+        if !watched.load(Ordering::SeqCst) {
+            let _ = std::process::Command::new("kill")
+                .args(["-CONT", &pid.to_string()])
+                .status();
+        }
     });
     let mut slowest = Duration::ZERO;
     for _ in 0..20 {
@@ -392,6 +412,7 @@ fn a_redis_that_stops_answering_delays_requests_by_its_timeout_only() {
     }
     let degraded = health(&proxy)["shared_state"] == "degraded";
     redis.pause(false);
+    resumed.store(true, Ordering::SeqCst);
     assert!(degraded, "/health did not say degraded");
     // One request waits for the 50 ms timeout; the others do not ask Redis.
     assert!(

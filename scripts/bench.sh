@@ -287,7 +287,9 @@ report() {
   echo "Measured by \`scripts/bench.sh\` on $(date -u +%Y-%m-%d): $(nproc) cores ($cpu), $mem, $(uname -sr)."
   echo "Everything on one machine over loopback; load from \`wrk\`, $ROUNDS interleaved rounds of ${DURATION}"
   echo "per point, medians shown. The upstream is nginx answering a fixed chat completion; the proxy"
-  echo "is the static binary with its default settings."
+  echo "is the static binary with its default settings. The table shows each point's medians; the"
+  echo "figures below it are medians of the ratios and differences measured within one round, so"
+  echo "they need not equal the ratios of the table's medians."
   echo
   echo "| target | conns | req/s | p50 ms | p99 ms | req/s vs direct | req/s vs nginx proxy_pass |"
   echo "|---|---:|---:|---:|---:|---:|---:|"

@@ -101,28 +101,30 @@ fn skip_value(json: &[u8], mut i: usize) -> usize {
     }
 }
 
-/// `json` without the member `key` of the object that opens at `open`, when that
-/// member's value is `value` exactly; `None` when there is no such member.
-pub fn without_member(json: &[u8], open: usize, key: &[u8], value: &[u8]) -> Option<Vec<u8>> {
-    let mut members: Vec<Range<usize>> = Vec::new();
-    let mut found = None;
+/// The bytes to cut from `json` to remove the member `key` of the object that opens at
+/// `open`, when that member's value is `value` exactly (with the comma after it, or,
+/// if it is the last, the one before); `None` when there is no such member.
+pub fn member_cut(json: &[u8], open: usize, key: &[u8], value: &[u8]) -> Option<Range<usize>> {
+    let mut previous: Option<Range<usize>> = None;
+    let mut found: Option<(Option<Range<usize>>, Range<usize>)> = None;
+    let mut next = None;
     for_each_member(json, open, |k, member, v| {
-        if found.is_none() && k == key && &json[v.clone()] == value {
-            found = Some(members.len());
+        if found.is_none() {
+            if k == key && json[v] == *value {
+                found = Some((previous.take(), member));
+            } else {
+                previous = Some(member);
+            }
+        } else if next.is_none() {
+            next = Some(member.start);
         }
-        members.push(member);
     });
-    let at = found?;
-    // The member goes with the comma after it, or, if it is the last, the one before.
-    let cut = match (at.checked_sub(1), members.get(at + 1)) {
-        (_, Some(next)) => members[at].start..next.start,
-        (Some(previous), None) => members[previous].end..members[at].end,
-        (None, None) => members[at].clone(),
-    };
-    let mut out = Vec::with_capacity(json.len());
-    out.extend_from_slice(&json[..cut.start]);
-    out.extend_from_slice(&json[cut.end..]);
-    Some(out)
+    let (previous, member) = found?;
+    Some(match (previous, next) {
+        (_, Some(next)) => member.start..next,
+        (Some(previous), None) => previous.end..member.end,
+        (None, None) => member,
+    })
 }
 
 #[cfg(test)]
@@ -130,7 +132,8 @@ mod tests {
     use super::*;
 
     fn without(json: &str) -> Option<String> {
-        without_member(json.as_bytes(), 0, b"usage", b"null").map(|v| String::from_utf8(v).unwrap())
+        let cut = member_cut(json.as_bytes(), 0, b"usage", b"null")?;
+        Some(format!("{}{}", &json[..cut.start], &json[cut.end..]))
     }
 
     #[test]

@@ -109,8 +109,9 @@ fn classify(event: &[u8], count_text: bool) -> Event {
             let last = serde_json::from_slice::<Last>(data).ok();
             return Event::Done(last.and_then(|l| l.response?.usage));
         }
-        // Only chunks that mention usage are worth a parse.
-        if contains(data, b"\"usage\"") {
+        // Only chunks that mention usage are worth a parse; not those with only the
+        // `"usage":null` a usage request adds to every chunk.
+        if contains(data, b"\"usage\"") && !contains(data, b"\"usage\":null") {
             if let Ok(chunk) = serde_json::from_slice::<Chunk>(data) {
                 match chunk.usage {
                     Some(u) if chunk.choices.is_empty() => return Event::UsageOnly(u),
@@ -159,24 +160,25 @@ fn text_tokens(data: &[u8]) -> u64 {
 /// A chunk without its top-level `"usage": null`, which the upstream adds to every
 /// chunk once it is asked for usage; `None` when it has none.
 fn without_null_usage(event: &[u8]) -> Option<Vec<u8>> {
-    let mut edited = false;
-    let lines: Vec<Vec<u8>> = event
-        .split_inclusive(|&b| b == b'\n')
-        .map(|line| {
-            let open = line
-                .strip_prefix(b"data:")
-                .and_then(|data| data.iter().position(|&b| b == b'{'))
-                .map(|at| at + 5);
-            match open.and_then(|open| crate::json::without_member(line, open, b"usage", b"null")) {
-                Some(shorter) => {
-                    edited = true;
-                    shorter
-                }
-                None => line.to_vec(),
-            }
-        })
-        .collect();
-    edited.then(|| lines.concat())
+    // One copy of the event, made at the first cut; `copied` bytes of it are in.
+    let mut out: Option<Vec<u8>> = None;
+    let (mut copied, mut line_start) = (0, 0);
+    for line in event.split_inclusive(|&b| b == b'\n') {
+        let cut = line
+            .strip_prefix(b"data:")
+            .and_then(|data| data.iter().position(|&b| b == b'{'))
+            .and_then(|at| crate::json::member_cut(line, at + 5, b"usage", b"null"));
+        if let Some(cut) = cut {
+            let out = out.get_or_insert_with(|| Vec::with_capacity(event.len()));
+            out.extend_from_slice(&event[copied..line_start + cut.start]);
+            copied = line_start + cut.end;
+        }
+        line_start += line.len();
+    }
+    out.map(|mut out| {
+        out.extend_from_slice(&event[copied..]);
+        out
+    })
 }
 
 /// Whether an event only announces the stream: Azure's prompt-filter chunk (no

@@ -12,7 +12,6 @@ use crate::routing::table::Table;
 use crate::routing::States;
 use crate::shared::Shared;
 use crate::upstream::{self, Address};
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -24,8 +23,9 @@ pub struct Generation {
     pub agent: ureq::Agent,
     /// How to address each instance, by its index in `config.instances`.
     pub addresses: Vec<Address>,
-    /// Every model some instance names: statistics label only these.
-    pub model_names: HashSet<String>,
+    /// Every model some instance names, sorted, once each: `/v1/models` lists them,
+    /// a 404 names them, and statistics label only these.
+    pub models: Vec<String>,
     /// Shared with the generation before when its settings did not change, so that a
     /// reload forgets neither which alerts were just sent nor the pooled connections.
     pub alerts: Arc<Alerts>,
@@ -53,12 +53,17 @@ impl Generation {
         Generation {
             agent,
             addresses: config.instances.iter().map(Address::new).collect(),
-            model_names: config
-                .instances
-                .iter()
-                .flat_map(|i| i.models())
-                .map(str::to_string)
-                .collect(),
+            models: {
+                let mut models: Vec<String> = config
+                    .instances
+                    .iter()
+                    .flat_map(|i| i.models())
+                    .map(str::to_string)
+                    .collect();
+                models.sort_unstable();
+                models.dedup();
+                models
+            },
             alerts,
             config: Arc::new(config),
         }

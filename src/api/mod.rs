@@ -23,17 +23,10 @@ use std::time::{Duration, Instant};
 /// deployment names and response ids are far shorter.
 const MAX_NAME: usize = 256;
 
-/// Every model at least one instance names, sorted, once each.
-fn served_models(config: &Config) -> Vec<&str> {
-    let mut ids: Vec<&str> = config.instances.iter().flat_map(|i| i.models()).collect();
-    ids.sort_unstable();
-    ids.dedup();
-    ids
-}
-
 /// `GET /v1/models`: every model at least one instance names, in OpenAI's list shape.
 pub fn models(g: &Generation) -> Reply {
-    let data: Vec<Value> = served_models(&g.config)
+    let data: Vec<Value> = g
+        .models
         .iter()
         .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "azure-openai-proxy"}))
         .collect();
@@ -212,7 +205,7 @@ fn forward_traced(
     if candidates.is_empty() {
         return Err(Error::ModelNotFound {
             model: model.into(),
-            served: served_models(config).join(", "),
+            served: g.models.join(", "),
         });
     }
     // A conversation continues where its previous response is stored.

@@ -147,7 +147,7 @@ fn record(
         let model = trace
             .model
             .as_deref()
-            .filter(|m| g.model_names.contains(*m));
+            .filter(|m| g.models.binary_search_by(|n| n.as_str().cmp(m)).is_ok());
         let record = Record {
             model,
             instance: trace.instance.as_deref(),

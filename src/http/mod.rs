@@ -223,18 +223,12 @@ fn answer(
                             .count_text
                             .then(|| Usage::estimated(prompt_tokens, summary.text_tokens))
                     });
+                    // Only a stream that completed becomes the client's failure if its
+                    // end cannot be written; an upstream failure stays one.
+                    let finished = summary.end == End::ClientGone || client.finish().is_ok();
                     match summary.end {
-                        End::ClientGone => End::ClientGone,
-                        end => {
-                            let finished = client.finish().is_ok();
-                            // An upstream failure stays one whether or not the client
-                            // heard of it.
-                            match end {
-                                End::UpstreamFailed(_) => end,
-                                end if finished => end,
-                                _ => End::ClientGone,
-                            }
-                        }
+                        End::Completed if !finished => End::ClientGone,
+                        end => end,
                     }
                 }
                 Err(_) => End::ClientGone,

@@ -18,6 +18,13 @@ fn proxy_cmd() -> Command {
     c
 }
 
+/// `--check-config` on the config directory `dir`, with an empty environment.
+fn check_config(dir: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = proxy_cmd();
+    c.args(["--check-config", "--config-dir"]).arg(dir);
+    c
+}
+
 #[test]
 fn version_help_and_unknown_flags() {
     let v = proxy_cmd().arg("--version").output().unwrap();
@@ -39,11 +46,7 @@ fn version_help_and_unknown_flags() {
 
 #[test]
 fn check_config_accepts_the_example_and_names_what_is_wrong() {
-    let ok = proxy_cmd()
-        .args(["--check-config", "--config-dir"])
-        .arg(example_config())
-        .output()
-        .unwrap();
+    let ok = check_config(example_config()).output().unwrap();
     assert!(
         ok.status.success(),
         "{}",
@@ -52,9 +55,7 @@ fn check_config_accepts_the_example_and_names_what_is_wrong() {
     assert!(String::from_utf8_lossy(&ok.stdout).contains("2 instance(s): east-us, west-us"));
 
     // Production takes keys from the environment only.
-    let prod = proxy_cmd()
-        .args(["--check-config", "--config-dir"])
-        .arg(example_config())
+    let prod = check_config(example_config())
         .env("ENVIRONMENT", "production")
         .output()
         .unwrap();
@@ -342,9 +343,7 @@ fn running_out_of_file_descriptors_does_not_stop_accepting() {
 
 #[test]
 fn check_config_names_each_instances_sources_and_warns_without_values() {
-    let out = proxy_cmd()
-        .args(["--check-config", "--config-dir"])
-        .arg(example_config())
+    let out = check_config(example_config())
         .envs([
             ("API_INSTANCES", "extra"),
             ("API_INSTANCE_EXTRA_API_KEY", "sk-extra-secret-1"),
@@ -423,13 +422,7 @@ fn with_logging(logging: &str) -> TempDir {
 
 #[test]
 fn check_config_opens_the_log_file_and_takes_pythons_level_names() {
-    let check = |dir: &TempDir| {
-        proxy_cmd()
-            .args(["--check-config", "--config-dir"])
-            .arg(&dir.0)
-            .output()
-            .unwrap()
-    };
+    let check = |dir: &TempDir| check_config(&dir.0).output().unwrap();
     let bad = with_logging("{file: /proc/no-such-dir/app.log}");
     let out = check(&bad);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -452,11 +445,7 @@ fn check_config_opens_the_log_file_and_takes_pythons_level_names() {
             format!("logging: {{level: {level}, file: ../logs/app.log}}\ninstances:\n  - {{name: a, api_key: k, api_base: 'https://a.example.com', api_version: v, supported_models: [m]}}\n"),
         )
         .unwrap();
-        let out = proxy_cmd()
-            .args(["--check-config", "--config-dir"])
-            .arg(&dir)
-            .output()
-            .unwrap();
+        let out = check_config(&dir).output().unwrap();
         assert!(
             out.status.success(),
             "{level}: {}",
@@ -594,11 +583,7 @@ fn check_config_warns_of_instances_whose_api_version_gives_no_stream_usage() {
             inst("ga", "v1")
         ),
     );
-    let out = proxy_cmd()
-        .args(["--check-config", "--config-dir"])
-        .arg(&dir.0)
-        .output()
-        .unwrap();
+    let out = check_config(&dir.0).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     let warned: Vec<&str> = err

@@ -2,12 +2,10 @@
 //! second run keeps the operator's config and secrets, and `--uninstall`.
 
 mod common;
-use common::TempDir;
+use common::{TempDir, BIN};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
-
-const BIN: &str = env!("CARGO_BIN_EXE_azure-openai-proxy");
 
 fn install(root: &Path, extra: &[&str]) -> String {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/install.sh");

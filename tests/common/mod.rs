@@ -560,12 +560,7 @@ impl Answer {
     /// Asserts the status, showing the body when it is another.
     #[track_caller]
     pub fn assert_status(&self, status: u16) {
-        assert_eq!(
-            self.status,
-            status,
-            "{}",
-            String::from_utf8_lossy(&self.body)
-        );
+        status_is(self.status, &self.body, status);
     }
 
     /// Asserts the OpenAI error shape and returns the error object.
@@ -578,6 +573,11 @@ impl Answer {
         assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
         e.clone()
     }
+}
+
+#[track_caller]
+fn status_is(status: u16, body: &[u8], expected: u16) {
+    assert_eq!(status, expected, "{}", String::from_utf8_lossy(body));
 }
 
 pub fn send(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> Answer {
@@ -805,12 +805,7 @@ impl RawAnswer {
     /// Asserts the status, showing the body when it is another.
     #[track_caller]
     pub fn assert_status(&self, status: u16) {
-        assert_eq!(
-            self.status,
-            status,
-            "{}",
-            String::from_utf8_lossy(&self.body)
-        );
+        status_is(self.status, &self.body, status);
     }
 
     /// Asserts the OpenAI error shape and returns the error object.

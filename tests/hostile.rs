@@ -394,6 +394,12 @@ fn a_client_that_reads_a_stream_slowly_gives_its_permit_back() {
     ));
     let mut slow = small_window_client(&proxy.addr);
     start_stream(&mut slow);
+    // The stream holds the only permit before anyone else asks: otherwise a chat could
+    // be served first, and the wait below would prove nothing.
+    assert!(
+        wait_until(Duration::from_secs(10), || up.count() == 1),
+        "the stream never reached the upstream"
+    );
     let stop = Arc::new(AtomicBool::new(false));
     let reader = {
         let stop = stop.clone();
@@ -411,9 +417,10 @@ fn a_client_that_reads_a_stream_slowly_gives_its_permit_back() {
         wait_until(Duration::from_secs(15), || chat(&proxy, &[]).status == 200),
         "the slow reader kept the permit"
     );
-    // The stream was cut, not finished.
+    // The stream was cut, not finished (its permit came back at its end, so its log
+    // line follows; a loaded machine may take its time to write it).
     assert!(
-        wait_until(Duration::from_secs(5), || proxy
+        wait_until(Duration::from_secs(15), || proxy
             .stderr()
             .contains("stream=client_gone")),
         "{}",

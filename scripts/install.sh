@@ -13,8 +13,8 @@
 #   /etc/systemd/system/azure-openai-proxy.service the unit: restart on failure, an
 #                                                  unprivileged user, SIGHUP to reload
 # Running it again upgrades the binary and the unit and leaves config and secrets alone.
-# --redis-url shares state with the other proxies of a fleet (docs/several-proxies.md, "Running several
-# proxies"): it sets REDIS_URL in the env file (replacing an earlier one) and adds
+# --redis-url shares state with the other proxies of a fleet (docs/several-proxies.md):
+# it sets REDIS_URL in the env file (replacing an earlier one) and adds
 # `redis: {url: ${REDIS_URL}}` to production.yaml unless that names redis already.
 # --uninstall removes the binary and the unit; the config directory stays (it holds keys).
 # --destdir installs under another root (for packaging or a test) and then touches no

@@ -238,3 +238,87 @@ fn round_robin_takes_turns_per_model() {
         BTreeSet::from(["a", "b", "c", "d"].map(String::from))
     );
 }
+
+/// A request sent from `from` (a loopback address other than the proxy's own client's)
+/// on a connection of its own.
+fn send_from(from: &str, to: &str, request: &str) -> RawAnswer {
+    use std::io::{Read, Write};
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let from: std::net::SocketAddr = format!("{from}:0").parse().unwrap();
+    socket.bind(&from.into()).unwrap();
+    let to: std::net::SocketAddr = to.parse().unwrap();
+    socket.connect(&to.into()).unwrap();
+    let mut c: std::net::TcpStream = socket.into();
+    c.write_all(request.as_bytes()).unwrap();
+    let mut bytes = Vec::new();
+    c.read_to_end(&mut bytes).unwrap();
+    responses(&bytes).into_iter().next().expect("an answer")
+}
+
+#[test]
+fn repeated_wrong_keys_slow_their_address_and_no_other() {
+    let up = Mock::start(azure_like(KEY));
+    let proxy = proxy(
+        "auth: {api_keys: [good-key], admin_key: admin-key, max_failures: 5, failure_window_seconds: 10, failure_block_seconds: 60}\n",
+        &[instance("a", &up.url, "2024-10-21", "supported_models: [m]")],
+    );
+    let chat = format!("{}/v1/chat/completions", proxy.url);
+    let body = json!({"model": "m", "messages": []}).to_string();
+    let with_key = |key: &str| {
+        send(
+            "POST",
+            &chat,
+            &[("content-type", "application/json"), ("api-key", key)],
+            Some(body.as_bytes()),
+        )
+    };
+    for guess in 0..4 {
+        with_key(&format!("guess-{guess}")).assert_status(401);
+    }
+    // A wrong admin key is a guess too.
+    send(
+        "POST",
+        &format!("{}/config/reload", proxy.url),
+        &[("api-key", "admin-guess")],
+        None,
+    )
+    .assert_status(401);
+    let blocked = with_key("guess-5");
+    blocked.assert_status(429);
+    assert_eq!(blocked.openai_error()["code"], "too_many_key_failures");
+    let retry: u64 = blocked.header("retry-after").unwrap().parse().unwrap();
+    assert!((59..=60).contains(&retry), "Retry-After {retry}");
+    // While blocked no key is compared: a hit would tell the guesser it had won.
+    with_key("good-key").assert_status(429);
+    // Another address is served as ever.
+    let addr = proxy.url.strip_prefix("http://").unwrap();
+    let other = send_from(
+        "127.0.0.2",
+        addr,
+        &format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\napi-key: good-key\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    other.assert_status(200);
+    let stats = send("GET", &format!("{}/stats", proxy.url), &[], None).json();
+    assert_eq!(
+        (
+            &stats["metrics"]["auth_failures"],
+            &stats["metrics"]["auth_refused"]
+        ),
+        (&json!(5), &json!(2)),
+        "{stats}"
+    );
+    let metrics =
+        String::from_utf8(send("GET", &format!("{}/metrics", proxy.url), &[], None).body).unwrap();
+    for line in [
+        "aoai_proxy_auth_failures_total 5",
+        "aoai_proxy_auth_refused_total 2",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in\n{metrics}"
+        );
+    }
+}

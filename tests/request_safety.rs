@@ -13,28 +13,27 @@ use std::sync::Arc;
 
 const KEY: &str = "upstream-key";
 
+/// Instance `name` on `url`, on `version`, with `extra` settings (its models at least).
 fn instance(name: &str, url: &str, version: &str, extra: &str) -> String {
-    format!(
-        "  - {{name: {name}, api_key: {KEY}, api_base: '{url}', api_version: '{version}', {extra}}}\n"
-    )
+    format!("  - {{name: {name}, api_key: {KEY}, api_base: '{url}', api_version: '{version}', {extra}}}\n")
 }
 
-fn proxy(routing: &str, instances: &[String]) -> TestProxy {
-    TestProxy::start(&format!("{routing}instances:\n{}", instances.concat()))
+/// A proxy with `top` settings in front of one instance, `a`, serving `m` on `version`
+/// (`extra`: more of its settings), on an upstream that behaves as `behaviour`.
+fn one(top: &str, behaviour: Behaviour, version: &str, extra: &str) -> (Mock, TestProxy) {
+    let up = Mock::start(behaviour);
+    let a = instance(
+        "a",
+        &up.url,
+        version,
+        &format!("supported_models: [m]{extra}"),
+    );
+    (up, TestProxy::start(&format!("{top}instances:\n{a}")))
 }
 
 #[test]
 fn an_upload_with_two_model_fields_gets_400_and_reaches_no_one() {
-    let up = Mock::start(azure_like(KEY));
-    let proxy = proxy(
-        "",
-        &[instance(
-            "a",
-            &up.url,
-            "2024-10-21",
-            "supported_models: [whisper]",
-        )],
-    );
+    let (up, proxy) = one("", azure_like(KEY), "2024-10-21", "");
     let boundary = "b0undary";
     let part = |name: &str, value: &str| {
         format!(
@@ -43,7 +42,7 @@ fn an_upload_with_two_model_fields_gets_400_and_reaches_no_one() {
     };
     let body = [
         part("file", "RIFF"),
-        part("model", "whisper"),
+        part("model", "m"),
         part("model", "some-unrouted-deployment"),
         format!("--{boundary}--\r\n"),
     ]
@@ -109,16 +108,7 @@ fn dot_segments_never_reach_the_upstream_bare() {
 
 #[test]
 fn the_proxy_alone_chooses_a_stored_response_calls_api_version() {
-    let up = Mock::start(azure_like(KEY));
-    let proxy = proxy(
-        "",
-        &[instance(
-            "a",
-            &up.url,
-            "2025-04-01-preview",
-            "supported_models: [m]",
-        )],
-    );
+    let (up, proxy) = one("", azure_like(KEY), "2025-04-01-preview", "");
     let made = post_json(
         &format!("{}/v1/responses", proxy.url),
         &json!({"model": "m", "input": "hi"}),
@@ -144,16 +134,7 @@ fn the_proxy_alone_chooses_a_stored_response_calls_api_version() {
 
 #[test]
 fn a_decoy_limit_cannot_lower_the_reservation() {
-    let up = Mock::start(azure_like(KEY));
-    let proxy = proxy(
-        "",
-        &[instance(
-            "a",
-            &up.url,
-            "2024-10-21",
-            "supported_models: [m], max_tpm: 50000",
-        )],
-    );
+    let (up, proxy) = one("", azure_like(KEY), "2024-10-21", ", max_tpm: 50000");
     let answer = post_json(
         &format!("{}/v1/chat/completions", proxy.url),
         &json!({"model": "m", "messages": [], "max_output_tokens": 1, "max_tokens": 90000}),
@@ -170,7 +151,7 @@ fn a_decoy_limit_cannot_lower_the_reservation() {
 #[test]
 fn a_404_about_the_request_goes_to_its_client_and_leaves_the_instance_in() {
     let azure = azure_like(KEY);
-    let up = Mock::start(Arc::new(move |r: &Recorded| {
+    let behaviour = Arc::new(move |r: &Recorded| {
         if String::from_utf8_lossy(&r.body).contains("msg_unknown") {
             json_reply(
                 404,
@@ -180,16 +161,8 @@ fn a_404_about_the_request_goes_to_its_client_and_leaves_the_instance_in() {
         } else {
             azure(r)
         }
-    }));
-    let proxy = proxy(
-        "",
-        &[instance(
-            "a",
-            &up.url,
-            "2025-04-01-preview",
-            "supported_models: [m]",
-        )],
-    );
+    });
+    let (up, proxy) = one("", behaviour, "2025-04-01-preview", "");
     let url = format!("{}/v1/responses", proxy.url);
     let unknown = post_json(
         &url,
@@ -213,15 +186,11 @@ fn round_robin_takes_turns_per_model() {
             &format!("supported_models: [{model}]"),
         )
     };
-    let proxy = proxy(
-        "routing: {strategy: round_robin}\n",
-        &[
-            inst("a", "m1"),
-            inst("b", "m1"),
-            inst("c", "m2"),
-            inst("d", "m2"),
-        ],
-    );
+    let all = [("a", "m1"), ("b", "m1"), ("c", "m2"), ("d", "m2")].map(|(n, m)| inst(n, m));
+    let proxy = TestProxy::start(&format!(
+        "routing: {{strategy: round_robin}}\ninstances:\n{}",
+        all.concat()
+    ));
     let served: BTreeSet<String> = (0..8)
         .map(|k| {
             let model = if k % 2 == 0 { "m1" } else { "m2" };
@@ -257,10 +226,11 @@ fn send_from(from: &str, to: &str, request: &str) -> RawAnswer {
 
 #[test]
 fn repeated_wrong_keys_slow_their_address_and_no_other() {
-    let up = Mock::start(azure_like(KEY));
-    let proxy = proxy(
+    let (_up, proxy) = one(
         "auth: {api_keys: [good-key], admin_key: admin-key, max_failures: 5, failure_window_seconds: 10, failure_block_seconds: 60}\n",
-        &[instance("a", &up.url, "2024-10-21", "supported_models: [m]")],
+        azure_like(KEY),
+        "2024-10-21",
+        "",
     );
     let chat = format!("{}/v1/chat/completions", proxy.url);
     let body = json!({"model": "m", "messages": []}).to_string();

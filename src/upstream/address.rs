@@ -200,9 +200,19 @@ impl Address {
 }
 
 /// The client's query parameters a stored-response call passes on: the listing's
-/// pagination and what it includes. Anything else (a second `api-version`, say)
-/// would let the client choose what only the proxy's configuration may.
-const PASSED_PARAMS: [&str; 6] = ["after", "before", "limit", "order", "include", "include[]"];
+/// pagination and what it includes (`include[]` as sent, or with its brackets
+/// escaped, as HTTP clients do). Anything else (a second `api-version`, say) would
+/// let the client choose what only the proxy's configuration may.
+const PASSED_PARAMS: [&str; 8] = [
+    "after",
+    "before",
+    "limit",
+    "order",
+    "include",
+    "include[]",
+    "include%5B%5D",
+    "include%5b%5d",
+];
 
 /// A warning for each instance whose api-version takes no `stream_options`: its
 /// streams' usage can only be estimated.
@@ -350,9 +360,9 @@ mod tests {
             az.response_url(
                 "resp_1",
                 "/input_items",
-                "api-version=1999-01-01&limit=5&after=item%2F1&order=a b&include[]=x&stream=true"
+                "api-version=1999-01-01&limit=5&after=item%2F1&order=a b&include[]=x&include%5B%5D=y&stream=true"
             ),
-            "https://r.example.com/openai/responses/resp_1/input_items?api-version=2025-04-01-preview&limit=5&after=item%2F1&order=a%20b&include%5B%5D=x"
+            "https://r.example.com/openai/responses/resp_1/input_items?api-version=2025-04-01-preview&limit=5&after=item%2F1&order=a%20b&include%5B%5D=x&include%5B%5D=y"
         );
         let v1 = azure("v1");
         assert_eq!(

@@ -76,11 +76,14 @@ pub fn stats(state: &State, g: &Generation, query: &str) -> Reply {
         },
     };
     let now = state.uptime_secs();
-    let stats = state.stats.lock();
-    success(
-        "metrics",
-        window_metrics(&stats.window(now, minutes), minutes, &stats.totals),
-    )
+    let mut metrics = {
+        let stats = state.stats.lock();
+        window_metrics(&stats.window(now, minutes), minutes, &stats.totals)
+    };
+    // Counted apart from the statistics: a 401 is answered before any request is.
+    metrics["auth_failures"] = state.key_failures.failures().into();
+    metrics["auth_refused"] = state.key_failures.refused().into();
+    success("metrics", metrics)
 }
 
 /// The configured windows: `stats_window_minutes` and `additional_windows`, once each.
@@ -305,6 +308,7 @@ pub fn metrics(state: &State, g: &Generation) -> Reply {
         body_bytes: (state.bodies.used(), state.bodies.limit()),
         uptime_secs: state.uptime_secs(),
         shared_state: state.shared_state(),
+        key_failures: (state.key_failures.failures(), state.key_failures.refused()),
     };
     let states = Health::ALL.map(Health::as_str);
     let text = metrics::render(&state.stats.lock(), &instances, &states, &gauges);

@@ -82,6 +82,9 @@ pub enum Error {
     AdminKeyNeeded,
     /// An admin endpoint, no `auth.admin_key`, and the client is not on loopback.
     AdminLoopbackOnly,
+    /// The client's address presented `auth.max_failures` wrong or missing keys within
+    /// `auth.failure_window_seconds`; no key from it is checked until `wait` has passed.
+    KeyFailures { wait: Duration },
 
     // Routes.
     /// No endpoint at this path.
@@ -114,7 +117,7 @@ impl Error {
             MethodNotAllowed { .. } => 405,
             BodyTimeout => 408,
             BodyTooLarge { .. } => 413,
-            RateLimited { .. } => 429,
+            RateLimited { .. } | KeyFailures { .. } => 429,
             HeaderTooLong { .. } => 431,
             Internal => 500,
             UpstreamUnreachable { .. } => 502,
@@ -127,7 +130,7 @@ impl Error {
     fn kind(&self) -> &'static str {
         use Error::*;
         match self {
-            RateLimited { .. } => "requests",
+            RateLimited { .. } | KeyFailures { .. } => "requests",
             AllDown { .. } | UpstreamTimeout { .. } | UpstreamUnreachable { .. } => {
                 "upstream_error"
             }
@@ -156,6 +159,7 @@ impl Error {
             UpstreamUnreachable { .. } => "upstream_unreachable",
             MissingKey | WrongKey | AdminKeyNeeded => "invalid_api_key",
             AdminLoopbackOnly => "forbidden",
+            KeyFailures { .. } => "too_many_key_failures",
             UnknownUrl { .. } => "unknown_url",
             MethodNotAllowed { .. } => "method_not_allowed",
             ReloadFailed(_) => "invalid_config",
@@ -237,6 +241,10 @@ impl Error {
                 "Admin endpoints answer only loopback clients while auth.admin_key is not set."
                     .into()
             }
+            KeyFailures { .. } => {
+                "Too many requests from this address presented a wrong or missing API key; no key from it is checked until the time in the Retry-After header has passed."
+                    .into()
+            }
             UnknownUrl { method, path } => format!("Invalid URL ({method} {path})"),
             MethodNotAllowed {
                 method,
@@ -266,7 +274,7 @@ impl Error {
             BodyTooLarge { .. } | BodyTimeout | BodyUnreadable(_) => vec![close()],
             BodyMemoryFull { .. } => vec![("Retry-After", "1".into()), close()],
             NoPermit { .. } => vec![("Retry-After", "1".into())],
-            RateLimited { wait, .. } | AllDown { wait, .. } => retry(wait),
+            RateLimited { wait, .. } | AllDown { wait, .. } | KeyFailures { wait } => retry(wait),
             MissingKey | WrongKey | AdminKeyNeeded => {
                 vec![("WWW-Authenticate", "Bearer".into())]
             }

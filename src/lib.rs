@@ -3,7 +3,7 @@
 //! From the top down: `proxy` (the running server and its route table), the handlers
 //! (`api`, `admin`), the HTTP layer (`http`), shared state (`state`), then `routing`,
 //! `upstream`, the state several proxies share in Redis (`shared`), `observe`, `config` and the small types they share (`outcome`, `error`,
-//! `capacity`, `json`). No module imports one above it.
+//! `capacity`, `key_failures`, `json`). No module imports one above it.
 
 pub mod admin;
 pub mod api;
@@ -12,6 +12,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod json;
+pub mod key_failures;
 pub mod observe;
 pub mod outcome;
 pub mod proxy;

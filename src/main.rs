@@ -228,6 +228,8 @@ fn main() -> ExitCode {
         if signal != SIGHUP {
             break;
         }
+        // Before the reload's own line, so that it goes to the reopened file.
+        logs.reopen();
         match proxy.reload() {
             Ok(done) => log::info!("SIGHUP: reloaded; instances: {}", done.instances.join(", ")),
             Err(e) => log::error!("SIGHUP: reload failed, keeping the running configuration: {e}"),

@@ -24,7 +24,9 @@ pub enum Outcome {
     /// A 5xx, or any other status no healthy instance gives.
     Failed { status: u16 },
     /// 401, 403 or 404: this instance rejects the proxy's key for this deployment, or
-    /// has no such deployment. It says nothing about the instance's other models.
+    /// has no such deployment. It says nothing about the instance's other models. A 404
+    /// that is an OpenAI error about the request (`about_the_request`) is `Answered`
+    /// instead: the client's own answer, which changes nothing for the instance.
     DeploymentFault { status: u16 },
     /// Connected and sent, but no answer came within the time allowed.
     TimedOut,
@@ -34,6 +36,30 @@ pub enum Outcome {
     /// The answer broke off after its head: a body that could not be read, or a
     /// stream cut or stalled after its first event.
     Broken,
+}
+
+/// Whether a 404's body is an OpenAI error about the request: an `error` with a string
+/// `type` (OpenAI names every error's type) and a `code` other than Azure's
+/// `DeploymentNotFound`. Azure's missing deployment and its gateway's "Resource not
+/// found" (the operation is not served on this api-version) name no type; a body that
+/// is not JSON is not the API speaking at all. Those are the instance's faults.
+pub fn about_the_request(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        error: Error,
+    }
+    #[derive(serde::Deserialize)]
+    struct Error {
+        r#type: Option<String>,
+        code: Option<serde_json::Value>,
+    }
+    match serde_json::from_slice::<Body>(body) {
+        Ok(Body { error }) => {
+            error.r#type.is_some()
+                && error.code.as_ref().and_then(|c| c.as_str()) != Some("DeploymentNotFound")
+        }
+        Err(_) => false,
+    }
 }
 
 /// Token usage as an upstream reports it (`usage` in a body or in a stream's last
@@ -201,6 +227,22 @@ mod tests {
         assert!(!of(503).never_counted());
         assert!(Outcome::Unreachable { arrived: false }.never_counted());
         assert!(!Outcome::Unreachable { arrived: true }.never_counted());
+    }
+
+    #[test]
+    fn a_404_is_about_the_request_only_when_the_api_says_so() {
+        assert!(about_the_request(
+            br#"{"error":{"message":"Item with id 'x' not found.","type":"invalid_request_error","param":"input","code":null}}"#
+        ));
+        for fault in [
+            r#"{"error":{"code":"DeploymentNotFound","message":"The API deployment for this resource does not exist."}}"#,
+            r#"{"error":{"code":"DeploymentNotFound","type":"invalid_request_error","message":"m"}}"#,
+            r#"{"error":{"code":"404","message":"Resource not found"}}"#,
+            "<html>Not Found</html>",
+            "",
+        ] {
+            assert!(!about_the_request(fault.as_bytes()), "{fault}");
+        }
     }
 
     #[test]

@@ -109,7 +109,10 @@ fn route(
 ) -> Reply {
     let auth = &g.config.auth;
     if path.starts_with("/v1/") || path.starts_with("/openai/") {
-        if let Err(e) = auth::check_client(&auth.api_keys, |name| request.header(name)) {
+        let checked = state.key_failures.check(auth, request.remote_addr(), || {
+            auth::check_client(&auth.api_keys, |name| request.header(name))
+        });
+        if let Err(e) = checked {
             return e.into();
         }
     }
@@ -197,9 +200,10 @@ fn route_other(
             let allowed = if path == "/config" { "GET" } else { "POST" };
             only(method, allowed, path, || {
                 let peer = request.remote_addr();
-                if let Err(e) =
+                let checked = state.key_failures.check(auth, peer, || {
                     auth::check_admin(auth.admin_key.as_ref(), |name| request.header(name), peer)
-                {
+                });
+                if let Err(e) = checked {
                     return e.into();
                 }
                 match path {

@@ -8,7 +8,8 @@
 //! Redis never holds a request up for long: every call has `redis.timeout_ms` to
 //! connect and to answer, and any failure switches the proxy to its own state alone
 //! (degraded: no further Redis calls on the request path, one alert) until the
-//! reconnect thread gets an answer again. No call is made with the instance table's lock held: routing takes
+//! reconnect thread gets an answer again (and has given back the reservations whose
+//! admission lost its reply). No call is made with the instance table's lock held: routing takes
 //! its local decision under the lock, releases it, and then asks Redis.
 
 use crate::config::{Instance, Redis};
@@ -29,19 +30,25 @@ const WARM: usize = 8;
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
 /// A Redis that came back this long ago and fails again starts its backoff afresh.
 const STABLE: Duration = Duration::from_secs(60);
+/// Reservations whose admission lost its reply, kept to give back; past this the
+/// oldest is forgotten (it leaves the window within a minute anyway).
+const LOST: usize = 1024;
+/// How long a reservation stays in a window: one lost longer ago needs no release.
+const WINDOW: Duration = Duration::from_secs(60);
 
 /// What both scripts begin with: the Redis server's time in ms (the only clock, so the
 /// proxies' clocks may differ), and the windows. A window is a sorted set of entries
 /// "id:amount" scored by that time, with its total beside it (`{key}:sum`), so that
 /// checking room costs the entries that leave, not all of them. Both expire 120 s after
-/// their last write, so nothing is left behind.
+/// their last write, so nothing is left behind. Every key a script touches comes in
+/// `KEYS` (`INSTANCE_KEYS`), as Redis requires of scripts (Cluster routes by them).
 const WINDOWS: &str = r"
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local ttl = 120000
 local function amount(m) return tonumber(string.match(m, ':(%d+)$')) end
-local function used(key)
-  local total = tonumber(redis.call('GET', key .. ':sum') or '-1')
+local function used(key, sum)
+  local total = tonumber(redis.call('GET', sum) or '-1')
   if total < 0 then
     total = 0
     for _, m in ipairs(redis.call('ZRANGE', key, 0, -1)) do total = total + amount(m) end
@@ -50,19 +57,23 @@ local function used(key)
   for _, m in ipairs(old) do total = total - amount(m) end
   if #old > 0 then redis.call('ZREMRANGEBYSCORE', key, '-inf', now - 60000) end
   if total < 0 or redis.call('EXISTS', key) == 0 then total = 0 end
-  redis.call('SET', key .. ':sum', total, 'PX', ttl)
+  redis.call('SET', sum, total, 'PX', ttl)
   return total
 end
-local function add(key, id, n)
+local function add(key, sum, id, n)
   redis.call('ZADD', key, now, id .. ':' .. string.format('%d', n))
-  redis.call('INCRBY', key .. ':sum', n)
+  redis.call('INCRBY', sum, n)
   redis.call('PEXPIRE', key, ttl)
-  redis.call('PEXPIRE', key .. ':sum', ttl)
+  redis.call('PEXPIRE', sum, ttl)
 end
 ";
 
+/// The keys of an instance both scripts take, in this order: its windows (tokens,
+/// requests), cooldown, circuit, and the windows' totals.
+const INSTANCE_KEYS: [&str; 6] = ["tpm", "rpm", "cooldown", "circuit", "tpm:sum", "rpm:sum"];
+
 /// Checks cooldown and circuit, then room in both windows, and reserves in one step.
-/// KEYS: tokens, requests, cooldown, circuit. ARGV: reservation id, tokens, max_tpm,
+/// KEYS: `INSTANCE_KEYS`. ARGV: reservation id, tokens, max_tpm,
 /// max_rpm (0: no limit). Returns {0, 0} admitted, {1, ms} cooling down or no room for
 /// a request for ms, {2, ms} its circuit is open for ms, {3, ms} no room for this many
 /// tokens for ms (a smaller request may fit).
@@ -70,8 +81,8 @@ const ADMIT: &str = r"
 local open = tonumber(redis.call('GET', KEYS[4]) or '0')
 if open > now then return {2, open - now} end
 local wait = math.max(0, tonumber(redis.call('GET', KEYS[3]) or '0') - now)
-local function room(key, need, max)
-  local total = used(key)
+local function room(key, sum, need, max)
+  local total = used(key, sum)
   if total + need <= max then return 0 end
   local e = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
   for i = 1, #e, 2 do
@@ -81,12 +92,12 @@ local function room(key, need, max)
   return 60000
 end
 local need, tpm, rpm = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-if rpm > 0 then wait = math.max(wait, room(KEYS[2], 1, rpm)) end
+if rpm > 0 then wait = math.max(wait, room(KEYS[2], KEYS[6], 1, rpm)) end
 if wait > 0 then return {1, wait} end
-if tpm > 0 then wait = room(KEYS[1], need, tpm) end
+if tpm > 0 then wait = room(KEYS[1], KEYS[5], need, tpm) end
 if wait > 0 then return {3, wait} end
-if tpm > 0 then add(KEYS[1], ARGV[1], ARGV[2]) end
-if rpm > 0 then add(KEYS[2], ARGV[1], 1) end
+if tpm > 0 then add(KEYS[1], KEYS[5], ARGV[1], ARGV[2]) end
+if rpm > 0 then add(KEYS[2], KEYS[6], ARGV[1], 1) end
 return {0, 0}
 ";
 
@@ -96,14 +107,14 @@ return {0, 0}
 /// (-1: not known), which only ever raise the window's usage, as `Window::correct`;
 /// an id for such a correction.
 const SETTLE: &str = r"
-local function release(key, member, n)
-  if redis.call('ZREM', key, member .. ':' .. n) == 1 and redis.call('EXISTS', key .. ':sum') == 1 then
-    redis.call('DECRBY', key .. ':sum', n)
+local function release(key, sum, member, n)
+  if redis.call('ZREM', key, member .. ':' .. n) == 1 and redis.call('EXISTS', sum) == 1 then
+    redis.call('DECRBY', sum, n)
   end
 end
 if ARGV[1] ~= '' then
-  release(KEYS[1], ARGV[1], ARGV[2])
-  release(KEYS[2], ARGV[1], 1)
+  release(KEYS[1], KEYS[5], ARGV[1], ARGV[2])
+  release(KEYS[2], KEYS[6], ARGV[1], 1)
 end
 local function extend(key, ms)
   if ms > 0 and now + ms > tonumber(redis.call('GET', key) or '0') then
@@ -112,13 +123,13 @@ local function extend(key, ms)
 end
 extend(KEYS[3], tonumber(ARGV[3]))
 extend(KEYS[4], tonumber(ARGV[4]))
-local function correct(key, max, left)
+local function correct(key, sum, max, left)
   if max < 0 or left < 0 then return end
-  local total = used(key)
-  if max - left > total then add(key, ARGV[9], max - left - total) end
+  local total = used(key, sum)
+  if max - left > total then add(key, sum, ARGV[9], max - left - total) end
 end
-correct(KEYS[1], tonumber(ARGV[5]), tonumber(ARGV[6]))
-correct(KEYS[2], tonumber(ARGV[7]), tonumber(ARGV[8]))
+correct(KEYS[1], KEYS[5], tonumber(ARGV[5]), tonumber(ARGV[6]))
+correct(KEYS[2], KEYS[6], tonumber(ARGV[7]), tonumber(ARGV[8]))
 return 0
 ";
 
@@ -156,6 +167,14 @@ impl Settle<'_> {
     }
 }
 
+/// A reservation that may stand in Redis with no request behind it.
+struct Lost {
+    instance: String,
+    id: String,
+    tokens: u64,
+    at: Instant,
+}
+
 pub struct Shared {
     client: redis::Client,
     prefix: String,
@@ -164,6 +183,9 @@ pub struct Shared {
     healthy: AtomicBool,
     admit: redis::Script,
     settle: redis::Script,
+    /// Admissions whose reply was lost (a timeout, a broken connection): the script may
+    /// have reserved, so the reservation is given back once Redis answers again.
+    lost: Mutex<std::collections::VecDeque<Lost>>,
     /// Reservation ids: this process's random tag and a counter.
     tag: u64,
     next: AtomicU64,
@@ -194,6 +216,7 @@ impl Shared {
             prefix: config.prefix.clone().unwrap_or_else(|| name.to_string()),
             timeout: Duration::from_millis(config.timeout_ms),
             idle: Mutex::new(Vec::new()),
+            lost: Mutex::default(),
             // Until the first connection fails, so that its failure alerts.
             healthy: AtomicBool::new(true),
             admit: redis::Script::new(&format!("{WINDOWS}{ADMIT}")),
@@ -322,14 +345,14 @@ impl Shared {
         format!("{}:i:{{{instance}}}:{what}", self.prefix)
     }
 
-    /// A call of `script` on `instance`'s keys: tokens, requests, cooldown, circuit.
+    /// A call of `script` on `instance`'s keys (`INSTANCE_KEYS`).
     fn invocation<'s>(
         &self,
         script: &'s redis::Script,
         instance: &str,
     ) -> redis::ScriptInvocation<'s> {
         let mut call = script.prepare_invoke();
-        for what in ["tpm", "rpm", "cooldown", "circuit"] {
+        for what in INSTANCE_KEYS {
             call.key(self.key(instance, what));
         }
         call
@@ -350,13 +373,21 @@ impl Shared {
     /// Checks and reserves `need` tokens and a request on `inst` in the shared windows,
     /// in one round trip. None: Redis is not answering; the local decision stands.
     pub fn admit(&self, alerts: &Alerts, inst: &Instance, need: u64) -> Option<Verdict> {
+        if !self.healthy.load(Ordering::Acquire) {
+            return None;
+        }
         let id = self.new_id("");
         let mut call = self.invocation(&self.admit, &inst.name);
         call.arg(&id)
             .arg(need)
             .arg(inst.max_tpm.unwrap_or(0))
             .arg(inst.max_rpm.unwrap_or(0));
-        let (kind, ms): (u8, u64) = self.with(alerts, |c| call.invoke(c))?;
+        let Some((kind, ms)) = self.with(alerts, |c| call.invoke::<(u8, u64)>(c)) else {
+            // The script may have reserved before its reply was lost; the request goes
+            // on with the local decision alone, so that reservation stands for nothing.
+            self.lost_reply(&inst.name, id, need);
+            return None;
+        };
         let wait = Duration::from_millis(ms.max(1));
         Some(match kind {
             0 => Verdict::Admitted(id),
@@ -366,27 +397,78 @@ impl Shared {
         })
     }
 
+    /// Keeps a reservation whose admission lost its reply, to give back once Redis
+    /// answers again (`release_lost`).
+    fn lost_reply(&self, instance: &str, id: String, tokens: u64) {
+        let mut lost = self.lost.lock();
+        if lost.len() >= LOST {
+            lost.pop_front();
+        }
+        lost.push_back(Lost {
+            instance: instance.to_string(),
+            id,
+            tokens,
+            at: Instant::now(),
+        });
+    }
+
+    /// Gives back, on `conn`, the reservations whose admission lost its reply and that
+    /// are still in their window, the same way a settlement gives one back (an entry
+    /// that the admission never made is left alone). Those not given back when a call
+    /// fails are kept for the next connection.
+    fn release_lost(&self, conn: &mut redis::Connection) -> redis::RedisResult<()> {
+        let lost = std::mem::take(&mut *self.lost.lock());
+        let mut pending = lost.into_iter().filter(|l| l.at.elapsed() < WINDOW);
+        while let Some(l) = pending.next() {
+            let release = Settle {
+                release: Some((&l.id, l.tokens)),
+                ..Settle::default()
+            };
+            let call = self.settlement(&l.instance, (None, None), &release);
+            if let Err(e) = call.invoke::<i64>(conn) {
+                let mut kept = self.lost.lock();
+                for l in std::iter::once(l).chain(pending) {
+                    kept.push_back(l);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     /// Applies what an attempt's outcome asks, in one round trip (none if it asks
     /// nothing).
     pub fn settle(&self, alerts: &Alerts, inst: &Instance, s: &Settle) {
         if s.is_empty() {
             return;
         }
+        let call = self.settlement(&inst.name, (inst.max_tpm, inst.max_rpm), s);
+        let _: Option<i64> = self.with(alerts, |c| call.invoke(c));
+    }
+
+    /// The settle script's call for `s` on `instance`, whose limits (max_tpm, max_rpm)
+    /// the upstream's remaining counts are read against.
+    fn settlement<'s>(
+        &'s self,
+        instance: &str,
+        (tpm, rpm): (Option<u64>, Option<u64>),
+        s: &Settle,
+    ) -> redis::ScriptInvocation<'s> {
         let ms = |d: Option<Duration>| d.map_or(0, |d| d.as_millis().max(1) as u64);
         let known = |limit: Option<u64>, left: Option<u64>| match (limit, left) {
             (Some(limit), Some(left)) => (limit as i64, left.min(limit) as i64),
             _ => (-1, -1),
         };
         let (release, tokens) = s.release.unwrap_or(("", 0));
-        let (max_tpm, left_tokens) = known(inst.max_tpm, s.remaining.0);
-        let (max_rpm, left_requests) = known(inst.max_rpm, s.remaining.1);
+        let (max_tpm, left_tokens) = known(tpm, s.remaining.0);
+        let (max_rpm, left_requests) = known(rpm, s.remaining.1);
         // The script reads it only to record a correction.
         let correction = if s.remaining == (None, None) {
             String::new()
         } else {
             self.new_id("c")
         };
-        let mut call = self.invocation(&self.settle, &inst.name);
+        let mut call = self.invocation(&self.settle, instance);
         call.arg(release)
             .arg(tokens)
             .arg(ms(s.cooldown))
@@ -396,7 +478,7 @@ impl Shared {
             .arg(max_rpm)
             .arg(left_requests)
             .arg(correction);
-        let _: Option<i64> = self.with(alerts, |c| call.invoke(c));
+        call
     }
 
     /// Remembers which instance made a Responses API answer, for `ttl`.
@@ -448,7 +530,8 @@ fn client(config: &Redis) -> Result<redis::Client, String> {
 }
 
 /// The reconnect thread: after a failure, tries a new connection with a growing pause
-/// until one answers, then puts it in the pool and marks the state shared again. A
+/// until one answers, gives back on it the reservations whose admission lost its reply,
+/// then puts it in the pool and marks the state shared again. A
 /// Redis that fails again within `STABLE` of coming back (one that accepts connections
 /// but refuses the scripts' writes, say) is retried ever more slowly, so that it does
 /// not flap every 100 ms with a log line each time. Ends when the `Shared` is dropped.
@@ -469,7 +552,10 @@ fn reconnect(shared: Weak<Shared>, woken: Receiver<()>) {
             if s.healthy.load(Ordering::Acquire) {
                 break;
             }
-            if let Ok(conn) = s.connect_and_load() {
+            let back = s
+                .connect_and_load()
+                .and_then(|mut conn| s.release_lost(&mut conn).map(|()| conn));
+            if let Ok(conn) = back {
                 s.warm(conn);
                 // Wakes from failures of this same outage are not a new one; taken
                 // before the state is shared again, so none from a new one is lost.

@@ -5,6 +5,7 @@
 
 use crate::capacity::{BodyMemory, Permits};
 use crate::config::{Config, Source};
+use crate::key_failures::KeyFailures;
 use crate::observe::alerts::Alerts;
 use crate::observe::stats::Stats;
 use crate::routing::affinity::Affinity;
@@ -92,6 +93,8 @@ pub struct State {
     pub permits: Arc<Permits>,
     /// `server.max_body_memory`: request body bytes held at once.
     pub bodies: BodyMemory,
+    /// The 401s given, and the client addresses answered 429 after too many.
+    pub key_failures: KeyFailures,
     pub started: Instant,
     /// Set on SIGTERM: `/health` answers 503 from then on.
     pub draining: AtomicBool,
@@ -119,6 +122,7 @@ impl State {
             shared,
             permits: Permits::new(config.server.workers),
             bodies: BodyMemory::new(config.server.max_body_memory),
+            key_failures: KeyFailures::default(),
             table: parking_lot::Mutex::new(Table::new(&config)),
             affinity: parking_lot::Mutex::new(Affinity::default()),
             current: parking_lot::RwLock::new(Arc::new(generation)),

@@ -81,6 +81,9 @@ impl Meta {
     /// prompt estimate + completion reserve × the number of completions; the prompt
     /// alone for embeddings; nothing for images and audio, which count only as
     /// requests. Saturates rather than wraps, so an absurd `max_tokens` stays absurd.
+    /// The reserve is the largest of the three limits present: the upstream obeys the
+    /// one its API reads, which the proxy cannot know, so a small decoy in another field
+    /// cannot lower the reservation.
     pub fn estimate(&self, op: Op, default_completion: u64) -> u64 {
         if !op.counts_tokens() {
             return 0;
@@ -89,11 +92,15 @@ impl Meta {
         if op == Op::Embeddings {
             return prompt;
         }
-        let reserve = self
-            .max_completion_tokens
-            .or(self.max_output_tokens)
-            .or(self.max_tokens)
-            .unwrap_or(default_completion);
+        let reserve = [
+            self.max_completion_tokens,
+            self.max_output_tokens,
+            self.max_tokens,
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or(default_completion);
         let copies = self.n.unwrap_or(1).max(self.best_of.unwrap_or(1)).max(1);
         prompt.saturating_add(reserve.saturating_mul(copies))
     }
@@ -652,7 +659,13 @@ mod tests {
                 r#"{"prompt":"abcd","max_completion_tokens":7,"max_tokens":99}"#,
                 Op::Completions
             ),
-            1 + 7
+            1 + 99,
+            "the largest limit present"
+        );
+        assert_eq!(
+            est(r#"{"max_output_tokens":1,"max_tokens":90000}"#, Op::Chat),
+            90000,
+            "a decoy cannot lower the reserve"
         );
         assert_eq!(
             est(

@@ -46,7 +46,7 @@ pub fn forward(
 
 /// `GET`/`DELETE /v1/responses/{id}`, `GET .../input_items`, `POST .../cancel`: sent
 /// to the instance that made the response. `rest` is the path after the id, `query`
-/// the client's query string (pagination), passed on.
+/// the client's query string, of which only pagination passes (`Address::response_url`).
 pub fn stored_response(
     state: &State,
     g: &Generation,
@@ -83,14 +83,9 @@ pub fn stored_response(
             &plan,
             &mut trace.attempts,
             |i| {
-                let mut url = g.addresses[i].response_url(id, rest);
-                if !query.is_empty() {
-                    url.push(if url.contains('?') { '&' } else { '?' });
-                    url.push_str(query);
-                }
                 let call = Call {
                     method,
-                    url,
+                    url: g.addresses[i].response_url(id, rest, query),
                     what: ("a stored response", id),
                     body: (method == "POST").then_some(&[][..]),
                     headers: &forwarded,

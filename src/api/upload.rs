@@ -28,7 +28,9 @@ fn find(haystack: &[u8], needle: &[u8], from: usize) -> Option<usize> {
         .map(|i| i + from)
 }
 
-/// Where the value of the `model` field lies in `body`.
+/// Where the value of the `model` field lies in `body`. Every part is read: a second
+/// `model` part is refused, since the proxy would route on one and the upstream might
+/// read the other.
 fn model_range(body: &[u8], content_type: Option<&str>) -> Result<Range<usize>, Error> {
     let invalid = |why: &str| Error::InvalidUpload(why.to_string());
     let boundary = content_type
@@ -39,17 +41,21 @@ fn model_range(body: &[u8], content_type: Option<&str>) -> Result<Range<usize>, 
     let delimiter = delimiter.as_bytes();
     let mut at = find(body, &delimiter[2..], 0).ok_or_else(|| invalid("no part in the body"))?;
     let mut length = delimiter.len() - 2;
+    let mut found = None;
     loop {
         let head_start = at + length;
         if body.get(head_start..head_start + 2) == Some(b"--") {
-            return Err(Error::MissingModel);
+            return found.ok_or(Error::MissingModel);
         }
         let head_end =
             find(body, b"\r\n\r\n", head_start).ok_or_else(|| invalid("a part has no end"))?;
         let content = head_end + 4;
         let end = find(body, delimiter, content).ok_or_else(|| invalid("a part has no end"))?;
         if is_model(&body[head_start..head_end]) {
-            return Ok(content..end);
+            if found.is_some() {
+                return Err(invalid("the upload has more than one model field"));
+            }
+            found = Some(content..end);
         }
         at = end;
         length = delimiter.len();
@@ -128,6 +134,15 @@ mod tests {
         assert!(matches!(
             model(b"--XyZ\r\nbroken", Some(TYPE)),
             Err(Error::InvalidUpload(_))
+        ));
+    }
+
+    #[test]
+    fn a_second_model_field_is_refused() {
+        let two = b"--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--XyZ\r\nContent-Disposition: form-data; name=model\r\n\r\nother\r\n--XyZ--\r\n";
+        assert!(matches!(
+            model(two, Some(TYPE)),
+            Err(Error::InvalidUpload(m)) if m.contains("more than one model")
         ));
     }
 }

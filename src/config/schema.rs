@@ -335,11 +335,32 @@ impl Default for Server {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Auth {
     pub api_keys: Vec<Secret>,
     pub admin_key: Option<Secret>,
+    /// Wrong or missing keys one client address may present within
+    /// `failure_window_seconds` before it is answered 429 for `failure_block_seconds`
+    /// (`http::key_failures`); 0 turns the slowing off (the failures are still counted).
+    #[serde(deserialize_with = "lenient")]
+    pub max_failures: u32,
+    #[serde(deserialize_with = "lenient")]
+    pub failure_window_seconds: f64,
+    #[serde(deserialize_with = "lenient")]
+    pub failure_block_seconds: f64,
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth {
+            api_keys: Vec::new(),
+            admin_key: None,
+            max_failures: 20,
+            failure_window_seconds: 10.0,
+            failure_block_seconds: 60.0,
+        }
+    }
 }
 
 /// Where several proxies share windows, cooldowns, circuits and affinity.
@@ -497,6 +518,14 @@ impl Config {
             ("routing.max_cooldown", r.max_cooldown),
             ("server.client_timeout", self.server.client_timeout),
             ("server.body_timeout", self.server.body_timeout),
+            (
+                "auth.failure_window_seconds",
+                self.auth.failure_window_seconds,
+            ),
+            (
+                "auth.failure_block_seconds",
+                self.auth.failure_block_seconds,
+            ),
         ] {
             if !(secs.is_finite() && secs > 0.0) {
                 return Err(invalid(key, "must be a number of seconds above 0"));

@@ -1,17 +1,24 @@
 //! Logging (DESIGN §10): the console, and optionally `logging.file` with size rotation
 //! (`app.log`, `app.log.1` … `app.log.N`, the oldest dropped). File writes happen on a
 //! background thread fed by a bounded channel, so a slow disk never holds a request;
-//! if the channel is full, lines are dropped and counted.
+//! if the channel is full, lines are dropped and counted. A file renamed or deleted by
+//! another program (logrotate) is followed: within a second the path is opened again,
+//! and at once on `Logging::reopen` (SIGHUP).
 
 use crate::config::{log_level, Config};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use std::fmt::{self, Write as _};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How often the writer checks that the file's path still names the file it writes.
+const FOLLOW_EVERY: Duration = Duration::from_secs(1);
 
 /// The most bytes of one client value that a log line shows.
 const LOGGED_VALUE_MAX: usize = 200;
@@ -65,6 +72,27 @@ impl RotatingFile {
         })
     }
 
+    /// Opens the path again, appending to what another program may have put there.
+    fn reopen(&mut self) -> io::Result<()> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
+        self.size = file.metadata()?.len();
+        self.file = file;
+        Ok(())
+    }
+
+    /// Whether the path no longer names the open file: renamed or deleted by another
+    /// program (the same device and inode mean the same file).
+    fn moved(&self) -> bool {
+        match (std::fs::metadata(&self.path), self.file.metadata()) {
+            (Ok(named), Ok(open)) => (named.dev(), named.ino()) != (open.dev(), open.ino()),
+            (Err(_), _) => true,
+            (Ok(_), Err(_)) => false,
+        }
+    }
+
     fn numbered(&self, n: u32) -> PathBuf {
         let mut name = self.path.clone().into_os_string();
         name.push(format!(".{n}"));
@@ -104,6 +132,8 @@ enum Msg {
     Line(Vec<u8>),
     /// Answer once every line queued before this one is written.
     Flush(Sender<()>),
+    /// Open the file's path again (SIGHUP, after an outside rotation).
+    Reopen,
 }
 
 /// The `Write` end given to the logger: assembles whole lines and queues them for the
@@ -134,11 +164,54 @@ impl Write for LineSink {
 /// Lines the writer may hold before new ones are dropped.
 const QUEUE_LINES: usize = 16 * 1024;
 
+/// The writer thread's ends: the console, and the file when there is one.
+struct Writer {
+    console: Box<dyn Write + Send>,
+    file: Option<RotatingFile>,
+    /// When the file's path was last checked (`FOLLOW_EVERY`).
+    followed: Instant,
+}
+
+impl Writer {
+    fn write(&mut self, line: &[u8]) {
+        let _ = self.console.write_all(line);
+        if let Some(file) = &mut self.file {
+            if let Err(e) = file.write_line(line) {
+                let _ = writeln!(self.console, "log file: {e}");
+            }
+        }
+    }
+
+    /// Opens the file's path again when asked (`always`), or when a check is due and
+    /// finds that the path names another file or none.
+    fn follow(&mut self, always: bool) {
+        let Some(file) = &mut self.file else {
+            return;
+        };
+        if !always {
+            if self.followed.elapsed() < FOLLOW_EVERY {
+                return;
+            }
+            self.followed = Instant::now();
+            if !file.moved() {
+                return;
+            }
+        }
+        if let Err(e) = file.reopen() {
+            let _ = writeln!(
+                self.console,
+                "log file: cannot open {} again: {e}",
+                file.path.display()
+            );
+        }
+    }
+}
+
 /// Starts the writer thread: each queued line goes to `console` and, when given, to
 /// `file`. The thread ends when every sender is gone, after writing what was queued.
 fn start_writer(
-    mut console: Box<dyn Write + Send>,
-    mut file: Option<RotatingFile>,
+    console: Box<dyn Write + Send>,
+    file: Option<RotatingFile>,
 ) -> io::Result<(LineSink, Sender<Msg>, JoinHandle<()>)> {
     let (tx, rx): (Sender<Msg>, Receiver<Msg>) = crossbeam_channel::bounded(QUEUE_LINES);
     let dropped = Arc::new(AtomicU64::new(0));
@@ -147,25 +220,31 @@ fn start_writer(
         .name("log-writer".into())
         .spawn(move || {
             let mut reported = 0;
-            let mut write = |line: &[u8]| {
-                let _ = console.write_all(line);
-                if let Some(file) = &mut file {
-                    if let Err(e) = file.write_line(line) {
-                        let _ = writeln!(console, "log file: {e}");
-                    }
-                }
+            let mut out = Writer {
+                console,
+                file,
+                followed: Instant::now(),
             };
-            for msg in rx {
+            loop {
+                // Woken at least once a period, so that an idle proxy follows its file
+                // before its next line.
+                let msg = match rx.recv_timeout(FOLLOW_EVERY) {
+                    Ok(msg) => Some(msg),
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+                };
+                out.follow(matches!(msg, Some(Msg::Reopen)));
                 let line = match msg {
-                    Msg::Line(line) => line,
-                    Msg::Flush(done) => {
+                    Some(Msg::Line(line)) => line,
+                    Some(Msg::Flush(done)) => {
                         let _ = done.send(());
                         continue;
                     }
+                    Some(Msg::Reopen) | None => continue,
                 };
                 let lost = seen.load(Ordering::Relaxed);
                 if lost > reported {
-                    write(
+                    out.write(
                         format!(
                             "[log] {} lines dropped: the writer fell behind\n",
                             lost - reported
@@ -174,7 +253,7 @@ fn start_writer(
                     );
                     reported = lost;
                 }
-                write(&line);
+                out.write(&line);
             }
         })?;
     let sink = LineSink {
@@ -191,8 +270,14 @@ pub struct Logging {
 }
 
 impl Logging {
+    /// Opens `logging.file` again before the next line (SIGHUP: the convention after
+    /// an outside rotation). Without a file, nothing happens.
+    pub fn reopen(&self) {
+        let _ = self.tx.send_timeout(Msg::Reopen, Duration::from_secs(1));
+    }
+
     /// Waits (up to `within`) until every line logged so far is written.
-    pub fn flush(&self, within: std::time::Duration) {
+    pub fn flush(&self, within: Duration) {
         let (done_tx, done_rx) = crossbeam_channel::bounded(1);
         if self.tx.send_timeout(Msg::Flush(done_tx), within).is_ok() {
             let _ = done_rx.recv_timeout(within);
@@ -303,6 +388,23 @@ mod tests {
         assert!(read("app.log").starts_with("line 0050"));
         assert!(read("app.log.1").starts_with("line 0040"));
         assert!(read("app.log.3").starts_with("line 0020"));
+    }
+
+    #[test]
+    fn a_file_renamed_or_deleted_elsewhere_is_seen_and_opened_again() {
+        let d = dir("follow");
+        let path = d.0.join("app.log");
+        let mut f = RotatingFile::open(&path, 1000, 1).unwrap();
+        f.write_line(b"before\n").unwrap();
+        assert!(!f.moved());
+        std::fs::rename(&path, d.0.join("app.log.old")).unwrap();
+        assert!(f.moved(), "renamed");
+        f.reopen().unwrap();
+        assert!(!f.moved());
+        f.write_line(b"after\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "after\n");
+        std::fs::remove_file(&path).unwrap();
+        assert!(f.moved(), "deleted");
     }
 
     /// A console that appends to a shared buffer.

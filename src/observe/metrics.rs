@@ -70,6 +70,9 @@ pub struct Gauges {
     pub uptime_secs: u64,
     /// `local`, `shared` or `degraded` (see `admin::health`).
     pub shared_state: &'static str,
+    /// Counters kept outside the statistics: the 401s given, and the 429s to
+    /// addresses blocked after too many (`key_failures`).
+    pub key_failures: (u64, u64),
 }
 
 /// The values `Gauges::shared_state` takes, each a 0 or 1 sample.
@@ -113,6 +116,18 @@ pub fn render(
         "Upstream attempts after a request's first.",
     );
     out.sample("retries_total", &[], stats.totals.retries);
+    out.family(
+        "auth_failures_total",
+        "counter",
+        "Requests answered 401: a wrong or missing client or admin key.",
+    );
+    out.sample("auth_failures_total", &[], gauges.key_failures.0);
+    out.family(
+        "auth_refused_total",
+        "counter",
+        "Requests answered 429 because their address presented too many wrong keys.",
+    );
+    out.sample("auth_refused_total", &[], gauges.key_failures.1);
 
     out.family(
         "tokens_total",

@@ -7,6 +7,7 @@
 //! after the table's lock is released, and each outcome settled there.
 
 pub mod affinity;
+mod rotation;
 pub mod strategy;
 pub mod table;
 pub mod window;
@@ -245,12 +246,7 @@ fn precedence(outcome: &Outcome) -> (u8, std::cmp::Reverse<Duration>) {
 fn admit(table: &Mutex<Table>, config: &Config, plan: &Plan) -> Result<Admission, Blocked> {
     let want = (plan.scope, plan.need);
     // The line, named by a hash of the model and the candidates, taken before the lock.
-    let line = {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        (plan.model, plan.candidates).hash(&mut h);
-        h.finish()
-    };
+    let line = rotation::line(plan.model, plan.candidates);
     let mut t = table.lock();
     let mut now = Instant::now();
     if !t.has_waiters(line) {

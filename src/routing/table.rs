@@ -4,6 +4,7 @@
 //! the requests waiting for window room, in arrival order. The whole table sits behind
 //! one mutex; every method is short and free of I/O, and takes the time as an argument.
 
+use super::rotation::{self, Rotations};
 use super::strategy;
 use super::window::{Window, WINDOW};
 use crate::config::{Config, Instance, Strategy};
@@ -192,7 +193,8 @@ pub struct Table {
     epochs: u64,
     /// Where the failure-rate buckets count from.
     origin: Instant,
-    last_pick: Option<usize>,
+    /// Where each line's rotation stands (the last pick of a model and its candidates).
+    rotations: Rotations,
     rng: u64,
     /// Per line (a hash of a model and its candidate instances), the requests waiting for room,
     /// first come first.
@@ -214,7 +216,7 @@ impl Table {
             runtimes: HashMap::new(),
             epochs: 0,
             origin: Instant::now(),
-            last_pick: None,
+            rotations: Rotations::default(),
             rng: seed | 1,
             waiting: HashMap::new(),
             tickets: 0,
@@ -332,9 +334,12 @@ impl Table {
             // No untried candidate at all: report as down, right away.
             return Err(blocked.unwrap_or(Blocked::Down { until: now }));
         }
+        // Turns are taken within the line: with one candidate there is no turn to keep.
+        let line = (candidates.len() > 1).then(|| rotation::line(model, candidates));
+        let last = line.and_then(|l| self.rotations.last(l));
         let index = match config.routing.strategy {
-            Strategy::Failover => strategy::failover(&config.instances, &eligible, self.last_pick),
-            Strategy::RoundRobin => strategy::rotate(&eligible, self.last_pick),
+            Strategy::Failover => strategy::failover(&config.instances, &eligible, last),
+            Strategy::RoundRobin => strategy::rotate(&eligible, last),
             Strategy::Weighted => {
                 let r = self.random();
                 strategy::weighted(&config.instances, &eligible, r)
@@ -344,10 +349,12 @@ impl Table {
                     .iter()
                     .map(|&i| self.utilisation(&config.instances[i], now))
                     .collect();
-                strategy::least_loaded(&config.instances, &eligible, &load, self.last_pick)
+                strategy::least_loaded(&config.instances, &eligible, &load, last)
             }
         };
-        self.last_pick = Some(index);
+        if let Some(line) = line {
+            self.rotations.picked(line, index);
+        }
         let rt = self
             .runtimes
             .get_mut(&config.instances[index].name)
@@ -824,6 +831,30 @@ mod tests {
 
     fn failed() -> Outcome {
         Outcome::Failed { status: 500 }
+    }
+
+    #[test]
+    fn each_line_takes_its_own_turns() {
+        let inst = |name, model| {
+            format!("  - {{name: {name}, api_key: k, api_base: 'http://{name}', supported_models: [{model}]}}\n")
+        };
+        let all = ["a", "b", "c", "d"].map(|n| inst(n, if n < "c" { "m1" } else { "m2" }));
+        let t0 = Instant::now();
+        for strategy in ["round_robin", "failover"] {
+            let c = config(strategy, &all.concat());
+            let mut t = Table::new(&c);
+            let picks: Vec<usize> = (0..8)
+                .map(|k| {
+                    let (model, candidates) = if k % 2 == 0 {
+                        ("m1", [0, 1])
+                    } else {
+                        ("m2", [2, 3])
+                    };
+                    t.admit(&c, &candidates, &[], (model, 1), t0).unwrap().index
+                })
+                .collect();
+            assert_eq!(picks, [0, 2, 1, 3, 0, 2, 1, 3], "{strategy}");
+        }
     }
 
     #[test]

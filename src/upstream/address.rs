@@ -178,16 +178,41 @@ impl Address {
     }
 
     /// The URL of a stored response, `responses/{id}` then `rest` (`""`,
-    /// `/input_items`, `/cancel`).
-    pub fn response_url(&self, id: &str, rest: &str) -> String {
+    /// `/input_items`, `/cancel`), with the client's `query` reduced to the parameters
+    /// that page or widen the listing (`PASSED_PARAMS`): the proxy alone decides the
+    /// rest of the upstream's query, its `api-version` above all.
+    pub fn response_url(&self, id: &str, rest: &str, query: &str) -> String {
         let mut url = self.prefix.clone();
         url.push_str("responses/");
         push_escaped(&mut url, id);
         url.push_str(rest);
         url.push_str(&self.query);
+        for (name, value) in query.split('&').filter_map(|p| p.split_once('=')) {
+            if PASSED_PARAMS.contains(&name) {
+                url.push(if url.contains('?') { '&' } else { '?' });
+                push_query_value(&mut url, name);
+                url.push('=');
+                push_query_value(&mut url, value);
+            }
+        }
         url
     }
 }
+
+/// The client's query parameters a stored-response call passes on: the listing's
+/// pagination and what it includes (`include[]` as sent, or with its brackets
+/// escaped, as HTTP clients do). Anything else (a second `api-version`, say) would
+/// let the client choose what only the proxy's configuration may.
+const PASSED_PARAMS: [&str; 8] = [
+    "after",
+    "before",
+    "limit",
+    "order",
+    "include",
+    "include[]",
+    "include%5B%5D",
+    "include%5b%5d",
+];
 
 /// A warning for each instance whose api-version takes no `stream_options`: its
 /// streams' usage can only be estimated.
@@ -231,16 +256,45 @@ pub fn accepts_stream_usage(version: &str) -> bool {
 
 /// Appends `s` percent-encoding everything but RFC 3986 unreserved characters, so a
 /// model name or response id taken from the client cannot change the upstream path.
+/// A segment of dots alone (`.`, `..`) is encoded whole: bare, it would name this
+/// directory or its parent.
 fn push_escaped(out: &mut String, s: &str) {
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let dots = !s.is_empty() && s.bytes().all(|b| b == b'.');
     for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(char::from(b));
+        if dots {
+            out.push_str("%2E");
         } else {
-            out.push('%');
-            out.push(char::from(HEX[usize::from(b >> 4)]));
-            out.push(char::from(HEX[usize::from(b & 0xf)]));
+            push_byte(out, b);
         }
+    }
+}
+
+/// Appends a query value as the client encoded it, its `%XX` escapes kept and any
+/// other byte outside the unreserved set encoded.
+fn push_query_value(out: &mut String, value: &str) {
+    let bytes = value.as_bytes();
+    for (i, &b) in bytes.iter().enumerate() {
+        let escape = b == b'%'
+            && bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit));
+        if escape {
+            out.push('%');
+        } else {
+            push_byte(out, b);
+        }
+    }
+}
+
+/// Appends `b` as it is when RFC 3986 leaves it unreserved, else as `%XX`.
+fn push_byte(out: &mut String, b: u8) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+        out.push(char::from(b));
+    } else {
+        out.push('%');
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
     }
 }
 
@@ -278,10 +332,43 @@ mod tests {
         );
         assert!(az.model_in_body(Op::Responses) && !az.model_in_body(Op::Chat));
         assert_eq!(
-            az.response_url("resp_1", "/input_items"),
+            az.response_url("resp_1", "/input_items", ""),
             "https://r.example.com/openai/responses/resp_1/input_items?api-version=2024-10-21"
         );
         assert_eq!(az.credential, ("api-key", "k".to_string()));
+    }
+
+    #[test]
+    fn dot_segments_are_encoded_whole() {
+        let az = azure("2024-10-21");
+        for (dep, segment) in [("..", "%2E%2E"), (".", "%2E"), ("gpt-3.5", "gpt-3.5")] {
+            assert_eq!(
+                az.url(dep, Op::Chat),
+                format!("https://r.example.com/openai/deployments/{segment}/chat/completions?api-version=2024-10-21")
+            );
+        }
+        assert_eq!(
+            az.response_url("..", "", ""),
+            "https://r.example.com/openai/responses/%2E%2E?api-version=2024-10-21"
+        );
+    }
+
+    #[test]
+    fn the_proxy_chooses_the_stored_response_query() {
+        let az = azure("2025-04-01-preview");
+        assert_eq!(
+            az.response_url(
+                "resp_1",
+                "/input_items",
+                "api-version=1999-01-01&limit=5&after=item%2F1&order=a b&include[]=x&include%5B%5D=y&stream=true"
+            ),
+            "https://r.example.com/openai/responses/resp_1/input_items?api-version=2025-04-01-preview&limit=5&after=item%2F1&order=a%20b&include%5B%5D=x&include%5B%5D=y"
+        );
+        let v1 = azure("v1");
+        assert_eq!(
+            v1.response_url("resp_1", "", "api-version=1999-01-01&include=a.b"),
+            "https://r.example.com/openai/v1/responses/resp_1?include=a.b"
+        );
     }
 
     #[test]
@@ -301,7 +388,7 @@ mod tests {
                 format!("https://r.example.com/openai/v1/responses{query}")
             );
             assert_eq!(
-                az.response_url("resp_1", ""),
+                az.response_url("resp_1", "", ""),
                 format!("https://r.example.com/openai/v1/responses/resp_1{query}")
             );
             assert!(az.model_in_body(Op::Chat) && az.asks_usage);

@@ -15,8 +15,8 @@ pub use agent::{agent, head_line_fits};
 use crate::config::{Instance, MASK};
 use crate::error::Error;
 use crate::observe::logging::Clean;
-use crate::outcome::Outcome;
 pub use crate::outcome::Usage;
+use crate::outcome::{self, Outcome};
 use std::io::Read;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -104,19 +104,22 @@ pub fn call(
             number("x-ratelimit-remaining-requests"),
         )
     };
-    let outcome = if status == 404 && c.not_found_is_answer {
+    let answered = || {
         let (remaining_tokens, remaining_requests) = remaining();
         Outcome::Answered {
             status,
             remaining_tokens,
             remaining_requests,
         }
-    } else {
-        Outcome::of_status(
+    };
+    let not_found = (status == 404).then(answered);
+    let outcome = match not_found {
+        Some(answer) if c.not_found_is_answer => answer,
+        _ => Outcome::of_status(
             status,
             || headers::retry_after(|name| header(name).map(str::to_string), SystemTime::now()),
             remaining,
-        )
+        ),
     };
     // Like an error body, a header could echo what it was sent (some gateways echo
     // request ids built from it): the instance's key never reaches the client.
@@ -182,6 +185,11 @@ pub fn call(
         );
         return Ok((broken(&e), None));
     }
+    // Only the body tells a missing deployment from a request about something missing.
+    let outcome = match not_found {
+        Some(answer) if outcome::about_the_request(&bytes) => answer,
+        _ => outcome,
+    };
     let usage = if outcome.is_success() {
         usage_of(&bytes)
     } else {

@@ -148,9 +148,10 @@ fn answer(out: &mut TcpStream, req: &Request) -> std::io::Result<()> {
     let Ok(body) = serde_json::from_slice::<Value>(&req.body) else {
         return send_json(out, 400, &error(400, "The request body is not JSON."));
     };
-    let deployment = match deployment.is_empty() {
-        true => body["model"].as_str().unwrap_or("unnamed").to_string(),
-        false => deployment,
+    let deployment = if deployment.is_empty() {
+        body["model"].as_str().unwrap_or("unnamed").to_string()
+    } else {
+        deployment
     };
     match op {
         "chat/completions" if body["stream"] == json!(true) => stream_chat(out, &deployment, &body),

@@ -123,7 +123,10 @@ fn main() -> ExitCode {
     let mut loaded = match source.load() {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("error: invalid configuration: {e}");
+            // One line per problem found, so that each can be read (and grepped) alone.
+            for problem in e.to_string().lines() {
+                eprintln!("error: invalid configuration: {problem}");
+            }
             return ExitCode::FAILURE;
         }
     };

@@ -179,7 +179,16 @@ fn load_with(
     let mut prov = Provenance::default();
     let mut sources = Vec::new();
     let mut errors = Vec::new();
-    let fail = |errors: Vec<String>| ConfigError(errors.join("\n"));
+    let fail = |mut errors: Vec<String>| {
+        // The files' variables are unset, and the environment has instances of its own.
+        if dir.is_some()
+            && env.contains_key("API_INSTANCES")
+            && errors.iter().any(|e| e.contains(UNSET))
+        {
+            errors.push("environment: API_INSTANCES defines instances: to run on them alone, without the config files' instances, start with --env-only".into());
+        }
+        ConfigError(errors.join("\n"))
+    };
     if let Some(dir) = dir {
         for file in files_of(dir, env)? {
             if let Some(layer) = read_layer(&file, env, &mut errors)? {
@@ -417,7 +426,7 @@ fn substitute(v: &mut Value, path: &str, env: &Env, errors: &mut Vec<String>) {
             Ok(out) => *s = out,
             Err(Unset(_)) if OPTIONAL_KEYS.contains(&path) => *v = Value::Null,
             Err(Unset(var)) => errors.push(format!(
-                "{path}: environment variable {var} is not set (write ${{{var}:-default}} to give a default)"
+                "{path}: environment variable {var}{UNSET} (write ${{{var}:-default}} to give a default)"
             )),
             Err(Malformed(why)) => errors.push(format!("{path}: {why}")),
         },
@@ -434,6 +443,9 @@ fn substitute(v: &mut Value, path: &str, env: &Env, errors: &mut Vec<String>) {
         _ => {}
     }
 }
+
+/// How an unset variable's error ends, after its name.
+const UNSET: &str = " is not set";
 
 #[derive(Debug, PartialEq)]
 enum ExpandError {
@@ -1292,6 +1304,11 @@ instances:
                 "{e}"
             );
         }
+        // Beside instances of the environment, the way to use those alone.
+        let e = load(Some(&d.0), &env(&[("API_INSTANCES", "x")]))
+            .unwrap_err()
+            .0;
+        assert!(e.ends_with("\nenvironment: API_INSTANCES defines instances: to run on them alone, without the config files' instances, start with --env-only"), "{e}");
     }
 
     #[test]

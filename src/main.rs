@@ -25,8 +25,9 @@ Options:
                      start and again on every reload (SIGHUP, POST /config/reload)
   --host ADDR, --port N
                      listen there, whatever the configuration's host and port say
-  --check-config     validate the configuration, print where each instance comes
-                     from and any warning, and exit (0: valid, 1: not)
+  --check-config     validate the configuration (every problem found, one per line),
+                     print where each instance comes from and any warning, and exit
+                     (0: valid, 1: not)
   --version          print the version and exit
   --help             print this help and exit
 

@@ -157,19 +157,21 @@ fn deployment_path(api_base: &str) -> Option<String> {
 }
 
 /// A validation message about an `api_base`, with the URL it is about (without its
-/// credentials), so the operator sees what was read.
+/// credentials), so the operator sees what was read. What is not a URL is not shown:
+/// it may be a key pasted into the wrong field.
 pub(super) fn with_url(invalid: Invalid, config: &Config) -> Invalid {
     let index = invalid
         .path
         .strip_prefix("instances[")
         .and_then(|rest| rest.strip_suffix("].api_base"))
         .and_then(|n| n.parse::<usize>().ok());
+    let is_url = |url: &str| url.starts_with("https://") || url.starts_with("http://");
     match index.and_then(|i| config.instances.get(i)) {
-        Some(inst) => Invalid {
+        Some(inst) if is_url(&inst.api_base) => Invalid {
             message: format!("{} (read {:?})", invalid.message, shown_url(&inst.api_base)),
             path: invalid.path,
         },
-        None => invalid,
+        _ => invalid,
     }
 }
 
@@ -243,6 +245,23 @@ mod tests {
         );
         assert_eq!(deployment_path("https://x.openai.azure.com"), None);
         assert_eq!(deployment_path("https://apim.example.com/aoai"), None);
+    }
+
+    #[test]
+    fn an_api_base_is_quoted_only_when_it_is_a_url() {
+        let config: Config = serde_yaml::from_str(
+            "instances: [{name: a, api_key: k, api_base: 'https://u:pw@a.example.com/x y', supported_models: [m]}, {name: b, api_key: k, api_base: sk-pasted, supported_models: [m]}]",
+        )
+        .unwrap();
+        let at = |i: usize| Invalid {
+            path: format!("instances[{i}].api_base"),
+            message: "is wrong".into(),
+        };
+        assert_eq!(
+            with_url(at(0), &config).message,
+            "is wrong (read \"https://a.example.com/x y\")"
+        );
+        assert_eq!(with_url(at(1), &config).message, "is wrong");
     }
 
     #[test]

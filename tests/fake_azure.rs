@@ -15,13 +15,34 @@ const CHAT: &str = r#"{"model": "gpt-4o", "messages": [{"role": "user", "content
 const STREAM: &str = r#"{"model": "gpt-4o", "stream": true, "stream_options": {"include_usage": true}, "messages": [{"role": "user", "content": "Hello"}]}"#;
 const JSON: (&str, &str) = ("Content-Type", "application/json");
 
+/// The prefixes of the variables cargo sets for a test it runs.
+const CARGO_SET: [&str; 7] = [
+    "CARGO_MANIFEST_",
+    "CARGO_PKG_",
+    "CARGO_CRATE_",
+    "CARGO_BIN_",
+    "CARGO_PRIMARY_PACKAGE",
+    "CARGO_TARGET_TMPDIR",
+    "CARGO_RUSTC_CURRENT_DIR",
+];
+
 /// The example's binary, built if it is not (`cargo test --test fake_azure` builds
 /// only this test's targets). Examples land in `examples/` beside this test's `deps/`.
 fn fake_azure_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().unwrap().parent().unwrap();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let built = Command::new(cargo)
+    let mut build = Command::new(cargo);
+    // Without the variables cargo set for this test: a dependency's build script that
+    // watches one (ring's watches CARGO_MANIFEST_DIR) would be rebuilt, and again by
+    // the next `cargo test`.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if CARGO_SET.iter().any(|p| name.starts_with(p)) {
+            build.env_remove(&*name);
+        }
+    }
+    let built = build
         .args(["build", "--quiet", "--example", "fake-azure"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .status()

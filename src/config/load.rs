@@ -230,7 +230,8 @@ fn load_with(
         format!("{}: {}", prov.source(path), describe_path(path, &merged))
     };
 
-    let unset = errors.len();
+    // Problems found before (unset variables leave their `${VAR}` in place).
+    let earlier = errors.len();
     let mut config: Config = match serde_path_to_error::deserialize(Value::Mapping(merged.clone()))
     {
         Ok(config) => config,
@@ -239,7 +240,7 @@ fn load_with(
             let inner = e.into_inner().to_string();
             let inner =
                 diagnose::unknown_value(&path, &inner).unwrap_or_else(|| hide_value(&inner));
-            if unset == 0 || !diagnose::unsubstituted(&merged, &path) {
+            if earlier == 0 || !diagnose::unsubstituted(&merged, &path) {
                 errors.push(format!("{}: {inner}", locate(&path)));
             }
             return Err(fail(errors));

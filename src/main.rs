@@ -25,8 +25,9 @@ Options:
                      start and again on every reload (SIGHUP, POST /config/reload)
   --host ADDR, --port N
                      listen there, whatever the configuration's host and port say
-  --check-config     validate the configuration, print where each instance comes
-                     from and any warning, and exit (0: valid, 1: not)
+  --check-config     validate the configuration (every problem found, one per line),
+                     print where each instance comes from and any warning, and exit
+                     (0: valid, 1: not)
   --version          print the version and exit
   --help             print this help and exit
 
@@ -123,7 +124,10 @@ fn main() -> ExitCode {
     let mut loaded = match source.load() {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("error: invalid configuration: {e}");
+            // One line per problem found, so that each can be read (and grepped) alone.
+            for problem in e.to_string().lines() {
+                eprintln!("error: invalid configuration: {problem}");
+            }
             return ExitCode::FAILURE;
         }
     };

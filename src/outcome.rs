@@ -123,6 +123,29 @@ impl fmt::Display for Label {
     }
 }
 
+/// What an outcome means for the instance, in words for a log line.
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::Answered { .. } => f.write_str("answered"),
+            Outcome::RateLimited {
+                retry_after: Some(d),
+            } => write!(f, "rate limited, retry after {} s", d.as_secs_f64()),
+            Outcome::RateLimited { retry_after: None } => f.write_str("rate limited"),
+            Outcome::Failed { .. } => f.write_str("an upstream failure"),
+            Outcome::DeploymentFault { status: 404 } => {
+                f.write_str("no such deployment here: out for this model")
+            }
+            Outcome::DeploymentFault { .. } => {
+                f.write_str("the key is refused for this deployment: out for this model")
+            }
+            Outcome::TimedOut => f.write_str("timed out"),
+            Outcome::Unreachable { .. } => f.write_str("unreachable"),
+            Outcome::Broken => f.write_str("broke off"),
+        }
+    }
+}
+
 impl Outcome {
     /// The class of an upstream's answer with `status`; `retry_after` and the remaining
     /// counts are read from its headers by the caller.
@@ -242,6 +265,21 @@ mod tests {
             "",
         ] {
             assert!(!about_the_request(fault.as_bytes()), "{fault}");
+        }
+    }
+
+    #[test]
+    fn outcomes_read_as_words_not_rust() {
+        for (outcome, words) in [
+            (of(404), "no such deployment here: out for this model"),
+            (
+                of(403),
+                "the key is refused for this deployment: out for this model",
+            ),
+            (of(429), "rate limited, retry after 3 s"),
+            (of(502), "an upstream failure"),
+        ] {
+            assert_eq!(outcome.to_string(), words);
         }
     }
 

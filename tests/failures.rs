@@ -516,4 +516,10 @@ fn health_reports_the_configuration_version_next_to_the_binarys() {
     // Without one, none: the binary's version is not the configuration's.
     let unversioned = TestProxy::start(&format!("instances:\n{}", instance("a", &up.url, 1, "")));
     assert_eq!(get(&unversioned, "/health")["config_version"], Value::Null);
+    // `/config` says the same: null, not an empty string.
+    assert_eq!(get(&proxy, "/config")["config"]["version"], "1.0.9");
+    assert_eq!(
+        get(&unversioned, "/config")["config"]["version"],
+        Value::Null
+    );
 }

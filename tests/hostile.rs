@@ -795,6 +795,15 @@ fn sigterm_stops_accepting_at_once_and_cut_streams_end_with_an_error_event() {
         .exit_within(Duration::from_secs(10))
         .expect("did not exit");
     assert_eq!(status.code(), Some(0));
+    // The proxy cut it: the client had not left.
+    assert!(
+        wait_until(Duration::from_secs(5), || proxy
+            .stderr()
+            .contains("stream=shutdown")),
+        "{}",
+        proxy.stderr()
+    );
+    assert!(!proxy.stderr().contains("stream=client_gone"));
 }
 
 /// Item 11. tiny_http's own answers had empty bodies, some malformed heads got the

@@ -3,8 +3,8 @@
 //! each file, then the legacy environment variables. Every key remembers which source
 //! set it last, so a type or validation error names the file (or variable) to fix.
 
-use super::env_file;
 use super::schema::{Config, Invalid};
+use super::{diagnose, env_file, migration};
 use super::{ConfigError, Env};
 use serde_yaml::{Mapping, Value};
 use std::collections::HashMap;
@@ -70,10 +70,13 @@ pub struct Source {
 impl Source {
     pub fn load(&self) -> Result<Loaded, ConfigError> {
         let mut env = self.env.clone();
-        if let Some(path) = &self.env_file {
-            env.extend(env_file::read(path)?);
-        }
-        let mut loaded = load(self.dir.as_deref(), &env)?;
+        let file_vars = match &self.env_file {
+            Some(path) => Some(env_file::read(path)?),
+            None => None,
+        };
+        env.extend(file_vars.clone().unwrap_or_default());
+        let from_file = self.env_file.as_deref().zip(file_vars.as_ref());
+        let mut loaded = load_with(self.dir.as_deref(), &env, from_file)?;
         if let Some(host) = &self.host {
             loaded.config.host = host.clone();
         }
@@ -86,8 +89,8 @@ impl Source {
 
 /// Which source set each key path (`routing.strategy`, `instances[1].api_key`).
 #[derive(Default, Debug)]
-struct Provenance {
-    by_path: HashMap<String, String>,
+pub(super) struct Provenance {
+    pub(super) by_path: HashMap<String, String>,
     /// The files read, joined: the source of a key no file or variable set (a default).
     files: String,
 }
@@ -109,7 +112,7 @@ impl Provenance {
     }
 
     /// `of`, else the files, else "environment".
-    fn source(&self, path: &str) -> String {
+    pub(super) fn source(&self, path: &str) -> String {
         match self.of(path) {
             Some(s) => s.to_string(),
             None if self.files.is_empty() => "environment".to_string(),
@@ -156,29 +159,64 @@ impl Provenance {
     }
 }
 
-/// Reads `dir`'s files (none when `dir` is `None`), then the legacy variables of `env`.
-pub fn load(dir: Option<&Path>, env: &Env) -> Result<Loaded, ConfigError> {
+/// Reads `dir`'s files (none when `dir` is `None`), then the legacy variables of `env`
+/// (the tests' shorthand: the binary goes through `Source::load`).
+#[cfg(test)]
+fn load(dir: Option<&Path>, env: &Env) -> Result<Loaded, ConfigError> {
+    load_with(dir, env, None)
+}
+
+/// `load`, knowing the variables the `--env-file` gave (to name it when one of them
+/// is wrong). Reports every problem it can find in one pass, one per line: all unset
+/// variables, a missing overlay, a type error, and each instance's empty key or
+/// misplaced path; a later check whose input an earlier problem spoiled is skipped.
+fn load_with(
+    dir: Option<&Path>,
+    env: &Env,
+    env_file: Option<(&Path, &Env)>,
+) -> Result<Loaded, ConfigError> {
     let mut merged = Mapping::new();
     let mut prov = Provenance::default();
     let mut sources = Vec::new();
+    let mut errors = Vec::new();
+    let fail = |mut errors: Vec<String>| {
+        // The files' variables are unset, and the environment has instances of its own.
+        if dir.is_some()
+            && env.contains_key("API_INSTANCES")
+            && errors.iter().any(|e| e.contains(UNSET))
+        {
+            errors.push("environment: API_INSTANCES defines instances: to run on them alone, without the config files' instances, start with --env-only".into());
+        }
+        ConfigError(errors.join("\n"))
+    };
     if let Some(dir) = dir {
         for file in files_of(dir, env)? {
-            if let Some(layer) = read_layer(&file, env)? {
+            if let Some(layer) = read_layer(&file, env, &mut errors)? {
                 let name = file.display().to_string();
                 merge_map(&mut merged, layer, "", &name, &mut prov);
                 sources.push(file);
             }
         }
+        errors.extend(migration::missing_overlay(dir, env));
     }
+    let examples_left_out = match migration::leave_out_examples(&mut merged, env, &mut prov) {
+        Ok(warning) => warning,
+        Err(e) => {
+            errors.push(format!("environment: {e}"));
+            return Err(fail(errors));
+        }
+    };
     let Legacy {
         single: legacy_single,
         mut warnings,
     } = apply_legacy_env(&mut merged, env, &mut prov)?;
+    warnings.extend(examples_left_out);
     if sources.is_empty() && !env_defines_instances(env) {
         return Err(ConfigError(match dir {
             Some(dir) => format!(
-                "{}: not found, and no instance is defined by environment variables (API_KEY + API_BASE, or API_INSTANCES)",
-                dir.join("base.yaml").display()
+                "{}: not found, and no instance is defined by environment variables (API_KEY + API_BASE, or API_INSTANCES){}",
+                dir.join("base.yaml").display(),
+                migration::python_layout_hint(dir)
             ),
             None => "--env-only reads no file, and no instance is defined by environment variables (API_KEY + API_BASE, or API_INSTANCES)".to_string(),
         }));
@@ -192,21 +230,43 @@ pub fn load(dir: Option<&Path>, env: &Env) -> Result<Loaded, ConfigError> {
         format!("{}: {}", prov.source(path), describe_path(path, &merged))
     };
 
-    let mut config: Config = serde_path_to_error::deserialize(Value::Mapping(merged.clone()))
-        .map_err(|e| {
+    // Problems found before (unset variables leave their `${VAR}` in place).
+    let earlier = errors.len();
+    let mut config: Config = match serde_path_to_error::deserialize(Value::Mapping(merged.clone()))
+    {
+        Ok(config) => config,
+        Err(e) => {
             let path = e.path().to_string();
-            let inner = hide_value(&e.into_inner().to_string());
-            ConfigError(format!("{}: {inner}", locate(&path)))
-        })?;
+            let inner = e.into_inner().to_string();
+            let inner =
+                diagnose::unknown_value(&path, &inner).unwrap_or_else(|| hide_value(&inner));
+            if earlier == 0 || !diagnose::unsubstituted(&merged, &path) {
+                errors.push(format!("{}: {inner}", locate(&path)));
+            }
+            return Err(fail(errors));
+        }
+    };
+    if !errors.is_empty() {
+        return Err(fail(errors));
+    }
     if legacy_single {
         config.instances[0].serves_any_model = true;
     }
     for inst in &mut config.instances {
         inst.api_base = inst.api_base.trim_end_matches('/').to_string();
     }
-    config.validate().map_err(|Invalid { path, message }| {
-        ConfigError(format!("{}: {message}", locate(&path)))
-    })?;
+    let mut invalid = diagnose::instances(&config, &prov, env, env_file);
+    if let Err(first) = config.validate() {
+        if !invalid.iter().any(|i| i.path == first.path) {
+            invalid.push(diagnose::with_url(first, &config));
+        }
+    }
+    if !invalid.is_empty() {
+        let lines = invalid
+            .into_iter()
+            .map(|Invalid { path, message }| format!("{}: {message}", locate(&path)));
+        return Err(fail(lines.collect()));
+    }
     if let (Some(dir), Some(file)) = (dir, &mut config.logging.file) {
         *file = resolve_log_file(dir, file);
     }
@@ -236,7 +296,7 @@ pub fn load(dir: Option<&Path>, env: &Env) -> Result<Loaded, ConfigError> {
 
 /// Markers of the example keys (`config/base.yaml`'s `replace-me-east`, the Python
 /// proxy's README's `your-api-key`): a key that contains one is not a real key.
-const PLACEHOLDER_KEYS: [&str; 2] = ["replace-me", "your-api-key"];
+pub(super) const PLACEHOLDER_KEYS: [&str; 2] = ["replace-me", "your-api-key"];
 
 /// `base.yaml` and `{ENVIRONMENT}.yaml` in `dir`.
 fn files_of(dir: &Path, env: &Env) -> Result<[PathBuf; 2], ConfigError> {
@@ -291,10 +351,6 @@ fn hide_value(message: &str) -> String {
             return format!("{prefix}a {kind} (not shown), expected {expected}");
         }
     }
-    if let Some(rest) = message.strip_prefix("unknown variant ") {
-        let expected = rest.rsplit_once(", expected ").map_or("?", |(_, e)| e);
-        return format!("unknown value (not shown), expected {expected}");
-    }
     message.to_string()
 }
 
@@ -318,7 +374,13 @@ fn describe_path(path: &str, merged: &Mapping) -> String {
     }
 }
 
-fn read_layer(file: &Path, env: &Env) -> Result<Option<Mapping>, ConfigError> {
+/// A file's mapping, its `${VAR}` problems added to `errors` (the value left as
+/// written), or why it cannot be read at all.
+fn read_layer(
+    file: &Path,
+    env: &Env,
+    errors: &mut Vec<String>,
+) -> Result<Option<Mapping>, ConfigError> {
     let text = match std::fs::read_to_string(file) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -327,7 +389,9 @@ fn read_layer(file: &Path, env: &Env) -> Result<Option<Mapping>, ConfigError> {
     let name = file.display().to_string();
     let mut value: Value = serde_yaml::from_str(&text)
         .map_err(|e| ConfigError(format!("{name}: invalid YAML: {e}")))?;
-    substitute(&mut value, "", env).map_err(|e| ConfigError(format!("{name}: {e}")))?;
+    let mut problems = Vec::new();
+    substitute(&mut value, "", env, &mut problems);
+    errors.extend(problems.into_iter().map(|e| format!("{name}: {e}")));
     match value {
         Value::Null => Ok(Some(Mapping::new())),
         Value::Mapping(m) => Ok(Some(m)),
@@ -345,7 +409,7 @@ fn child(path: &str, key: &str) -> String {
     }
 }
 
-fn key_text(k: &Value) -> String {
+pub(super) fn key_text(k: &Value) -> String {
     match k {
         Value::String(s) => s.clone(),
         other => serde_yaml::to_string(other)
@@ -355,33 +419,34 @@ fn key_text(k: &Value) -> String {
     }
 }
 
-/// Replaces `${VAR}` and `${VAR:-default}` in every string value, in place.
-fn substitute(v: &mut Value, path: &str, env: &Env) -> Result<(), String> {
+/// Replaces `${VAR}` and `${VAR:-default}` in every string value, in place; a value
+/// it cannot replace stays as written, and why goes to `errors`.
+fn substitute(v: &mut Value, path: &str, env: &Env, errors: &mut Vec<String>) {
     match v {
         Value::String(s) if s.contains("${") => match expand(s, env) {
             Ok(out) => *s = out,
             Err(Unset(_)) if OPTIONAL_KEYS.contains(&path) => *v = Value::Null,
-            Err(Unset(var)) => {
-                return Err(format!(
-                    "{path}: environment variable {var} is not set (write ${{{var}:-default}} to give a default)"
-                ))
-            }
-            Err(Malformed(why)) => return Err(format!("{path}: {why}")),
+            Err(Unset(var)) => errors.push(format!(
+                "{path}: environment variable {var}{UNSET} (write ${{{var}:-default}} to give a default)"
+            )),
+            Err(Malformed(why)) => errors.push(format!("{path}: {why}")),
         },
         Value::Mapping(m) => {
             for (k, val) in m.iter_mut() {
-                substitute(val, &child(path, &key_text(k)), env)?;
+                substitute(val, &child(path, &key_text(k)), env, errors);
             }
         }
         Value::Sequence(items) => {
             for (i, val) in items.iter_mut().enumerate() {
-                substitute(val, &format!("{path}[{i}]"), env)?;
+                substitute(val, &format!("{path}[{i}]"), env, errors);
             }
         }
         _ => {}
     }
-    Ok(())
 }
+
+/// How an unset variable's error ends, after its name.
+const UNSET: &str = " is not set";
 
 #[derive(Debug, PartialEq)]
 enum ExpandError {
@@ -485,7 +550,7 @@ fn env_defines_instances(env: &Env) -> bool {
 /// The prefixes of an instance's variables: the name upper-cased (the Python proxy's
 /// form, `API_INSTANCE_SOUTH-1_`) and, when they differ, with `-` written as `_`
 /// (`API_INSTANCE_SOUTH_1_`, the form a shell can export).
-fn env_prefixes(name: &str) -> Vec<String> {
+pub(super) fn env_prefixes(name: &str) -> Vec<String> {
     let upper = name.to_ascii_uppercase();
     let mut prefixes = vec![format!("API_INSTANCE_{}_", upper.replace('-', "_"))];
     if upper.contains('-') {
@@ -862,8 +927,17 @@ instances:
         )]);
         let e = load(Some(&d.0), &env(&[("EAST_KEY", "k")])).unwrap_err().0;
         assert!(
-            e.contains("routing.strategy") && e.contains("`round_robin`") && !e.contains("fastest"),
-            "the path and what it may be, never the value: {e}"
+            e.ends_with("routing.strategy: unknown value \"fastest\" (expected one of failover, weighted, round_robin, least_loaded)"),
+            "the path, the name given and what it may be: {e}"
+        );
+        let d = dir_with(&[(
+            "base.yaml",
+            &BASE.replace("strategy: failover", "strategy: sk-proj-pasted-here"),
+        )]);
+        let e = load(Some(&d.0), &env(&[("EAST_KEY", "k")])).unwrap_err().0;
+        assert!(
+            e.contains("unknown value (not shown)") && !e.contains("sk-proj"),
+            "never what looks like a key: {e}"
         );
 
         let d = dir_with(&[("base.yaml", &BASE.replace("max_tpm:", "max_tmp:"))]);
@@ -900,10 +974,6 @@ instances:
         assert_eq!(
             hide_value(r#"invalid type: string "sk-1, expected x", expected u32"#),
             "invalid type: a string (not shown), expected u32"
-        );
-        assert_eq!(
-            hide_value("unknown variant `sk-2`, expected `azure` or `openai`"),
-            "unknown value (not shown), expected `azure` or `openai`"
         );
         assert_eq!(
             hide_value("missing field `api_key`"),
@@ -1083,7 +1153,6 @@ instances:
                 ("API_INSTANCE_SOUTH_API_KEY", "sk-secret-south"),
                 ("API_INSTANCE_EAST_MODEL_MAP_", "x"),
                 ("API_KEY", "sk-ignored"),
-                ("API_BASE", "https://one.example.com"),
             ]),
         )
         .unwrap();
@@ -1137,20 +1206,19 @@ instances:
             d.0.join("base.yaml").display().to_string(),
             d.0.join("production.yaml").display().to_string(),
         );
+        // West, an example (a placeholder key), gives way to the environment's
+        // instances; south's placeholder came from the environment: it stays.
         assert_eq!(
             loaded.origins,
             [
                 format!("{base} + {prod} + environment (API_INSTANCE_EAST_WEIGHT)"),
-                base.clone(),
                 "environment (API_INSTANCES, API_INSTANCE_SOUTH_API_BASE, API_INSTANCE_SOUTH_API_KEY, API_INSTANCE_SOUTH_API_VERSION, API_INSTANCE_SOUTH_MODEL_MAP_M)".to_string(),
             ]
         );
         let w = loaded.warnings.join("\n");
         assert_eq!(loaded.warnings.len(), 2, "{w}");
         assert!(
-            w.contains(&format!(
-                "instance \"west\": its api_key (from {base}) is a placeholder"
-            )),
+            w.contains("the example instance(s) west of the config files (placeholder keys) are left out: API_INSTANCES defines the instances"),
             "{w}"
         );
         assert!(
@@ -1158,6 +1226,173 @@ instances:
             "{w}"
         );
         assert!(!w.contains("replace-me-west"), "{w}");
+
+        // Without environment instances, an example stays, with its warning.
+        let loaded = load(
+            Some(&d.0),
+            &env(&[("ENVIRONMENT", "production"), ("EAST_KEY", "k")]),
+        )
+        .unwrap();
+        assert_eq!(loaded.config.instances.len(), 2);
+        assert!(
+            loaded.warnings.join("\n").contains(&format!(
+                "instance \"west\": its api_key (from {base}) is a placeholder"
+            )),
+            "{:?}",
+            loaded.warnings
+        );
+    }
+
+    #[test]
+    fn the_legacy_single_instance_replaces_examples_and_refuses_beside_real_instances() {
+        let examples = BASE
+            .replace(
+                "api_key: ${EAST_KEY}",
+                "api_key: ${EAST_KEY:-replace-me-east}",
+            )
+            .replace("api_key: k2", "api_key: replace-me-west");
+        let d = dir_with(&[("base.yaml", &examples)]);
+        let legacy = env(&[
+            ("API_KEY", "sk-real"),
+            ("API_BASE", "https://one.example.com"),
+        ]);
+        let loaded = load(Some(&d.0), &legacy).unwrap();
+        let only = &loaded.config.instances;
+        assert_eq!(only.len(), 1, "what API_KEY/API_BASE plainly meant");
+        assert!(only[0].name == "default" && only[0].serves("any-model"));
+        assert_eq!(
+            loaded.warnings,
+            ["the example instance(s) east, west of the config files (placeholder keys) are left out: API_KEY/API_BASE define the instance"]
+        );
+
+        let d = dir_with(&[("base.yaml", BASE)]);
+        let e = load(
+            Some(&d.0),
+            &env(&[
+                ("EAST_KEY", "k"),
+                ("API_KEY", "sk-real"),
+                ("API_BASE", "https://one.example.com"),
+            ]),
+        )
+        .unwrap_err()
+        .0;
+        assert_eq!(
+            e,
+            "environment: API_KEY and API_BASE are set, but the config files define instances (east, west): unset API_KEY and API_BASE to use the files' instances, or start with --env-only to use API_KEY/API_BASE alone"
+        );
+        assert!(!e.contains("sk-real"));
+    }
+
+    #[test]
+    fn every_unset_variable_is_named_at_once() {
+        let d = dir_with(&[(
+            "base.yaml",
+            &BASE
+                .replace("api_key: k2", "api_key: ${WEST_KEY}")
+                .replace("retries: 2", "retries: '${RETRIES}'"),
+        )]);
+        let e = load(Some(&d.0), &env(&[])).unwrap_err().0;
+        let lines: Vec<&str> = e.lines().collect();
+        assert_eq!(lines.len(), 3, "{e}");
+        for var in ["RETRIES", "EAST_KEY", "WEST_KEY"] {
+            assert!(
+                e.contains(&format!("environment variable {var} is not set")),
+                "{e}"
+            );
+        }
+        // Beside instances of the environment, the way to use those alone.
+        let e = load(Some(&d.0), &env(&[("API_INSTANCES", "x")]))
+            .unwrap_err()
+            .0;
+        assert!(e.ends_with("\nenvironment: API_INSTANCES defines instances: to run on them alone, without the config files' instances, start with --env-only"), "{e}");
+    }
+
+    #[test]
+    fn a_typed_environment_names_the_overlays_there_are() {
+        let d = dir_with(&[
+            ("base.yaml", BASE),
+            ("production.yaml", "host: 0.0.0.0"),
+            ("staging.yaml", ""),
+        ]);
+        let e = load(
+            Some(&d.0),
+            &env(&[("ENVIRONMENT", "prod"), ("EAST_KEY", "k")]),
+        )
+        .unwrap_err()
+        .0;
+        assert!(
+            e.starts_with(&format!(
+                "ENVIRONMENT=\"prod\": {} not found (overlays in {}: production, staging)",
+                d.0.join("prod.yaml").display(),
+                d.0.display()
+            )),
+            "{e}"
+        );
+        // Unset, or `development`, may have no file.
+        assert!(load(Some(&d.0), &env(&[("EAST_KEY", "k")])).is_ok());
+        assert!(load(
+            Some(&d.0),
+            &env(&[("ENVIRONMENT", "development"), ("EAST_KEY", "k")])
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn empty_keys_name_their_variable_and_env_file_each() {
+        let d = dir_with(&[(
+            "base.yaml",
+            &BASE.replace("api_key: k2", "api_key: ${WEST_KEY}"),
+        )]);
+        let file = d.0.join("env");
+        std::fs::write(&file, "EAST_KEY=\n").unwrap();
+        let source = Source {
+            dir: Some(d.0.clone()),
+            env: env(&[("WEST_KEY", "")]),
+            env_file: Some(file.clone()),
+            ..Source::default()
+        };
+        let e = source.load().unwrap_err().0;
+        let base = d.0.join("base.yaml").display().to_string();
+        assert_eq!(
+            e.lines().collect::<Vec<_>>(),
+            [
+                format!("{base}: instances[0].api_key (instance \"east\"): is empty: EAST_KEY is empty in {} (--env-file)", file.display()),
+                format!("{base}: instances[1].api_key (instance \"west\"): is empty: WEST_KEY is set but empty in the environment"),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_azure_api_base_with_a_deployment_path_is_refused_with_the_resource_url() {
+        let d = dir_with(&[(
+            "base.yaml",
+            &BASE.replace(
+                "https://west.example.com",
+                "https://west.openai.azure.com/openai/deployments/gpt-4o",
+            ),
+        )]);
+        let e = load(Some(&d.0), &env(&[("EAST_KEY", "k")])).unwrap_err().0;
+        assert!(
+            e.contains("instances[1].api_base (instance \"west\"): \"https://west.openai.azure.com/openai/deployments/gpt-4o\" has the path \"/openai/deployments/gpt-4o\"")
+                && e.contains("write api_base: https://west.openai.azure.com ("),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_python_layout_is_pointed_at() {
+        let root = TempDir::new("layout");
+        std::fs::create_dir_all(root.0.join("app/config")).unwrap();
+        std::fs::write(root.0.join("app/config/base.yaml"), BASE).unwrap();
+        let e = load(Some(&root.0.join("config")), &env(&[])).unwrap_err().0;
+        assert!(
+            e.ends_with(&format!(
+                "(API_KEY + API_BASE, or API_INSTANCES) ({} exists, in the Python proxy's layout: start with --config-dir {})",
+                root.0.join("app/config/base.yaml").display(),
+                root.0.join("app/config").display()
+            )),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1181,7 +1416,7 @@ instances:
         assert_eq!(
             from_dir.config.instances.len(),
             2,
-            "the files' instances, not API_KEY's"
+            "the files' instances, one of which reads API_KEY's value"
         );
         let e = load(None, &env(&[])).unwrap_err().0;
         assert!(e.starts_with("--env-only reads no file"), "{e}");

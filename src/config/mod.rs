@@ -1,8 +1,12 @@
 //! Configuration: the schema and its secrets (`schema`), how the layered sources
-//! become one validated `Config` (`load`), and the `--env-file` reader (`env_file`).
+//! become one validated `Config` (`load`), what a migration plainly means where the
+//! sources disagree (`migration`), the words of a refusal (`diagnose`), and the
+//! `--env-file` reader (`env_file`).
 
+mod diagnose;
 mod env_file;
 mod load;
+mod migration;
 mod schema;
 
 pub use load::{Loaded, Source};

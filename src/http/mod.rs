@@ -140,6 +140,7 @@ fn record(
         match end {
             None | Some(End::Completed) => String::new(),
             Some(End::ClientGone) => " stream=client_gone".into(),
+            Some(End::Shutdown) => " stream=shutdown".into(),
             Some(End::UpstreamFailed(ref why)) => format!(" stream=failed ({why})"),
         }
     );
@@ -211,11 +212,18 @@ fn answer(
             reply
                 .headers
                 .push(("Cache-Control".into(), "no-cache".into()));
+            // The server's cut at shutdown fails the writer as a client that left
+            // would, but with its own kind of error.
+            let mut cut = false;
             let end = match request.into_stream(status, &reply.headers) {
                 Ok(mut client) => {
                     let summary = stream::relay(
                         &mut first.as_slice().chain(&mut rest),
-                        &mut |event| client.send(event),
+                        &mut |event| {
+                            let sent = client.send(event);
+                            cut = sent.as_ref().is_err_and(tiny_http::is_cut);
+                            sent
+                        },
                         options,
                     );
                     trace.usage = summary.usage.or_else(|| {
@@ -228,6 +236,7 @@ fn answer(
                     let finished = summary.end == End::ClientGone || client.finish().is_ok();
                     match summary.end {
                         End::Completed if !finished => End::ClientGone,
+                        End::ClientGone if cut => End::Shutdown,
                         end => end,
                     }
                 }

@@ -200,7 +200,7 @@ pub fn call(
     };
     if outcome.retry_elsewhere() {
         log::warn!(
-            "instance {}: {} for {} answered {status} ({outcome:?})",
+            "instance {}: {} for {} answered {status} ({outcome})",
             inst.name,
             c.what.0,
             Clean(c.what.1)

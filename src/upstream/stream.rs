@@ -26,6 +26,9 @@ pub enum End {
     Completed,
     /// Writing to the client failed; the upstream call was abandoned.
     ClientGone,
+    /// The proxy's shutdown cut the stream when its grace period ran out; the client
+    /// got an SSE error event.
+    Shutdown,
     /// The upstream broke off or stalled; the client got an SSE error event.
     UpstreamFailed(String),
 }

@@ -513,7 +513,25 @@ impl ResponseWriter<'_> {
 }
 
 fn cut() -> io::Error {
-    io::Error::new(ErrorKind::ConnectionAborted, "the stream was cut")
+    io::Error::new(ErrorKind::ConnectionAborted, Cut)
+}
+
+/// The error of a writer whose stream the server cut.
+#[derive(Debug)]
+struct Cut;
+
+impl std::fmt::Display for Cut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the stream was cut")
+    }
+}
+
+impl std::error::Error for Cut {}
+
+/// Whether a `ResponseWriter`'s error is the server's cut (`Server::cut_streams`), not
+/// a client that left.
+pub fn is_cut(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<Cut>())
 }
 
 impl Drop for ResponseWriter<'_> {

@@ -278,6 +278,15 @@ fn forward_traced(
         &mut trace.attempts,
         |i| {
             take_permit(state, &mut permit, plan.deadline)?;
+            // Holding an admission, its reservation and a permit: what a panic must
+            // give back (a debug build's test switch).
+            #[cfg(debug_assertions)]
+            if forwarded
+                .iter()
+                .any(|(n, _)| n.eq_ignore_ascii_case(http::panics::TEST_PANIC_HEADER))
+            {
+                panic!("{} was sent", http::panics::TEST_PANIC_HEADER);
+            }
             let inst = &config.instances[i];
             let address = &g.addresses[i];
             let deployment = inst.deployment(model);
@@ -392,6 +401,8 @@ fn remember_response(
     };
     let made = serde_json::from_slice::<Made>(bytes).ok();
     let id = made.and_then(|m| m.id.or_else(|| m.response?.id));
+    // Neither here nor in the shared state: no id of ours is this long.
+    let id = id.filter(|id| id.len() <= affinity::MAX_ID_BYTES);
     // `instance` is this generation's: the one whose answer this is.
     if let (Some(id), Some(instance)) = (id, instance) {
         state

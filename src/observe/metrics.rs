@@ -113,6 +113,12 @@ pub fn render(
         "Upstream attempts after a request's first.",
     );
     out.sample("retries_total", &[], stats.totals.retries);
+    out.family(
+        "panics_total",
+        "counter",
+        "Requests whose handling panicked (each answered 500, nothing else affected).",
+    );
+    out.sample("panics_total", &[], stats.totals.panics);
 
     out.family(
         "tokens_total",

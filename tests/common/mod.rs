@@ -64,6 +64,9 @@ pub enum MockReply {
     Hang(Duration),
     /// Read the request and close the connection without a response.
     Close,
+    /// Write these bytes as they are (a whole answer, head and framing included), each
+    /// piece after its delay; then close the connection.
+    Raw(Vec<(Duration, Vec<u8>)>),
 }
 
 pub enum SseEnd {
@@ -284,6 +287,15 @@ fn serve_conn(
                 return;
             }
             MockReply::Close => return,
+            MockReply::Raw(pieces) => {
+                for (after, bytes) in pieces {
+                    hold(after, &stop);
+                    if out.write_all(&bytes).is_err() {
+                        return;
+                    }
+                }
+                return;
+            }
         }
     }
 }

@@ -121,6 +121,11 @@ fn a_long_generation_that_times_out_is_sent_once_and_opens_no_circuit() {
         instance("b", &b.url, 1, "m"),
     ));
     let (longs, smalls) = long_beside_small(&proxy);
+    assert_eq!(
+        long_requests_at(&a, 150) + long_requests_at(&b, 150),
+        3,
+        "each long request reached one instance"
+    );
     for long in &longs {
         long.assert_status(504);
         let error = long.openai_error();
@@ -128,11 +133,6 @@ fn a_long_generation_that_times_out_is_sent_once_and_opens_no_circuit() {
         let message = error["message"].as_str().unwrap();
         assert!(message.contains("routing.timeout (0.5 s"), "{message}");
     }
-    assert_eq!(
-        long_requests_at(&a, 150) + long_requests_at(&b, 150),
-        3,
-        "each long request reached one instance"
-    );
     assert!(
         !smalls.is_empty() && smalls.iter().all(|&s| s == 200),
         "{smalls:?}"

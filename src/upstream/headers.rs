@@ -72,7 +72,7 @@ pub const LONGEST_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
 /// `secs` as a wait: `None` if it is no number of seconds (negative, NaN), at most
 /// `LONGEST_WAIT` (infinity included).
 fn wait(secs: f64) -> Option<Duration> {
-    if !(secs >= 0.0) {
+    if secs.is_nan() || secs < 0.0 {
         return None;
     }
     Some(Duration::try_from_secs_f64(secs).map_or(LONGEST_WAIT, |d| d.min(LONGEST_WAIT)))

@@ -109,21 +109,13 @@ instances:
         longs, smalls = collections.Counter(), collections.Counter()
         opened = [0]
 
-        def long_client(k):
+        def client(name, max_tokens, statuses):
             n = 0
             while time.monotonic() < end:
                 n += 1
-                status = chat(port, f"long {k}.{n}", LONG)
+                status = chat(port, f"{name}.{n}", max_tokens)
                 with lock:
-                    longs[status] += 1
-
-        def small_client():
-            n = 0
-            while time.monotonic() < end:
-                n += 1
-                status = chat(port, f"small {n}", SMALL)
-                with lock:
-                    smalls[status] += 1
+                    statuses[status] += 1
 
         def watch():
             was = set()
@@ -134,8 +126,9 @@ instances:
                 was = now
                 time.sleep(0.2)
 
-        threads = [threading.Thread(target=long_client, args=(k,)) for k in range(3)]
-        threads += [threading.Thread(target=small_client), threading.Thread(target=watch)]
+        threads = [threading.Thread(target=client, args=(f"long {k}", LONG, longs)) for k in range(3)]
+        threads += [threading.Thread(target=client, args=("small", SMALL, smalls)),
+                    threading.Thread(target=watch)]
         for t in threads:
             t.start()
         for t in threads:

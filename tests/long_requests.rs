@@ -38,23 +38,6 @@ fn get(proxy: &TestProxy, path: &str) -> Value {
     send("GET", &format!("{}{path}", proxy.url), &[], None).json()
 }
 
-fn instance_stats(proxy: &TestProxy, name: &str) -> Value {
-    get(proxy, "/stats/instances")["instances"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["name"] == name)
-        .cloned()
-        .unwrap_or_else(|| panic!("no instance {name}"))
-}
-
-fn metric_sample(proxy: &TestProxy, sample: &str) -> Option<f64> {
-    let text =
-        String::from_utf8(send("GET", &format!("{}/metrics", proxy.url), &[], None).body).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
-}
-
 /// A whole JSON answer as raw bytes.
 fn json_bytes(status: u16, headers: &str, body: &Value) -> Vec<u8> {
     let body = body.to_string();

@@ -626,6 +626,25 @@ pub fn post_json(url: &str, body: &Value) -> Answer {
     )
 }
 
+/// `/stats/instances`' entry for `name`.
+pub fn instance_stats(proxy: &TestProxy, name: &str) -> Value {
+    send("GET", &format!("{}/stats/instances", proxy.url), &[], None).json()["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no instance {name}"))
+}
+
+/// The value of the `/metrics` sample written exactly as `sample` (name and labels).
+pub fn metric_sample(proxy: &TestProxy, sample: &str) -> Option<f64> {
+    let text =
+        String::from_utf8(send("GET", &format!("{}/metrics", proxy.url), &[], None).body).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// Polls `cond` every 10 ms until it holds or `within` passes.
 pub fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let until = Instant::now() + within;

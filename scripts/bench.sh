@@ -21,6 +21,7 @@
 #   scripts/bench.sh --write    # ... and writes it to bench/results.md
 #   DURATION=10s ROUNDS=5 MANY_STREAMS=10000 scripts/bench.sh
 #   BIN=target/release/azure-openai-proxy scripts/bench.sh   # measure this binary, no build
+#   scripts/bench.sh long-generation   # only that scenario (bench/long_generation.py)
 #
 # Installs nginx, wrk, redis-server and musl-tools from Debian's packages when missing. Everything
 # listens on 127.0.0.1 and stops when the script ends.
@@ -31,10 +32,18 @@ write=false
 for arg in "$@"; do
   case "$arg" in
     --write) write=true ;;
-    -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    long-generation) only=$arg ;;
+    -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
   esac
 done
+
+# Long generations beside small requests on two healthy instances: needs neither nginx
+# nor the references, so it runs alone.
+if [ "${only:-}" = long-generation ]; then
+  bin=${BIN:-$(scripts/build-static.sh | awk '{print $1}')}
+  exec python3 bench/long_generation.py "$bin" "${LONG_SECONDS:-50}"
+fi
 
 DURATION=${DURATION:-5s}
 ROUNDS=${ROUNDS:-5}

@@ -51,6 +51,7 @@ fn window_metrics(w: &Counts, minutes: u32, totals: &Counts) -> Value {
         "upstream_errors_in_window": w.upstream_errors,
         "upstream_attempts_in_window": w.upstream_attempts,
         "retries_in_window": w.retries,
+        "panics_in_window": w.panics,
         "latency_ms": latency(&w.latency),
         "models": w.by_model,
         "status_codes": w.by_status.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<Map<_, _>>(),
@@ -59,6 +60,7 @@ fn window_metrics(w: &Counts, minutes: u32, totals: &Counts) -> Value {
         "total_client_errors": totals.failures(),
         "total_upstream_errors": totals.upstream_errors,
         "total_tokens_served": totals.tokens(),
+        "total_panics": totals.panics,
     })
 }
 
@@ -173,7 +175,7 @@ pub fn stats_instances(state: &State, g: &Generation) -> Reply {
                 "max_tpm": inst.max_tpm,
                 "max_rpm": inst.max_rpm,
                 "tpm_usage_percent": inst.max_tpm.map(|m| percent(v.current_tpm, m)),
-                "total_tokens_served": counts.prompt_tokens + counts.completion_tokens,
+                "total_tokens_served": counts.prompt_tokens.saturating_add(counts.completion_tokens),
                 "prompt_tokens_served": counts.prompt_tokens,
                 "completion_tokens_served": counts.completion_tokens,
                 "total_requests": counts.attempts,

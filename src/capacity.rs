@@ -1,8 +1,9 @@
 //! What bounds the work under way in the whole process (DESIGN §2).
 //! - `Permits` (`server.workers`): how many upstream calls may be under way at once. A
-//!   request takes one once its body is read, before its first attempt, and gives it
-//!   back when its upstream side is done (a stream: when it ends). So a permit is never
-//!   held while the proxy waits for a client to send.
+//!   request takes one once it is admitted to an instance, before its first attempt,
+//!   and gives it back when its upstream side is done (a stream: when it ends). So a
+//!   permit is never held while the proxy waits for a client to send, nor while a
+//!   request waits for an instance's room.
 //! - `BodyMemory` (`server.max_body_memory`): how many bytes of request bodies may be
 //!   held at once, so that many clients sending large bodies together cannot exhaust
 //!   memory. A body reserves its buffer as it grows and gives it back with the request.

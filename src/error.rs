@@ -69,7 +69,12 @@ pub enum Error {
     /// soonest may be back in `wait`.
     AllDown { model: String, wait: Duration },
     /// Instances were tried (`tried` of them) and the best failure was a timeout.
-    UpstreamTimeout { model: String, tried: usize },
+    /// `limit` names the setting that ran out, with its seconds.
+    UpstreamTimeout {
+        model: String,
+        tried: usize,
+        limit: (&'static str, f64),
+    },
     /// Instances were tried and none could be reached, or every answer broke off.
     UpstreamUnreachable { model: String, tried: usize },
 
@@ -225,9 +230,13 @@ impl Error {
             AllDown { model, .. } => format!(
                 "Every instance serving `{model}` is unavailable (failing, its circuit open, or its deployment for this model missing or refusing the proxy's key)."
             ),
-            UpstreamTimeout { model, tried } => {
-                format!("No instance answered for model `{model}` in time ({tried} tried).")
-            }
+            UpstreamTimeout {
+                model,
+                tried,
+                limit: (name, secs),
+            } => format!(
+                "No instance answered for model `{model}` within {name} ({secs} s; {tried} tried)."
+            ),
             UpstreamUnreachable { model, tried } => {
                 format!("No instance could be reached for model `{model}` ({tried} tried).")
             }

@@ -74,8 +74,8 @@ impl Generation {
 /// Whether two configurations build the same upstream agent.
 fn same_agent(a: &Config, b: &Config) -> bool {
     let (x, y) = (&a.routing, &b.routing);
-    (x.connect_timeout, x.timeout, x.first_byte_timeout())
-        == (y.connect_timeout, y.timeout, y.first_byte_timeout())
+    (x.connect_timeout, x.timeout, x.first_byte_timeout)
+        == (y.connect_timeout, y.timeout, y.first_byte_timeout)
         && a.server.workers == b.server.workers
 }
 

@@ -45,25 +45,6 @@ fn get(proxy: &TestProxy, path: &str) -> Value {
     send("GET", &format!("{}{path}", proxy.url), &[], None).json()
 }
 
-/// `/stats/instances`' entry for `name`.
-fn instance_stats(proxy: &TestProxy, name: &str) -> Value {
-    get(proxy, "/stats/instances")["instances"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["name"] == name)
-        .cloned()
-        .unwrap_or_else(|| panic!("no instance {name}"))
-}
-
-/// The value of the `/metrics` sample written exactly as `sample` (name and labels).
-fn metric_sample(proxy: &TestProxy, sample: &str) -> Option<f64> {
-    let text =
-        String::from_utf8(send("GET", &format!("{}/metrics", proxy.url), &[], None).body).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
-}
-
 fn error_reply(status: u16) -> MockReply {
     json_reply(
         status,

@@ -7,6 +7,7 @@
 pub mod body;
 pub mod upload;
 
+use crate::capacity::Permit;
 use crate::config::Config;
 use crate::error::Error;
 use crate::http::{self, Body, Reply, Stream, Trace};
@@ -67,7 +68,8 @@ pub fn stored_response(
             })?;
         let model: &str = trace.model.insert(model);
         let forwarded = forwarded_headers(req)?;
-        let permit = permit(state, config)?;
+        let waits_until = queue_deadline(config);
+        let mut permit = None;
         let scope = Op::Responses.fault_scope(model);
         let plan = Plan {
             model,
@@ -75,6 +77,7 @@ pub fn stored_response(
             candidates: &[i],
             need: 0,
             deadline: Instant::now(),
+            retry_timeouts: false,
         };
         let routed = routing::run(
             state.states(),
@@ -83,6 +86,7 @@ pub fn stored_response(
             &plan,
             &mut trace.attempts,
             |i| {
+                take_permit(state, &mut permit, waits_until)?;
                 let call = Call {
                     method,
                     url: g.addresses[i].response_url(id, rest, query),
@@ -99,7 +103,7 @@ pub fn stored_response(
         let (reply, usage) = finish(
             routed,
             (config, &mut trace.instance, trace.attempts.len()),
-            model,
+            (model, false),
             permit,
             Default::default(),
         )?;
@@ -158,16 +162,35 @@ fn forwarded_headers<'r>(
     }
 }
 
-/// One of the `server.workers` permits, waited for up to `routing.queue_timeout`.
-fn permit(state: &State, config: &Config) -> Result<crate::capacity::Permit, Error> {
-    let deadline = Instant::now() + Duration::from_secs_f64(config.routing.queue_timeout);
-    state.permits.acquire(deadline).ok_or(Error::NoPermit {
-        total: state.permits.total(),
-    })
+/// Until when a request arriving now may wait for room and a permit, in all.
+fn queue_deadline(config: &Config) -> Instant {
+    Instant::now() + Duration::from_secs_f64(config.routing.queue_timeout)
+}
+
+/// One of the `server.workers` permits in `held`, waited for until `deadline`. Taken
+/// at the first attempt, once admitted: a request parked waiting for room holds none.
+fn take_permit(state: &State, held: &mut Option<Permit>, deadline: Instant) -> Result<(), Error> {
+    if held.is_none() {
+        *held = Some(state.permits.acquire(deadline).ok_or(Error::NoPermit {
+            total: state.permits.total(),
+        })?);
+    }
+    Ok(())
+}
+
+/// The limit an attempt that timed out ran out: a stream's first byte, or a
+/// non-streamed answer's.
+fn timeout_limit(config: &Config, stream: bool) -> (&'static str, f64) {
+    let r = &config.routing;
+    if stream {
+        ("routing.first_byte_timeout", r.first_byte_timeout)
+    } else {
+        ("routing.timeout", r.timeout)
+    }
 }
 
 fn first_byte(config: &Config) -> Duration {
-    Duration::from_secs_f64(config.routing.first_byte_timeout())
+    Duration::from_secs_f64(config.routing.first_byte_timeout)
 }
 
 fn forward_traced(
@@ -228,14 +251,16 @@ fn forward_traced(
         });
     }
     let forwarded = forwarded_headers(req)?;
-    let permit = permit(state, config)?;
+    let mut permit = None;
     let scope = op.fault_scope(model);
     let plan = Plan {
         model,
         scope: &scope,
         candidates: &fits,
         need,
-        deadline: Instant::now() + Duration::from_secs_f64(config.routing.queue_timeout),
+        deadline: queue_deadline(config),
+        // A stream that sent nothing within the first-byte limit reached no client.
+        retry_timeouts: config.routing.retry_timeouts || meta.stream,
     };
     // Chat and completions streams report usage only when asked for it.
     let usage_option = meta.stream && matches!(op, Op::Chat | Op::Completions);
@@ -247,6 +272,16 @@ fn forward_traced(
         &plan,
         &mut trace.attempts,
         |i| {
+            take_permit(state, &mut permit, plan.deadline)?;
+            // Holding an admission, its reservation and a permit: what a panic must
+            // give back (a debug build's test switch).
+            #[cfg(debug_assertions)]
+            if forwarded
+                .iter()
+                .any(|(n, _)| n.eq_ignore_ascii_case(http::panics::TEST_PANIC_HEADER))
+            {
+                panic!("{} was sent", http::panics::TEST_PANIC_HEADER);
+            }
             let inst = &config.instances[i];
             let address = &g.addresses[i];
             let deployment = inst.deployment(model);
@@ -291,7 +326,7 @@ fn forward_traced(
     let (reply, usage) = finish(
         routed,
         (config, &mut trace.instance, trace.attempts.len()),
-        model,
+        (model, meta.stream),
         permit,
         (relay, meta.prompt_tokens()),
     )?;
@@ -361,6 +396,8 @@ fn remember_response(
     };
     let made = serde_json::from_slice::<Made>(bytes).ok();
     let id = made.and_then(|m| m.id.or_else(|| m.response?.id));
+    // Neither here nor in the shared state: no id of ours is this long.
+    let id = id.filter(|id| id.len() <= affinity::MAX_ID_BYTES);
     // `instance` is this generation's: the one whose answer this is.
     if let (Some(id), Some(instance)) = (id, instance) {
         state
@@ -376,12 +413,12 @@ fn remember_response(
 /// The client's reply to how routing ended, and the usage its answer reported; a
 /// stream is relayed with `relay`, and `prompt_tokens` estimate its prompt if the
 /// upstream reports no usage. `heard` becomes the instance whose answer or failure the
-/// client hears, after `tried` attempts.
+/// client hears, after `tried` attempts; `stream` says which limit a timeout ran out.
 fn finish(
     routed: Routed<Answer>,
     (config, heard, tried): (&Config, &mut Option<String>, usize),
-    model: &str,
-    permit: crate::capacity::Permit,
+    (model, stream): (&str, bool),
+    permit: Option<Permit>,
     (relay, prompt_tokens): (stream::Options, u64),
 ) -> Result<(Reply, Option<Usage>), Error> {
     *heard = match &routed {
@@ -399,7 +436,11 @@ fn finish(
         Routed::Failed { outcome, .. } => {
             let model = model.to_string();
             return Err(match outcome {
-                Outcome::TimedOut => Error::UpstreamTimeout { model, tried },
+                Outcome::TimedOut => Error::UpstreamTimeout {
+                    model,
+                    tried,
+                    limit: timeout_limit(config, stream),
+                },
                 _ => Error::UpstreamUnreachable { model, tried },
             });
         }
@@ -414,7 +455,7 @@ fn finish(
             options: relay,
             prompt_tokens,
             instance: instance.unwrap_or_default(),
-            permit: Some(permit),
+            permit,
         }),
     };
     let reply = Reply {

@@ -193,15 +193,22 @@ pub struct Routing {
     /// Further attempts after the first, each on an instance not yet tried.
     #[serde(deserialize_with = "lenient")]
     pub retries: u32,
-    /// Seconds an upstream may stay silent between two reads of its answer: the longest
-    /// gap between a stream's events. Also the time to first byte when
-    /// `first_byte_timeout` is not set.
+    /// Seconds a non-streamed request may wait for its answer's head (a long generation
+    /// sends nothing until it is done: the OpenAI SDK waits 600 s), and the longest gap
+    /// between two reads of an answer once it has begun.
     #[serde(deserialize_with = "lenient")]
     pub timeout: f64,
-    /// Seconds from sending a request to its answer's head, and for a stream to its
-    /// first event. A stream that misses it is retried on another instance.
-    #[serde(deserialize_with = "lenient_opt")]
-    pub first_byte_timeout: Option<f64>,
+    /// Seconds from sending a streamed request to its answer's head and first event. A
+    /// stream that misses it is retried on another instance. Fixed, not `timeout`: a
+    /// hung instance must be found in the time a stream takes to start, however long
+    /// the answers it is asked for.
+    #[serde(deserialize_with = "lenient")]
+    pub first_byte_timeout: f64,
+    /// Whether a request that was sent and then timed out is tried on another instance.
+    /// Off: the first instance may still be generating it, and it would be generated
+    /// (and billed) twice.
+    #[serde(deserialize_with = "lenient")]
+    pub retry_timeouts: bool,
     /// Seconds to establish a connection (TCP + TLS) to an upstream.
     #[serde(deserialize_with = "lenient")]
     pub connect_timeout: f64,
@@ -227,19 +234,14 @@ pub struct Routing {
     pub max_cooldown: f64,
 }
 
-impl Routing {
-    pub fn first_byte_timeout(&self) -> f64 {
-        self.first_byte_timeout.unwrap_or(self.timeout)
-    }
-}
-
 impl Default for Routing {
     fn default() -> Self {
         Routing {
             strategy: Strategy::Failover,
             retries: 3,
-            timeout: 60.0,
-            first_byte_timeout: None,
+            timeout: 600.0,
+            first_byte_timeout: 60.0,
+            retry_timeouts: false,
             connect_timeout: 10.0,
             queue_timeout: 1.0,
             default_completion_tokens: 1024,
@@ -508,7 +510,7 @@ impl Config {
         let r = &self.routing;
         for (key, secs) in [
             ("routing.timeout", r.timeout),
-            ("routing.first_byte_timeout", r.first_byte_timeout()),
+            ("routing.first_byte_timeout", r.first_byte_timeout),
             ("routing.connect_timeout", r.connect_timeout),
             ("routing.circuit_open_seconds", r.circuit_open_seconds),
             (

@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod body;
+pub mod panics;
 mod reply;
 
 pub use reply::{Body, Reply, Stream, Trace};
@@ -20,7 +21,6 @@ use crate::state::{Generation, State};
 use crate::upstream::stream::{self, End};
 use std::io::Read;
 use std::net::{TcpListener, ToSocketAddrs};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tiny_http::{Method, Request};
@@ -53,6 +53,7 @@ pub fn start(
         max_connections: config.server.max_connections,
     };
     let handler_state = state.clone();
+    panics::install_hook();
     let server = tiny_http::Server::start(
         listener,
         limits,
@@ -93,10 +94,9 @@ fn serve(state: &State, request: Request<'_>, router: Router) {
     // The request stays in this slot while the reply is computed, so that after a
     // panic there is still a connection to answer on.
     let mut slot = Some(request);
-    let answered = catch_unwind(AssertUnwindSafe(|| {
-        answer(state, &g, &mut slot, (id, &method, path), router)
-    }));
-    let (status, trace, end) = answered.unwrap_or_else(|_| internal_error(&mut slot));
+    let answered = panics::catch(|| answer(state, &g, &mut slot, (id, &method, path), router));
+    let (status, trace, end) =
+        answered.unwrap_or_else(|message| internal_error(state, id, &message, &mut slot));
     record(
         state,
         &g,
@@ -105,16 +105,28 @@ fn serve(state: &State, request: Request<'_>, router: Router) {
     );
 }
 
-/// The answer to a request whose handler panicked, if it had not answered yet.
+/// The answer to a request whose handler panicked, if it had not answered yet; the
+/// panic is logged with the request's id and counted.
 #[inline(never)]
-fn internal_error(slot: &mut Option<Request<'_>>) -> (u16, Trace, Option<End>) {
+fn internal_error(
+    state: &State,
+    id: u64,
+    message: &str,
+    slot: &mut Option<Request<'_>>,
+) -> (u16, Trace, Option<End>) {
+    log::error!("request={id} {}", Clean(message));
+    state.stats.lock().record_panic(state.uptime_secs());
     if let Some(request) = slot.take() {
         let reply: Reply = Error::Internal.into();
         if let Body::Full(body) = &reply.body {
             let _ = request.respond(reply.status, &reply.headers, body);
         }
     }
-    (500, Trace::default(), None)
+    let trace = Trace {
+        api: true,
+        ..Trace::default()
+    };
+    (500, trace, None)
 }
 
 /// The access log line and the statistics of one answered request. Out of line, like

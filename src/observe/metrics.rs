@@ -128,6 +128,12 @@ pub fn render(
         "Requests answered 429 because their address presented too many wrong keys.",
     );
     out.sample("auth_refused_total", &[], gauges.key_failures.1);
+    out.family(
+        "panics_total",
+        "counter",
+        "Requests whose handling panicked (each answered 500, nothing else affected).",
+    );
+    out.sample("panics_total", &[], stats.totals.panics);
 
     out.family(
         "tokens_total",

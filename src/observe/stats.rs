@@ -103,6 +103,8 @@ pub struct Counts {
     pub upstream_errors: u64,
     /// Attempts after a request's first.
     pub retries: u64,
+    /// Requests whose handler panicked (each also a 500).
+    pub panics: u64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub latency: Histogram,
@@ -123,8 +125,9 @@ impl Counts {
         self.retries += r.attempts.len().saturating_sub(1) as u64;
         self.upstream_errors += r.attempts.iter().filter(|a| a.outcome.is_error()).count() as u64;
         if let Some(u) = r.usage {
-            self.prompt_tokens += u.prompt_tokens;
-            self.completion_tokens += u.completion_tokens;
+            // An upstream's numbers: counters stop at u64::MAX, never wrap back.
+            self.prompt_tokens = self.prompt_tokens.saturating_add(u.prompt_tokens);
+            self.completion_tokens = self.completion_tokens.saturating_add(u.completion_tokens);
         }
         self.latency.record(r.latency);
         *counter(&mut self.by_model, r.model.unwrap_or("other")) += 1;
@@ -140,8 +143,11 @@ impl Counts {
         self.upstream_attempts += other.upstream_attempts;
         self.upstream_errors += other.upstream_errors;
         self.retries += other.retries;
-        self.prompt_tokens += other.prompt_tokens;
-        self.completion_tokens += other.completion_tokens;
+        self.panics += other.panics;
+        self.prompt_tokens = self.prompt_tokens.saturating_add(other.prompt_tokens);
+        self.completion_tokens = self
+            .completion_tokens
+            .saturating_add(other.completion_tokens);
         self.latency.add(&other.latency);
         for (k, v) in &other.by_model {
             *self.by_model.entry(k.clone()).or_default() += v;
@@ -156,7 +162,7 @@ impl Counts {
     }
 
     pub fn tokens(&self) -> u64 {
-        self.prompt_tokens + self.completion_tokens
+        self.prompt_tokens.saturating_add(self.completion_tokens)
     }
 }
 
@@ -238,10 +244,16 @@ impl Stats {
             let c = counter(&mut self.instances, name);
             c.latency.record(r.latency);
             if let Some(u) = r.usage {
-                c.prompt_tokens += u.prompt_tokens;
-                c.completion_tokens += u.completion_tokens;
+                c.prompt_tokens = c.prompt_tokens.saturating_add(u.prompt_tokens);
+                c.completion_tokens = c.completion_tokens.saturating_add(u.completion_tokens);
             }
         }
+    }
+
+    /// A request whose handler panicked (its 500 is recorded as any answer is).
+    pub fn record_panic(&mut self, now_secs: u64) {
+        self.bucket(now_secs).panics += 1;
+        self.totals.panics += 1;
     }
 
     /// Opens the current bucket and drops what fell out of the longest window; run by

@@ -7,6 +7,7 @@
 //! after the table's lock is released, and each outcome settled there.
 
 pub mod affinity;
+mod claims;
 mod rotation;
 pub mod strategy;
 pub mod table;
@@ -18,6 +19,7 @@ use crate::observe::alerts::Alerts;
 use crate::observe::logging::Clean;
 use crate::outcome::{Attempt, Outcome};
 use crate::shared::{Settle, Shared, Verdict};
+use claims::{Claim, InLine};
 use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 use table::{Admission, Blocked, Held, Table};
@@ -39,8 +41,11 @@ pub struct Plan<'a> {
     pub candidates: &'a [usize],
     /// Tokens to reserve in a window: the admission estimate.
     pub need: u64,
-    /// Until when the first admission may wait for room.
+    /// Until when the request may wait, for room and then for a permit: one deadline
+    /// for both, so that no request waits twice `routing.queue_timeout`.
     pub deadline: Instant,
+    /// Whether an attempt that timed out is tried again on another instance.
+    pub retry_timeouts: bool,
 }
 
 /// Where an instance's state lives: this proxy's table, and the shared state when
@@ -98,22 +103,20 @@ pub fn run<A>(
                 )
             }
         });
-        let (admission, reservation) = match admitted {
-            Ok(a) => a,
+        let claim = match admitted {
+            Ok(a) => Claim::new((states, config, alerts), plan.need, a),
             Err(blocked) if tried.is_empty() => {
                 return Routed::Refused(refusal(alerts, plan, blocked))
             }
             Err(_) => break,
         };
-        let i = admission.index;
+        let i = claim.index();
         tried.push(i);
         let (outcome, answer) = match attempt(i) {
             Ok(done) => done,
             Err(not_sent) => {
-                table.lock().cancel(config, admission);
-                settle(states, alerts, &config.instances[i], |s| {
-                    s.release = reservation.as_deref().map(|r| (r, plan.need));
-                });
+                // The claim, dropped, gives the reservation back.
+                drop(claim);
                 // A retry that could not be sent leaves the earlier failure to tell.
                 return match best {
                     Some((outcome, answer, instance)) => Routed::Failed {
@@ -125,6 +128,7 @@ pub fn run<A>(
                 };
             }
         };
+        let (admission, reservation) = claim.settle();
         attempts.push(Attempt {
             instance: config.instances[i].name.clone(),
             outcome,
@@ -161,6 +165,11 @@ pub fn run<A>(
             .is_none_or(|(kept, ..)| precedence(&outcome) >= precedence(kept))
         {
             best = Some((outcome, answer, i));
+        }
+        // Sent, then no answer in time: the instance may still be generating it, and a
+        // second instance would generate (and bill) it again.
+        if outcome == Outcome::TimedOut && !plan.retry_timeouts {
+            break;
         }
     }
     // The loop ran at least once (`retries` ≥ 0) and each pass kept or returned.
@@ -255,11 +264,12 @@ fn admit(table: &Mutex<Table>, config: &Config, plan: &Plan) -> Result<Admission
             done => return done,
         }
     }
-    let ticket = t.wait_in_line(line);
+    // Dropped, however the wait ends, it leaves the line and wakes the next.
+    let mut place = InLine::join(table, t, line);
     loop {
-        let first = t.is_first(line, ticket);
+        let first = place.is_first();
         let result = if first || now >= plan.deadline {
-            t.admit(config, plan.candidates, &[], want, now)
+            place.table().admit(config, plan.candidates, &[], want, now)
         } else {
             Err(Blocked::RateLimited {
                 until: plan.deadline,
@@ -275,14 +285,10 @@ fn admit(table: &Mutex<Table>, config: &Config, plan: &Plan) -> Result<Admission
                     plan.deadline
                 }
             }
-            done => {
-                t.leave_line(line, ticket);
-                return done;
-            }
+            done => return done,
         };
-        drop(t);
+        place.locked = None;
         std::thread::park_timeout(wake_at.saturating_duration_since(now));
-        t = table.lock();
         now = Instant::now();
     }
 }
@@ -411,6 +417,7 @@ mod tests {
                         candidates: &[0],
                         need: 100,
                         deadline: start + Duration::from_secs(5),
+                        retry_timeouts: false,
                     };
                     let admitted = admit(&shared, &c, &plan);
                     order.lock().push(k);

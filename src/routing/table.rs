@@ -100,6 +100,8 @@ struct Runtime {
     run_before_success: u32,
     recent: Recent,
     last_failure: Option<Instant>,
+    /// When it last answered (any answer, a 429 too): alive then.
+    last_answer: Option<Instant>,
     faults: Vec<Fault>,
     tokens: Window,
     requests: Window,
@@ -119,6 +121,7 @@ impl Runtime {
             run_before_success: 0,
             recent: Recent::default(),
             last_failure: None,
+            last_answer: None,
             faults: Vec::new(),
             tokens: Window::default(),
             requests: Window::default(),
@@ -366,7 +369,7 @@ impl Table {
         if let Circuit::Open { backoff, .. } | Circuit::Trial { backoff, .. } = rt.circuit {
             // The trial's outcome is known once its first byte arrives.
             let routing = &config.routing;
-            let expires = now + secs(routing.connect_timeout + routing.first_byte_timeout() + 1.0);
+            let expires = now + secs(routing.connect_timeout + routing.first_byte_timeout + 1.0);
             rt.circuit = Circuit::Trial { backoff, expires };
             trial = true;
         }
@@ -443,6 +446,9 @@ impl Table {
         // request was admitted, or if it is the trial's: a late answer from before the
         // circuit opened says nothing about now.
         let speaks = admission.trial || rt.circuit == Circuit::Closed;
+        if outcome.status().is_some() {
+            rt.last_answer = Some(now);
+        }
         match outcome {
             Outcome::Answered {
                 remaining_tokens,
@@ -490,6 +496,11 @@ impl Table {
                 }
                 rt.last_error = Some(format!("HTTP {status} for model {model}"));
                 take_out(rt, model, routing, now);
+            }
+            // It answered other requests while this one waited: it is alive, and this
+            // request is merely long (or its answer slow to start).
+            Outcome::TimedOut if rt.last_answer.is_some_and(|t| t > admission.at) => {
+                rt.last_error = Some(describe(&outcome));
             }
             Outcome::Failed { .. }
             | Outcome::TimedOut

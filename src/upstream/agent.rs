@@ -17,9 +17,13 @@ pub fn agent(routing: &Routing, workers: usize) -> ureq::Agent {
         .max_redirects(0)
         .max_redirects_will_error(false)
         .timeout_connect(Some(Duration::from_secs_f64(routing.connect_timeout)))
-        .timeout_recv_response(Some(Duration::from_secs_f64(routing.first_byte_timeout())))
-        // Bounds each gap between reads of a (streamed) body, not the whole body. A
-        // stream's first event has the first-byte limit instead (`stream::first_event`).
+        // A non-streamed answer's head comes when its generation is done: `timeout`. A
+        // stream's head and first event have the first-byte limit instead, set per call
+        // (`transport::reads_until`), which can only shorten this one.
+        .timeout_recv_response(Some(Duration::from_secs_f64(
+            routing.timeout.max(routing.first_byte_timeout),
+        )))
+        // Bounds each gap between reads of a body, not the whole body.
         .timeout_per_read(Some(Duration::from_secs_f64(routing.timeout)))
         // ureq fills 128 KiB input and output buffers per connection by default: 256 KiB
         // of RSS for each stream held open. Sending a body, ureq borrows 10 KiB of the

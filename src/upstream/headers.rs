@@ -64,27 +64,37 @@ pub fn return_response_header(name: &str) -> bool {
             .any(|h| h.eq_ignore_ascii_case(name))
 }
 
-/// What the upstream's headers say about a refusal: how long to stay away.
-/// `retry-after-ms`, `x-ms-retry-after-ms`, `Retry-After` (seconds or an HTTP date),
-/// then `x-ratelimit-reset-tokens`/`-requests`; `None` if none of them parse.
+/// The longest wait an upstream's header is read as: any larger number (`1e20`, `inf`,
+/// `18446744073709551615`) is this, so that no arithmetic on it can overflow. Routing
+/// then caps a cooldown at `routing.max_cooldown`, and logs that it did.
+pub const LONGEST_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// `secs` as a wait: `None` if it is no number of seconds (negative, NaN), at most
+/// `LONGEST_WAIT` (infinity included).
+fn wait(secs: f64) -> Option<Duration> {
+    if secs.is_nan() || secs < 0.0 {
+        return None;
+    }
+    Some(Duration::try_from_secs_f64(secs).map_or(LONGEST_WAIT, |d| d.min(LONGEST_WAIT)))
+}
+
+/// What the upstream's headers say about a refusal: how long to stay away, at most
+/// `LONGEST_WAIT`. `retry-after-ms`, `x-ms-retry-after-ms`, `Retry-After` (seconds or
+/// an HTTP date), then `x-ratelimit-reset-tokens`/`-requests`; `None` if none of them
+/// parse.
 pub fn retry_after(header: impl Fn(&str) -> Option<String>, now: SystemTime) -> Option<Duration> {
-    let millis = |name| {
-        header(name)?
-            .trim()
-            .parse::<f64>()
-            .ok()
-            .filter(|v| *v >= 0.0)
-    };
+    let millis = |name| wait(header(name)?.trim().parse::<f64>().ok()? / 1000.0);
     if let Some(ms) = millis("retry-after-ms").or_else(|| millis("x-ms-retry-after-ms")) {
-        return Some(Duration::from_secs_f64(ms / 1000.0));
+        return Some(ms);
     }
     if let Some(v) = header("retry-after") {
         let v = v.trim();
         if let Ok(secs) = v.parse::<f64>() {
-            return (secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+            return wait(secs);
         }
         if let Some(at) = parse_http_date(v) {
-            return Some(at.duration_since(now).unwrap_or(Duration::ZERO));
+            let until = at.duration_since(now).unwrap_or(Duration::ZERO);
+            return Some(until.min(LONGEST_WAIT));
         }
     }
     ["x-ratelimit-reset-tokens", "x-ratelimit-reset-requests"]
@@ -94,11 +104,11 @@ pub fn retry_after(header: impl Fn(&str) -> Option<String>, now: SystemTime) -> 
 }
 
 /// `6`, `1.5`, `20ms`, `1s`, `6m0s`, `1h2m3.5s`: seconds, or Go-style durations as
-/// OpenAI sends them in `x-ratelimit-reset-*`.
+/// OpenAI sends them in `x-ratelimit-reset-*`; at most `LONGEST_WAIT`.
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let t = text.trim();
     if let Ok(secs) = t.parse::<f64>() {
-        return (secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+        return wait(secs);
     }
     let mut total = 0.0;
     let mut rest = t;
@@ -119,7 +129,7 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
             };
         rest = &rest[split + unit_len..];
     }
-    Some(Duration::from_secs_f64(total))
+    wait(total)
 }
 
 /// An IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), the form RFC 9110 requires.
@@ -140,6 +150,15 @@ pub fn parse_http_date(text: &str) -> Option<SystemTime> {
         .map(|p| p.parse().ok())
         .collect::<Option<_>>()?;
     let [h, m, s] = hms[..] else { return None };
+    // Fields in their ranges keep the arithmetic below far from overflowing.
+    let in_range = (1..=31).contains(&day)
+        && (1970..=9999).contains(&year)
+        && (0..24).contains(&h)
+        && (0..60).contains(&m)
+        && (0..=60).contains(&s);
+    if !in_range {
+        return None;
+    }
     // Days from 1970-01-01 to the civil date (Howard Hinnant's algorithm).
     let y = if month <= 2 { year - 1 } else { year };
     let era = y.div_euclid(400);
@@ -154,6 +173,7 @@ pub fn parse_http_date(text: &str) -> Option<SystemTime> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::strategy::Strategy;
 
     #[test]
     fn credentials_and_hop_by_hop_headers_stay_behind() {
@@ -238,5 +258,85 @@ mod tests {
             Some(UNIX_EPOCH + Duration::from_secs(1_795_532_400))
         );
         assert_eq!(parse_http_date("yesterday"), None);
+    }
+
+    /// Numbers no upstream should send, each read as a bounded wait (or none).
+    #[test]
+    fn outlandish_numbers_are_bounded_waits() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_795_532_400);
+        let one = |name: &'static str, value: &'static str| {
+            retry_after(move |n: &str| (n == name).then(|| value.to_string()), now)
+        };
+        for (name, value) in [
+            ("retry-after", "1e20"),
+            ("retry-after", "inf"),
+            ("retry-after", "18446744073709551615"),
+            ("retry-after", "1e308"),
+            ("retry-after-ms", "1e30"),
+            ("x-ms-retry-after-ms", "infinity"),
+            ("x-ratelimit-reset-tokens", "9999999999999999999h"),
+            (
+                "x-ratelimit-reset-requests",
+                "99999999999999999999999h99999m",
+            ),
+            ("retry-after", "Fri, 31 Dec 9999 23:59:59 GMT"),
+        ] {
+            assert_eq!(one(name, value), Some(LONGEST_WAIT), "{name}: {value}");
+        }
+        for (name, value) in [
+            ("retry-after", "NaN"),
+            ("retry-after", "-1"),
+            ("retry-after-ms", "-inf"),
+            ("retry-after", "Sun, 06 Nov 99999999999999 08:49:37 GMT"),
+            ("retry-after", "Sun, 99 Nov 1994 08:49:37 GMT"),
+            ("x-ratelimit-reset-tokens", "-5s"),
+        ] {
+            assert_eq!(one(name, value), None, "{name}: {value}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_header_value_parses_to_a_bounded_wait_or_none(
+            value in "[0-9a-zA-Z .:,+-]{0,40}",
+            name in proptest::sample::select(vec![
+                "retry-after",
+                "retry-after-ms",
+                "x-ms-retry-after-ms",
+                "x-ratelimit-reset-tokens",
+                "x-ratelimit-reset-requests",
+            ]),
+        ) {
+            let header = |n: &str| (n == name).then(|| value.clone());
+            let wait = retry_after(header, SystemTime::now());
+            proptest::prop_assert!(wait.is_none_or(|w| w <= LONGEST_WAIT));
+        }
+
+        #[test]
+        fn numbers_and_units_never_overflow(
+            parts in proptest::collection::vec(
+                (any_number(), proptest::sample::select(vec!["ms", "s", "m", "h", ""])),
+                1..6,
+            ),
+        ) {
+            let text: String = parts.iter().map(|(n, u)| format!("{n}{u}")).collect();
+            proptest::prop_assert!(parse_duration(&text).is_none_or(|w| w <= LONGEST_WAIT));
+        }
+
+        #[test]
+        fn any_date_is_a_time_or_none(text in "[A-Za-z]{3}, [0-9]{1,20} [A-Za-z]{3} [0-9]{1,20} [0-9]{1,20}:[0-9]{1,20}:[0-9]{1,20} GMT") {
+            // Only the absence of a panic (an overflow) is asserted; the range checks
+            // make every accepted date one that SystemTime holds.
+            let _ = parse_http_date(&text);
+        }
+    }
+
+    /// Decimal numbers of any size, fractions and exponents included.
+    fn any_number() -> impl proptest::strategy::Strategy<Value = String> {
+        proptest::prop_oneof![
+            proptest::num::u64::ANY.prop_map(|n| n.to_string()),
+            proptest::num::f64::POSITIVE.prop_map(|f| f.to_string()),
+            "[0-9]{1,40}(\\.[0-9]{0,10})?(e[0-9]{1,3})?",
+        ]
     }
 }

@@ -34,8 +34,8 @@ pub struct Call<'a> {
     pub headers: &'a [(&'a str, &'a str)],
     /// The client asked for a stream.
     pub stream: bool,
-    /// The longest wait from sending to the answer's head, and for a stream to its
-    /// first event (`routing.first_byte_timeout`).
+    /// For a stream, the longest wait from sending to its answer's head and first
+    /// event (`routing.first_byte_timeout`).
     pub first_byte: Duration,
     /// A 404 means the stored response (or the one continued) is not there: the
     /// client's answer, not a missing deployment.
@@ -79,7 +79,14 @@ pub fn call(
     }
     let (name, value) = &address.credential;
     let sent = Instant::now();
-    let response = match send(agent, c, (name, value)) {
+    // A stream's head, like its first event, has the first-byte limit; a non-streamed
+    // answer's head comes when it is generated, within `routing.timeout`.
+    let head_limit = c
+        .stream
+        .then(|| transport::reads_until(sent + c.first_byte));
+    let sending = send(agent, c, (name, value));
+    drop(head_limit);
+    let response = match sending {
         Ok(r) => r,
         Err(e @ (ureq::Error::Http(_) | ureq::Error::BadUri(_))) => {
             return Err(Error::NotForwardable(e.to_string()))

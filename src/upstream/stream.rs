@@ -51,16 +51,28 @@ pub struct Summary {
     pub end: End,
 }
 
-/// Index just past the first event separator (a blank line) in `buf`.
+/// Index just past the first event separator in `buf`: a blank line, with any of the
+/// line ends the SSE spec allows (CRLF, LF, CR), mixed. A CR last in `buf` ends a line
+/// without waiting for an LF that may follow (which then starts the next event, and
+/// means nothing to it): an upstream that ends lines with CR alone must not have each
+/// event held until the next arrives.
 fn event_end(buf: &[u8]) -> Option<usize> {
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
-    // A CRLF separator counts only if it ends before the LF one: search no further.
-    let before = lf.unwrap_or(buf.len());
-    let crlf = buf[..before]
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|i| i + 4);
-    crlf.or(lf)
+    // The length of the line end at `i`, if one is there.
+    let line_end = |i: usize| match buf.get(i) {
+        Some(b'\n') => Some(1),
+        Some(b'\r') if buf.get(i + 1) == Some(&b'\n') => Some(2),
+        Some(b'\r') => Some(1),
+        _ => None,
+    };
+    (0..buf.len()).find_map(|i| {
+        let after = i + line_end(i)?;
+        Some(after + line_end(after)?)
+    })
+}
+
+/// The lines of an event, whatever their line ends (CRLF leaves empty lines between).
+fn lines(event: &[u8]) -> impl Iterator<Item = &[u8]> {
+    event.split(|&b| b == b'\n' || b == b'\r')
 }
 
 /// What one event means to the relay.
@@ -100,7 +112,7 @@ fn classify(event: &[u8], count_text: bool) -> Event {
     }
     let mut usage = None;
     let mut text = 0;
-    for line in event.split(|&b| b == b'\n') {
+    for line in lines(event) {
         let Some(data) = line.strip_prefix(b"data:") else {
             continue;
         };
@@ -166,7 +178,7 @@ fn without_null_usage(event: &[u8]) -> Option<Vec<u8>> {
     // One copy of the event, made at the first cut; `copied` bytes of it are in.
     let mut out: Option<Vec<u8>> = None;
     let (mut copied, mut line_start) = (0, 0);
-    for line in event.split_inclusive(|&b| b == b'\n') {
+    for line in event.split_inclusive(|&b| b == b'\n' || b == b'\r') {
         let cut = line
             .strip_prefix(b"data:")
             .and_then(|data| data.iter().position(|&b| b == b'{'))
@@ -232,6 +244,20 @@ pub fn first_event(upstream: &mut dyn Read, by: Instant) -> io::Result<Vec<u8>> 
     }
 }
 
+/// Whether a chunk ends a choice: a `finish_reason` that is not `null`.
+fn finishes(event: &[u8]) -> bool {
+    const KEY: &[u8] = b"\"finish_reason\"";
+    let mut rest = event;
+    while let Some(at) = rest.windows(KEY.len()).position(|w| w == KEY) {
+        rest = &rest[at + KEY.len()..];
+        let value = rest.trim_ascii_start().strip_prefix(b":");
+        if value.is_some_and(|v| v.trim_ascii_start().starts_with(b"\"")) {
+            return true;
+        }
+    }
+    false
+}
+
 /// Whether `bytes` are the `data: [DONE]` line and nothing else.
 fn is_done_line(bytes: &[u8]) -> bool {
     bytes
@@ -260,6 +286,9 @@ pub fn relay(upstream: &mut dyn Read, send: &mut Send<'_>, options: Options) -> 
         end: End::Completed,
     };
     let mut done = false;
+    // A chunk gave a `finish_reason`: a clean end after it is the stream's end (some
+    // upstreams send no `[DONE]` after a content filter's).
+    let mut finished = false;
     // `pending[..searched]` holds no event separator past the events already taken.
     let mut searched = 0;
     let failure = loop {
@@ -271,7 +300,7 @@ pub fn relay(upstream: &mut dyn Read, send: &mut Send<'_>, options: Options) -> 
             Ok(0) => {
                 // Some upstreams end with `data: [DONE]` and one newline, not two: the
                 // stream is complete all the same.
-                let ended = done || is_done_line(&pending);
+                let ended = done || finished || is_done_line(&pending);
                 break (!ended)
                     .then(|| "the upstream closed the stream before its end".to_string());
             }
@@ -296,8 +325,9 @@ pub fn relay(upstream: &mut dyn Read, send: &mut Send<'_>, options: Options) -> 
                     (!options.strip_usage).then_some(event)
                 }
                 Event::Other(u, text) => {
+                    finished = finished || finishes(event);
                     summary.usage = u.or(summary.usage);
-                    summary.text_tokens += text;
+                    summary.text_tokens = summary.text_tokens.saturating_add(text);
                     edited = if options.strip_usage && contains(event, b"\"usage\"") {
                         without_null_usage(event)
                     } else {
@@ -320,10 +350,13 @@ pub fn relay(upstream: &mut dyn Read, send: &mut Send<'_>, options: Options) -> 
     summary.end = match failure {
         // A partial event is dropped: glued to the error event it would corrupt both.
         // The upstream failed whether or not the client is still there to be told.
-        Some(why) => {
+        Some(why) if !done => {
             let _ = send(&error_event(&why));
             End::UpstreamFailed(why)
         }
+        // After the stream's last event nothing the upstream does is a failure, and
+        // what it sent after is no event to pass on.
+        Some(_) => End::Completed,
         // Bytes after the last event without a separator: pass them on unchanged.
         None => match send(&pending) {
             Ok(()) => End::Completed,
@@ -369,12 +402,17 @@ mod tests {
         );
         // Each event went out as its own piece.
         for piece in &sent[..sent.len().saturating_sub(1)] {
-            assert!(
-                piece.ends_with(b"\n\n") || piece.ends_with(b"\r\n\r\n"),
-                "{piece:?}"
-            );
+            assert_eq!(event_end(piece), Some(piece.len()), "{piece:?}");
         }
         (String::from_utf8(sent.concat()).unwrap(), summary)
+    }
+
+    /// A connection that fails.
+    struct Broken;
+    impl Read for Broken {
+        fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+            Err(io::ErrorKind::ConnectionReset.into())
+        }
     }
 
     const STREAM: &str = "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n\
@@ -413,6 +451,54 @@ data: [DONE]\n\n";
         let (body, s) = run(input.as_bytes(), true);
         assert_eq!(body, input);
         assert_eq!(s.end, End::Completed);
+    }
+
+    #[test]
+    fn every_blank_line_the_sse_spec_allows_ends_an_event() {
+        for sep in [
+            "\n\n", "\r\n\r\n", "\r\r", "\n\r\n", "\r\n\n", "\r\r\n", "\n\r",
+        ] {
+            let event = format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"a\"}}}}]}}{sep}");
+            assert_eq!(event_end(event.as_bytes()), Some(event.len()), "{sep:?}");
+            let (body, s) = run(format!("{event}data: [DONE]{sep}").as_bytes(), false);
+            assert_eq!(s.end, End::Completed, "{sep:?}");
+            assert!(body.starts_with(&event), "{sep:?}");
+        }
+        // One line end is no blank line.
+        for one in [
+            "data: x\n",
+            "data: x\r\n",
+            "data: x\r",
+            "data: x\r\ndata: y\n",
+        ] {
+            assert_eq!(event_end(one.as_bytes()), None, "{one:?}");
+        }
+    }
+
+    #[test]
+    fn a_finish_reason_then_a_clean_end_completes_and_anything_after_done_is_no_failure() {
+        let filtered =
+            "data: {\"choices\":[{\"delta\":{},\"finish_reason\" : \"content_filter\"}]}\n\n";
+        assert_eq!(run(filtered.as_bytes(), false).1.end, End::Completed);
+        let open =
+            "data: {\"choices\":[{\"delta\":{\"content\":\"a\"},\"finish_reason\":null}]}\n\n";
+        assert!(matches!(
+            run(open.as_bytes(), false).1.end,
+            End::UpstreamFailed(_)
+        ));
+        // `[DONE]`, then junk, then a read error.
+        let junk = format!("{STREAM}junk");
+        let mut sent = Vec::new();
+        let s = relay(
+            &mut junk.as_bytes().chain(Broken),
+            &mut |piece| {
+                sent.extend_from_slice(piece);
+                Ok(())
+            },
+            Options::default(),
+        );
+        assert_eq!(s.end, End::Completed);
+        assert_eq!(sent, STREAM.as_bytes(), "no error event after [DONE]");
     }
 
     #[test]

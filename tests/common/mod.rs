@@ -64,6 +64,9 @@ pub enum MockReply {
     Hang(Duration),
     /// Read the request and close the connection without a response.
     Close,
+    /// Write these bytes as they are (a whole answer, head and framing included), each
+    /// piece after its delay; then close the connection.
+    Raw(Vec<(Duration, Vec<u8>)>),
 }
 
 pub enum SseEnd {
@@ -284,6 +287,15 @@ fn serve_conn(
                 return;
             }
             MockReply::Close => return,
+            MockReply::Raw(pieces) => {
+                for (after, bytes) in pieces {
+                    hold(after, &stop);
+                    if out.write_all(&bytes).is_err() {
+                        return;
+                    }
+                }
+                return;
+            }
         }
     }
 }
@@ -612,6 +624,25 @@ pub fn post_json(url: &str, body: &Value) -> Answer {
         &[("content-type", "application/json")],
         Some(body.to_string().as_bytes()),
     )
+}
+
+/// `/stats/instances`' entry for `name`.
+pub fn instance_stats(proxy: &TestProxy, name: &str) -> Value {
+    send("GET", &format!("{}/stats/instances", proxy.url), &[], None).json()["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no instance {name}"))
+}
+
+/// The value of the `/metrics` sample written exactly as `sample` (name and labels).
+pub fn metric_sample(proxy: &TestProxy, sample: &str) -> Option<f64> {
+    let text =
+        String::from_utf8(send("GET", &format!("{}/metrics", proxy.url), &[], None).body).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
 }
 
 /// Polls `cond` every 10 ms until it holds or `within` passes.

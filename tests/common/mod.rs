@@ -64,6 +64,9 @@ pub enum MockReply {
     Hang(Duration),
     /// Read the request and close the connection without a response.
     Close,
+    /// Read the request, then let the test write whatever it likes on the connection
+    /// (raw bytes, pauses, a trickle); the connection closes when it returns.
+    Script(Box<dyn FnOnce(&mut TcpStream) + Send>),
 }
 
 pub enum SseEnd {
@@ -284,6 +287,10 @@ fn serve_conn(
                 return;
             }
             MockReply::Close => return,
+            MockReply::Script(script) => {
+                script(&mut out);
+                return;
+            }
         }
     }
 }

@@ -12,6 +12,10 @@
       IDLE idle connections and SLOW slowloris heads (a byte every second) held open
       against a running proxy, then 20 normal requests one after another:
       "<idle open> <slow open> <median ms> <max ms>"
+  loads.py embeddings BINARY CONFIG_DIR PORT UPSTREAM_PORT N
+      N embeddings requests at once through the proxy, each answered by a local
+      upstream (a thread per connection) with 2,048 x 3,072 floats (about 82 MB):
+      "<answers whole> <bytes per answer> <seconds> <proxy peak RSS kB (VmHWM)>"
 """
 
 import asyncio
@@ -166,6 +170,83 @@ async def crowd(port, idle, slow):
         w.close()
 
 
+def embeddings_answer():
+    """About 82 MB: 2,048 embeddings of 3,072 floats, as Azure writes them."""
+    row = "[" + ",".join(f"{(i % 997) / 997 - 0.5:.9f}" for i in range(3072)) + "]"
+    rows = ",".join(
+        f'{{"object":"embedding","index":{i},"embedding":{row}}}' for i in range(2048)
+    )
+    return (
+        f'{{"object":"list","data":[{rows}],"model":"text-embedding-3-large",'
+        f'"usage":{{"prompt_tokens":2048,"total_tokens":2048}}}}'
+    ).encode()
+
+
+def serve_embeddings(port, body):
+    import http.server
+    import threading
+
+    class Upstream(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            try:
+                self.wfile.write(body)
+            except OSError:
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Upstream)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def embeddings(binary, cfg, port, upstream_port, n):
+    import concurrent.futures
+    import json
+
+    body = embeddings_answer()
+    upstream = serve_embeddings(upstream_port, body)
+    proxy = subprocess.Popen([binary, "--config-dir", cfg], stderr=subprocess.DEVNULL)
+    try:
+        wait_ready(port)
+        request = json.dumps(
+            {"model": "text-embedding-3-large", "input": ["x"] * 2048}
+        ).encode()
+
+        def one(_):
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/embeddings",
+                data=request,
+                headers={"content-type": "application/json"},
+            )
+            got = 0
+            with urllib.request.urlopen(req, timeout=300) as r:
+                while chunk := r.read(1 << 20):
+                    got += len(chunk)
+            return got
+
+        t = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            sizes = list(pool.map(one, range(n)))
+        seconds = time.perf_counter() - t
+        with open(f"/proc/{proxy.pid}/status") as f:
+            peak = int(next(l for l in f if l.startswith("VmHWM")).split()[1])
+        whole = sum(1 for s in sizes if s == len(body))
+        print(f"{whole} {len(body)} {seconds:.1f} {peak}")
+    finally:
+        proxy.terminate()
+        proxy.wait()
+        upstream.shutdown()
+
+
 def main():
     what, args = sys.argv[1], sys.argv[2:]
     if what == "startup":
@@ -176,6 +257,8 @@ def main():
         asyncio.run(serve_slow(int(args[0])))
     elif what == "crowd":
         asyncio.run(crowd(int(args[0]), int(args[1]), int(args[2])))
+    elif what == "embeddings":
+        embeddings(args[0], args[1], int(args[2]), int(args[3]), int(args[4]))
     else:
         raise SystemExit(__doc__)
 

@@ -22,6 +22,11 @@
 #   DURATION=10s ROUNDS=5 MANY_STREAMS=10000 scripts/bench.sh
 #   BIN=target/release/azure-openai-proxy scripts/bench.sh   # measure this binary, no build
 #   scripts/bench.sh long-generation   # only that scenario (bench/long_generation.py)
+#   scripts/bench.sh embeddings-rss   # only: peak RSS relaying 16 concurrent 82 MB answers
+#
+# The embeddings step (also part of the full run): 16 embeddings requests at once, each
+# answered by a local Python upstream with 2,048 x 3,072 floats (about 82 MB), read to
+# the end by 16 clients; the figure is the proxy's peak RSS (VmHWM).
 #
 # Installs nginx, wrk, redis-server and musl-tools from Debian's packages when missing. Everything
 # listens on 127.0.0.1 and stops when the script ends.
@@ -29,11 +34,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 write=false
+only=""
 for arg in "$@"; do
   case "$arg" in
     --write) write=true ;;
     long-generation) only=$arg ;;
-    -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    embeddings-rss) only=$arg ;;
+    -h|--help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -61,7 +68,37 @@ PX=18183       # this proxy
 SLOW=18184     # a slow SSE upstream for the held-streams steps
 RDS=18185      # redis-server, for the proxy with shared state
 PXR=18186      # this proxy with `redis:`
+PXE=18187      # this proxy, for the embeddings step
+EMB=18188      # the embeddings upstream
+EMBEDDINGS=16  # concurrent 82 MB answers
 say() { printf '== %s\n' "$*" >&2; }
+
+# embeddings_rss BIN -> "<answers whole> <bytes per answer> <seconds> <peak RSS kB>"
+embeddings_rss() {
+  local dir
+  dir=$(mktemp -d)
+  cat >"$dir/base.yaml" <<YAML
+host: 127.0.0.1
+port: $PXE
+logging: {level: warn}
+routing: {timeout: 600}
+instances:
+  - {name: big, api_key: bench, api_base: 'http://127.0.0.1:$EMB', api_version: 2024-10-21, supported_models: [text-embedding-3-large]}
+YAML
+  python3 bench/loads.py embeddings "$1" "$dir" "$PXE" "$EMB" "$EMBEDDINGS"
+  rm -rf "$dir"
+}
+# embeddings_row WHOLE BYTES SECONDS PEAK_KB -> the report's row
+embeddings_row() {
+  local peak_mb
+  peak_mb=$(awk -v k="$4" 'BEGIN{ printf "%.1f", k/1024 }')
+  echo "| $1 of $EMBEDDINGS concurrent embeddings answers of $(awk -v b="$2" 'BEGIN{ printf "%.1f", b/1e6 }') MB relayed whole (in $3 s): proxy peak RSS | $peak_mb MB | ≤ 100 MB | $(awk -v v="$peak_mb" 'BEGIN{ print (v+0 <= 100) ? "met" : "**missed**" }') |"
+}
+if [ "$only" = embeddings-rss ]; then
+  # shellcheck disable=SC2046 # four numbers, split on purpose
+  embeddings_row $(embeddings_rss "${BIN:-$(scripts/build-static.sh | awk '{print $1}')}")
+  exit 0
+fi
 
 need() {
   local missing=()
@@ -73,7 +110,7 @@ need() {
 }
 need wrk curl python3 redis-server
 # A leftover server on one of these ports would be measured in place of ours.
-for port in $UP $NGX $PX $SLOW $((PX + 10)) $RDS $PXR; do
+for port in $UP $NGX $PX $SLOW $((PX + 10)) $RDS $PXR $PXE $EMB; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "port $port is already in use on 127.0.0.1 (a leftover nginx or proxy?): stop it first" >&2; exit 1
   fi
@@ -280,6 +317,10 @@ say "$streams_open streams held: RSS $rss_streams kB"
 read -r many_open many_secs rss_many <<<"$(held "$MANY_STREAMS")"
 say "$many_open streams held: all started in $many_secs s, RSS $rss_many kB"
 
+# ---- big embeddings answers -------------------------------------------------------------
+read -r emb_whole emb_bytes emb_secs emb_peak <<<"$(embeddings_rss "$bin")"
+say "$emb_whole of $EMBEDDINGS embeddings answers of $emb_bytes bytes in $emb_secs s: peak RSS $emb_peak kB"
+
 # ---- the report ----------------------------------------------------------------------
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b+0 == 0) print "-"; else printf "%.2f", a/b }'; }
 minus() { awk -v a="$1" -v b="$2" 'BEGIN{ printf "%.3f", a-b }'; }
@@ -330,6 +371,7 @@ report() {
   echo "| $many_open of $MANY_STREAMS streams started$limit_note, all within | $many_secs s | ≤ 10 s | $( [ "$many_open" = "$MANY_STREAMS" ] && atmost "$many_secs" 10 || echo '**missed**') |"
   echo "| RSS holding $many_open concurrent streams | $(mb "$rss_many") MB | ≤ 700 MB | $(atmost "$(mb "$rss_many")" 700) |"
   echo "| ... per stream | $(awk -v r="$rss_many" -v i="$rss_idle" -v n="$many_open" 'BEGIN{ printf "%.1f", (r - i) / n }') kB | ≤ 70 kB | $(atmost "$(awk -v r="$rss_many" -v i="$rss_idle" -v n="$many_open" 'BEGIN{ printf "%.1f", (r - i) / n }')" 70) |"
+  embeddings_row "$emb_whole" "$emb_bytes" "$emb_secs" "$emb_peak"
   echo "| start-up to first served request (median of 5) | $startup_ms ms | ≤ 50 ms | $(atmost "$startup_ms" 50) |"
   echo "| static binary size | $size_mb MB | ≤ 6 MB | $(atmost "$size_mb" 6) |"
 }

@@ -77,6 +77,9 @@ pub enum Error {
     },
     /// Instances were tried and none could be reached, or every answer broke off.
     UpstreamUnreachable { model: String, tried: usize },
+    /// The client closed its connection while the proxy waited on an upstream: the
+    /// call was ended. Nobody reads this answer; the access log and statistics do.
+    ClientGone,
 
     // Authentication.
     /// `auth.api_keys` is set and the request presents no key.
@@ -124,6 +127,8 @@ impl Error {
             BodyTooLarge { .. } => 413,
             RateLimited { .. } | KeyFailures { .. } => 429,
             HeaderTooLong { .. } => 431,
+            // nginx's "client closed request": the log's word for it.
+            ClientGone => 499,
             Internal => 500,
             UpstreamUnreachable { .. } => 502,
             NoPermit { .. } | BodyMemoryFull { .. } | AllDown { .. } => 503,
@@ -168,6 +173,7 @@ impl Error {
             UnknownUrl { .. } => "unknown_url",
             MethodNotAllowed { .. } => "method_not_allowed",
             ReloadFailed(_) => "invalid_config",
+            ClientGone => "client_closed_request",
             Internal => "internal_error",
         })
     }
@@ -264,6 +270,7 @@ impl Error {
                 format!("window must be whole minutes from 1 to 60, not {given:?}")
             }
             ReloadFailed(why) => format!("The configuration was not reloaded: {why}"),
+            ClientGone => "The client closed its connection before the answer came.".into(),
             Internal => "The proxy failed while handling this request.".into(),
         }
     }

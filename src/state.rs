@@ -145,6 +145,23 @@ impl State {
         }
     }
 
+    /// Remembers that `instance` (of generation `g`) made Responses API response `id`
+    /// for `model`, here and, with `redis`, for the fleet.
+    pub fn remember_response(&self, g: &Generation, id: &str, instance: &str, model: &str) {
+        self.affinity
+            .lock()
+            .remember(id, instance, model, Instant::now());
+        if let Some(shared) = &self.shared {
+            shared.remember(
+                &g.alerts,
+                id,
+                instance,
+                model,
+                crate::routing::affinity::TTL,
+            );
+        }
+    }
+
     /// `local` without `redis`; else `shared`, or `degraded` while Redis does not answer.
     pub fn shared_state(&self) -> &'static str {
         self.shared.as_ref().map_or("local", |s| s.state())

@@ -13,7 +13,7 @@ use crate::error::Error;
 use crate::http::{self, Body, Reply, Stream, Trace};
 use crate::observe::logging::Clean;
 use crate::outcome::{Outcome, Usage};
-use crate::routing::{self, affinity, Plan, Routed};
+use crate::routing::{self, Plan, Routed};
 use crate::state::{Generation, State};
 use crate::upstream::{self, headers, stream, Answer, Call, Op};
 use body::Meta;
@@ -95,6 +95,7 @@ pub fn stored_response(
                     headers: &forwarded,
                     stream: false,
                     first_byte: first_byte(config),
+                    body_within: body_within(config),
                     not_found_is_answer: true,
                 };
                 upstream::call(&g.agent, &config.instances[i], &g.addresses[i], &call)
@@ -191,6 +192,11 @@ fn timeout_limit(config: &Config, stream: bool) -> (&'static str, f64) {
 
 fn first_byte(config: &Config) -> Duration {
     Duration::from_secs_f64(config.routing.first_byte_timeout)
+}
+
+/// A non-streamed answer's body must arrive whole within `routing.timeout` of its head.
+fn body_within(config: &Config) -> Duration {
+    Duration::from_secs_f64(config.routing.timeout)
 }
 
 fn forward_traced(
@@ -313,6 +319,7 @@ fn forward_traced(
                 headers: &forwarded,
                 stream: meta.stream,
                 first_byte: first_byte(config),
+                body_within: body_within(config),
                 not_found_is_answer: previous.is_some(),
             };
             upstream::call(&g.agent, inst, address, &call)
@@ -323,7 +330,7 @@ fn forward_traced(
         strip_usage: asked_usage,
         count_text: usage_option && !meta.include_usage && !asked_usage,
     };
-    let (reply, usage) = finish(
+    let (mut reply, usage) = finish(
         routed,
         (config, &mut trace.instance, trace.attempts.len()),
         (model, meta.stream),
@@ -332,7 +339,7 @@ fn forward_traced(
     )?;
     trace.usage = usage;
     if op == Op::Responses && (200..300).contains(&reply.status) {
-        remember_response(state, g, &reply, trace.instance.as_deref(), model);
+        remember_response(state, g, &mut reply, trace.instance.as_deref(), model);
     }
     Ok(reply)
 }
@@ -371,11 +378,12 @@ fn home_of(
 }
 
 /// A Responses API answer's `id`, remembered with the instance that made it: from the
-/// body, or from a stream's first event (`response.created`).
+/// body, or from a stream's first event (`response.created`); a relayed body's once it
+/// has passed.
 fn remember_response(
     state: &State,
     g: &Generation,
-    reply: &Reply,
+    reply: &mut Reply,
     instance: Option<&str>,
     model: &str,
 ) {
@@ -384,7 +392,11 @@ fn remember_response(
         id: Option<String>,
         response: Option<Box<Made>>,
     }
-    let bytes = match &reply.body {
+    let bytes = match &mut reply.body {
+        Body::Relay(relay) => {
+            relay.remember = Some(model.to_string());
+            return;
+        }
         Body::Full(bytes) => &bytes[..],
         Body::Stream(s) => {
             let data = s
@@ -400,13 +412,7 @@ fn remember_response(
     let id = id.filter(|id| id.len() <= affinity::MAX_ID_BYTES);
     // `instance` is this generation's: the one whose answer this is.
     if let (Some(id), Some(instance)) = (id, instance) {
-        state
-            .affinity
-            .lock()
-            .remember(&id, instance, model, Instant::now());
-        if let Some(shared) = &state.shared {
-            shared.remember(&g.alerts, &id, instance, model, affinity::TTL);
-        }
+        state.remember_response(g, &id, instance, model);
     }
 }
 
@@ -448,6 +454,12 @@ fn finish(
     };
     let body = match answer.body {
         upstream::Body::Full(bytes) => Body::Full(bytes),
+        upstream::Body::Relay(body) => Body::Relay(http::Relay {
+            body,
+            instance: instance.unwrap_or_default(),
+            permit: Some(permit),
+            remember: None,
+        }),
         // Only an answer passed on streams (`upstream::call` streams only successes).
         upstream::Body::Stream { first, rest } => Body::Stream(Stream {
             first,

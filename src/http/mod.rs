@@ -9,7 +9,7 @@ pub mod body;
 pub mod panics;
 mod reply;
 
-pub use reply::{Body, Reply, Stream, Trace};
+pub use reply::{Body, Relay, Reply, Stream, Trace};
 
 use crate::config::Config;
 use crate::error::Error;
@@ -19,6 +19,7 @@ use crate::outcome::{Outcome, Usage};
 use crate::routing;
 use crate::state::{Generation, State};
 use crate::upstream::stream::{self, End};
+use crate::upstream::{self, relay};
 use std::io::Read;
 use std::net::{TcpListener, ToSocketAddrs};
 use std::sync::Arc;
@@ -197,6 +198,8 @@ fn answer(
     let Some(request) = slot.as_mut() else {
         return (500, Trace::default(), None);
     };
+    // An upstream call or relay this request makes ends soon after its client leaves.
+    let _watch = upstream::watch_client(request.client_socket());
     let mut reply = router(state, g, request, method, path);
     reply
         .headers
@@ -243,11 +246,7 @@ fn answer(
                             .count_text
                             .then(|| Usage::estimated(prompt_tokens, summary.text_tokens))
                     });
-                    // Only a stream that completed becomes the client's failure if its
-                    // end cannot be written; an upstream failure stays one.
-                    let finished = summary.end == End::ClientGone || client.finish().is_ok();
-                    match summary.end {
-                        End::Completed if !finished => End::ClientGone,
+                    match finished(summary.end, || client.finish()) {
                         End::ClientGone if cut => End::Shutdown,
                         end => end,
                     }
@@ -255,11 +254,57 @@ fn answer(
                 Err(_) => End::ClientGone,
             };
             drop(permit);
-            if let End::UpstreamFailed(_) = end {
-                broke(state, g, instance, &mut trace);
-            }
+            let end = settle(state, g, instance, &mut trace, end);
             (status, trace, Some(end))
         }
+        Body::Relay(Relay {
+            body,
+            instance,
+            permit,
+            remember,
+        }) => {
+            let mut trace = reply.trace;
+            let inst = &g.config.instances[instance];
+            let end = match request.into_relay(status, &reply.headers, body.client_length()) {
+                Ok(mut client) => {
+                    let relayed =
+                        relay::relay(body, inst.api_key.expose(), &mut |piece| client.send(piece));
+                    trace.usage = relayed.usage;
+                    if let (Some(model), Some(id)) = (remember, &relayed.id) {
+                        state.remember_response(g, id, &inst.name, &model);
+                    }
+                    finished(relayed.end, || client.finish())
+                }
+                Err(_) => End::ClientGone,
+            };
+            drop(permit);
+            let end = settle(state, g, instance, &mut trace, end);
+            (status, trace, Some(end))
+        }
+    }
+}
+
+/// How a relay ended once `finish` ended the client's body: only a relay that completed
+/// becomes the client's failure if its end cannot be written; an upstream failure
+/// stays one.
+fn finished(end: End, finish: impl FnOnce() -> std::io::Result<()>) -> End {
+    let written = end == End::ClientGone || finish().is_ok();
+    match end {
+        End::Completed if !written => End::ClientGone,
+        end => end,
+    }
+}
+
+/// A relay's end as it counts: an upstream failure is the instance's (`broke`), unless
+/// it was the proxy ending the call because the client had left.
+fn settle(state: &State, g: &Generation, instance: usize, trace: &mut Trace, end: End) -> End {
+    match end {
+        End::UpstreamFailed(_) if upstream::client_left() => End::ClientGone,
+        End::UpstreamFailed(why) => {
+            broke(state, g, instance, trace);
+            End::UpstreamFailed(why)
+        }
+        end => end,
     }
 }
 

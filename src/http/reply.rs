@@ -23,6 +23,19 @@ pub enum Body {
     Full(Vec<u8>),
     /// A 2xx event stream still to be relayed.
     Stream(Stream),
+    /// Any other upstream answer still to be relayed as it arrives.
+    Relay(Relay),
+}
+
+/// An upstream answer (not an event stream) and what its relay needs.
+pub struct Relay {
+    pub body: crate::upstream::relay::Relay,
+    /// The instance answering, by its index in the request's configuration.
+    pub instance: usize,
+    /// Held until the body is relayed: the upstream call is under way until then.
+    pub permit: Option<Permit>,
+    /// A Responses API answer: the model under which its `id` is remembered.
+    pub remember: Option<String>,
 }
 
 /// An upstream event stream and what its relay needs.

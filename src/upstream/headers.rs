@@ -42,8 +42,11 @@ pub fn forward_request_header(name: &str, value: &str) -> bool {
         && ureq::http::HeaderValue::from_str(value).is_ok()
 }
 
-const RETURNED_RESPONSE_HEADERS: [&str; 11] = [
+const RETURNED_RESPONSE_HEADERS: [&str; 12] = [
     "content-type",
+    // The proxy asks for no coding; a coded answer that comes all the same keeps its
+    // label, so the client can decode it.
+    "content-encoding",
     "x-request-id",
     "apim-request-id",
     "x-ms-region",

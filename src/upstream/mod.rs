@@ -1,16 +1,19 @@
 //! Talking to one upstream instance (DESIGN §5.3–§5.6): one call with the generation's
 //! agent to an instance's address, its result classified once (`Outcome`), and the
 //! answer to pass on when there is one. The agent and its TCP layer, the addresses,
-//! the headers and the SSE relay are in this module's files.
+//! the headers, the SSE relay and the relay of other answers are in this module's files.
 
 mod address;
 mod agent;
 pub mod headers;
+pub mod relay;
+mod scan;
 pub mod stream;
 mod transport;
 
 pub use address::{accepts_stream_usage, stream_usage_warnings, Address, Op, V1_VERSIONS};
 pub use agent::{agent, head_line_fits};
+pub use transport::{client_left, watch_client, ClientWatch};
 
 use crate::config::{Instance, MASK};
 use crate::error::Error;
@@ -37,6 +40,9 @@ pub struct Call<'a> {
     /// For a stream, the longest wait from sending to its answer's head and first
     /// event (`routing.first_byte_timeout`).
     pub first_byte: Duration,
+    /// The longest a non-streamed answer's body may take, in all, from its head
+    /// (`routing.timeout`).
+    pub body_within: Duration,
     /// A 404 means the stored response (or the one continued) is not there: the
     /// client's answer, not a missing deployment.
     pub not_found_is_answer: bool,
@@ -49,6 +55,8 @@ pub enum Body {
         first: Vec<u8>,
         rest: ureq::BodyReader<'static>,
     },
+    /// An answer to pass on whose body is still to be read: relayed as it arrives.
+    Relay(relay::Relay),
 }
 
 /// An upstream's answer as the client gets it: the headers that come back (the
@@ -60,15 +68,31 @@ pub struct Answer {
     pub usage: Option<Usage>,
 }
 
-/// The largest non-streamed upstream body the proxy buffers (a big embeddings batch is
-/// tens of MB); a larger one counts as a broken answer.
-const MAX_UPSTREAM_BODY: u64 = 256 * 1024 * 1024;
+/// The largest body read whole: an answer with a Content-Length up to this, and of a
+/// failure that another instance may retry, the first this many bytes (the rest is not
+/// read). Every other answer is relayed as it arrives.
+const WHOLE: u64 = 64 * 1024;
 
 /// Sends `c` to `inst`. `Err` when the request cannot be put on the wire at all (a URL
 /// or header the upstream client refuses): no instance would take it, none is to blame,
-/// and the client hears why. Otherwise the outcome, and the answer when the upstream
-/// gave one.
+/// and the client hears why; or when the client left while it waited (`ClientGone`).
+/// Otherwise the outcome, and the answer when the upstream gave one.
 pub fn call(
+    agent: &ureq::Agent,
+    inst: &Instance,
+    address: &Address,
+    c: &Call,
+) -> Result<(Outcome, Option<Answer>), Error> {
+    let called = call_once(agent, inst, address, c);
+    // Whatever the call's end looked like, it was the client's leaving: no instance's
+    // failure, and nothing to retry.
+    if client_left() {
+        return Err(Error::ClientGone);
+    }
+    called
+}
+
+fn call_once(
     agent: &ureq::Agent,
     inst: &Instance,
     address: &Address,
@@ -174,16 +198,41 @@ pub fn call(
         };
         return Ok((outcome, Some(answer)));
     }
-    // Sized by the upstream's Content-Length (within the limit), so a body is read
+    let length = number("content-length");
+    // A coded body (gzip, say) is passed on with its header, unread.
+    let plain =
+        header("content-encoding").is_none_or(|e| e.trim().eq_ignore_ascii_case("identity"));
+    let by = Instant::now() + c.body_within;
+    let whole = outcome.retry_elsewhere()
+        || matches!(status, 204 | 304)
+        || length.is_some_and(|l| l <= WHOLE);
+    if !whole {
+        let relay = relay::Relay {
+            rest: response.into_body().into_reader(),
+            length,
+            by,
+            mask: !outcome.is_success(),
+            scan: plain,
+        };
+        let answer = Answer {
+            status,
+            headers: returned,
+            body: Body::Relay(relay),
+            usage: None,
+        };
+        return Ok((outcome, Some(answer)));
+    }
+    // Sized by the upstream's Content-Length (within the bound), so a body is read
     // without growing and copying its buffer.
-    let length = number("content-length").unwrap_or(0);
-    let mut bytes = Vec::with_capacity(length.min(MAX_UPSTREAM_BODY) as usize);
-    let read = response
-        .into_body()
-        .into_with_config()
-        .limit(MAX_UPSTREAM_BODY)
-        .reader()
-        .read_to_end(&mut bytes);
+    let mut bytes = Vec::with_capacity(length.unwrap_or(0).min(WHOLE) as usize);
+    let read = {
+        let _deadline = transport::reads_until(by);
+        response
+            .into_body()
+            .into_reader()
+            .take(WHOLE)
+            .read_to_end(&mut bytes)
+    };
     if let Err(e) = read {
         let e = ureq::Error::from(e);
         log::warn!(
@@ -197,7 +246,7 @@ pub fn call(
         Some(answer) if outcome::about_the_request(&bytes) => answer,
         _ => outcome,
     };
-    let usage = if outcome.is_success() {
+    let usage = if outcome.is_success() && plain {
         usage_of(&bytes)
     } else {
         // An error body could echo what it was sent; the instance's key must never
@@ -234,7 +283,10 @@ fn send(
             for &(name, value) in c.headers {
                 request = request.header(name, value);
             }
-            request.header(credential.0, credential.1)
+            // A coded answer could not be read for its usage: ask for none.
+            request
+                .header("accept-encoding", "identity")
+                .header(credential.0, credential.1)
         }};
     }
     match (c.method, c.body) {

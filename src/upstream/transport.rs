@@ -11,13 +11,17 @@
 //!
 //! It also lets a thread give its next reads a deadline of their own (`reads_until`) in
 //! place of ureq's per-read timeout: a stream's first event may take longer than the
-//! gap allowed between later events.
+//! gap allowed between later events, and a non-streamed body has a total deadline. And
+//! while a thread's client is watched (`watch_client`), its reads look at the client's
+//! socket at least once a second and end when the client has left, so an upstream call
+//! no one waits for gives its permit back.
 
 use socket2::SockRef;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::io::{self, ErrorKind, Read, Write};
 use std::mem::MaybeUninit;
 use std::net::TcpStream;
+use std::os::fd::AsFd;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use ureq::unversioned::transport::{
@@ -33,10 +37,21 @@ const COALESCE: usize = 16 * 1024;
 const SLACK: Duration = Duration::from_millis(50);
 /// No address is given less than this to connect.
 const MIN_PER_ADDRESS: Duration = Duration::from_millis(10);
+/// How often a watched client's socket is looked at while its upstream call waits.
+const CLIENT_CHECK: Duration = Duration::from_secs(1);
 
 thread_local! {
     /// Set by `reads_until`: the deadline that replaces ureq's per-read timeout.
     static READS_UNTIL: Cell<Option<Instant>> = const { Cell::new(None) };
+    /// Set by `watch_client`.
+    static CLIENT: RefCell<Option<Watched>> = const { RefCell::new(None) };
+}
+
+/// The client of this thread's request, and when to look at it next.
+struct Watched {
+    socket: Box<dyn AsFd>,
+    next_check: Instant,
+    gone: bool,
 }
 
 /// While the returned guard lives, upstream reads on this thread wait until `deadline`
@@ -51,6 +66,65 @@ pub struct ReadDeadline(());
 impl Drop for ReadDeadline {
     fn drop(&mut self) {
         READS_UNTIL.set(None);
+    }
+}
+
+/// While the returned guard lives, upstream reads on this thread end with an error
+/// within about a second of `client` closing its connection (seen as end of file or
+/// an error on a peek; a client that only shut its sending side counts as gone).
+pub fn watch_client(client: impl AsFd + 'static) -> ClientWatch {
+    CLIENT.set(Some(Watched {
+        socket: Box::new(client),
+        next_check: Instant::now() + CLIENT_CHECK,
+        gone: false,
+    }));
+    ClientWatch(())
+}
+
+pub struct ClientWatch(());
+
+impl Drop for ClientWatch {
+    fn drop(&mut self) {
+        CLIENT.set(None);
+    }
+}
+
+/// Whether this thread's watched client was seen to leave.
+pub fn client_left() -> bool {
+    CLIENT.with_borrow(|w| w.as_ref().is_some_and(|w| w.gone))
+}
+
+/// For a watched client: an error once it has left, else how long the next read may
+/// wait before it is looked at again (`None`: no client is watched).
+fn client_check() -> Result<Option<Duration>, Error> {
+    CLIENT.with_borrow_mut(|watched| {
+        let Some(w) = watched.as_mut() else {
+            return Ok(None);
+        };
+        let now = Instant::now();
+        if !w.gone && now >= w.next_check {
+            w.gone = has_left(w.socket.as_fd());
+            w.next_check = now + CLIENT_CHECK;
+        }
+        if w.gone {
+            return Err(Error::Io(io::Error::new(
+                ErrorKind::ConnectionAborted,
+                "the client closed its connection",
+            )));
+        }
+        Ok(Some(w.next_check - now))
+    })
+}
+
+/// Whether a client's socket is closed: a peek finds its end (or an error). Bytes
+/// waiting (a next request) mean it is still there.
+fn has_left(socket: std::os::fd::BorrowedFd<'_>) -> bool {
+    let mut byte = [MaybeUninit::<u8>::uninit()];
+    let peeked =
+        SockRef::from(&socket).recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT);
+    match peeked {
+        Ok(n) => n == 0,
+        Err(e) => e.kind() != io::ErrorKind::WouldBlock && e.kind() != ErrorKind::Interrupted,
     }
 }
 
@@ -231,6 +305,10 @@ impl Transport for TcpTransport {
         let started = Instant::now();
         loop {
             let left = remaining(budget, started).ok_or(Error::Timeout(timeout.reason))?;
+            let left = match client_check()? {
+                Some(check) => Some(left.map_or(check, |l| l.min(check))),
+                None => left,
+            };
             if self.read_timeout.must_change(left) {
                 self.stream.set_read_timeout(left)?;
                 self.read_timeout = SocketTimeout::Set(left);

@@ -67,6 +67,9 @@ pub enum MockReply {
     /// Write these bytes as they are (a whole answer, head and framing included), each
     /// piece after its delay; then close the connection.
     Raw(Vec<(Duration, Vec<u8>)>),
+    /// Read the request, then let the test write whatever it likes on the connection
+    /// (raw bytes, pauses, a trickle); the connection closes when it returns.
+    Script(Box<dyn FnOnce(&mut TcpStream) + Send>),
 }
 
 pub enum SseEnd {
@@ -294,6 +297,10 @@ fn serve_conn(
                         return;
                     }
                 }
+                return;
+            }
+            MockReply::Script(script) => {
+                script(&mut out);
                 return;
             }
         }

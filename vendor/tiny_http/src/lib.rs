@@ -23,7 +23,7 @@ mod conn;
 mod request;
 
 pub use common::{HTTPVersion, Method, StatusCode};
-pub use request::{is_cut, Request, ResponseWriter};
+pub use request::{is_cut, ClientSocket, Request, ResponseWriter};
 
 use std::io::{self, ErrorKind};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -91,6 +91,8 @@ pub(crate) struct Entry {
     /// `cut_streams` never lands in the middle of one.
     pub(crate) write: Mutex<u8>,
     chunked: AtomicBool,
+    /// A cut ends the stream with the server's last piece; else it only closes it.
+    event_on_cut: AtomicBool,
     slot: usize,
 }
 
@@ -105,8 +107,9 @@ impl Entry {
         self.set_state(BUSY);
     }
 
-    pub(crate) fn set_streaming(&self, chunked: bool) {
+    pub(crate) fn set_streaming(&self, chunked: bool, event_on_cut: bool) {
         self.chunked.store(chunked, Ordering::Relaxed);
+        self.event_on_cut.store(event_on_cut, Ordering::Relaxed);
         self.set_state(STREAMING);
     }
 
@@ -166,6 +169,7 @@ impl Shared {
             idle_since: AtomicU64::new(self.started.elapsed().as_millis() as u64),
             write: Mutex::new(STREAM_FINISHED),
             chunked: AtomicBool::new(false),
+            event_on_cut: AtomicBool::new(false),
             slot,
         });
         r.slots[slot] = Some(entry.clone());
@@ -317,7 +321,7 @@ impl Server {
 
     /// Ends every answer still being streamed with `last` as its final piece (a
     /// complete chunked body, so the client can tell how it ended), and closes those
-    /// connections. Their writers fail from then on. It never waits on a client: a
+    /// connections; a relayed body (`into_relay`) is closed without it, unfinished. Their writers fail from then on. It never waits on a client: a
     /// stream whose writer is blocked on one, or that cannot take `last` at once, is
     /// closed without it.
     pub fn cut_streams(&self, last: &[u8]) {
@@ -333,6 +337,10 @@ impl Server {
                 continue;
             }
             *state = STREAM_CUT;
+            if !entry.event_on_cut.load(Ordering::Relaxed) {
+                let _ = entry.stream.shutdown(Shutdown::Both);
+                continue;
+            }
             let mut out = &entry.stream;
             let _ = out.set_write_timeout(Some(Duration::from_millis(50)));
             let _ = if entry.chunked.load(Ordering::Relaxed) {

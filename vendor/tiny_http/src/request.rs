@@ -15,6 +15,8 @@ use crate::{Shared, STREAM_CUT, STREAM_FINISHED, STREAM_OPEN};
 use std::fmt::Write as _;
 use std::io::{self, ErrorKind, Read};
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The longest chunk-size line (digits and extensions) a chunked body may use.
@@ -200,6 +202,12 @@ impl<'c> Request<'c> {
         Some(self.io.entry.peer)
     }
 
+    /// The client's socket, to look at (never to read or write): whether the client
+    /// is still there while the handler waits on something else.
+    pub fn client_socket(&self) -> ClientSocket {
+        ClientSocket(self.io.entry.clone())
+    }
+
     /// The body's declared Content-Length, if it has one.
     pub fn body_length(&self) -> Option<u64> {
         self.declared
@@ -225,7 +233,7 @@ impl<'c> Request<'c> {
         &mut self,
         status: u16,
         headers: &[(K, V)],
-        length: Option<usize>,
+        length: Option<u64>,
         keep: bool,
     ) -> String {
         let mut head = self.io.take_head_buffer();
@@ -276,7 +284,7 @@ impl<'c> Request<'c> {
                 && v.as_ref().to_ascii_lowercase().contains("close")
         });
         let keep = self.keep_alive(close_asked);
-        let head = self.head_for(status, headers, Some(body.len()), keep);
+        let head = self.head_for(status, headers, Some(body.len() as u64), keep);
         let no_body = self.head.method == Method::Head || matches!(status, 100..=199 | 204 | 304);
         let body = if no_body { &[][..] } else { body };
         let deadline = self.io.answer_deadline();
@@ -290,18 +298,41 @@ impl<'c> Request<'c> {
     /// written: chunked for HTTP/1.1 clients, ended by closing the connection for
     /// HTTP/1.0 ones.
     pub fn into_stream<K: AsRef<str>, V: AsRef<str>>(
-        mut self,
+        self,
         status: u16,
         headers: &[(K, V)],
     ) -> io::Result<ResponseWriter<'c>> {
+        self.open_writer(status, headers, None, true)
+    }
+
+    /// Like `into_stream`, for a body that is not an event stream: with `length`, it
+    /// is sent with that Content-Length (and the writer takes no more); a cut closes
+    /// the connection without a last piece, so the client sees an unfinished body.
+    pub fn into_relay<K: AsRef<str>, V: AsRef<str>>(
+        self,
+        status: u16,
+        headers: &[(K, V)],
+        length: Option<u64>,
+    ) -> io::Result<ResponseWriter<'c>> {
+        self.open_writer(status, headers, length, false)
+    }
+
+    fn open_writer<K: AsRef<str>, V: AsRef<str>>(
+        mut self,
+        status: u16,
+        headers: &[(K, V)],
+        length: Option<u64>,
+        event_on_cut: bool,
+    ) -> io::Result<ResponseWriter<'c>> {
         self.io.answered = true;
-        let chunked = self.head.version >= HTTPVersion(1, 1);
-        let keep = self.keep_alive(false) && chunked;
-        let head = self.head_for(status, headers, None, keep);
+        let chunked = length.is_none() && self.head.version >= HTTPVersion(1, 1);
+        let keep = self.keep_alive(false) && (chunked || length.is_some());
+        let head = self.head_for(status, headers, length, keep);
         let mut writer = ResponseWriter {
             blocked_left: self.io.write_limit,
             io: self.io,
             chunked,
+            left: length,
             keep,
         };
         // The head goes out before the stream can be cut, so that a cut's last chunk
@@ -314,7 +345,7 @@ impl<'c> Request<'c> {
         // A held stream keeps its thread; it need not keep a read buffer too.
         writer.io.release_buffer();
         *state = STREAM_OPEN;
-        entry.set_streaming(chunked);
+        entry.set_streaming(chunked, event_on_cut);
         drop(state);
         Ok(writer)
     }
@@ -463,6 +494,8 @@ impl Read for Request<'_> {
 pub struct ResponseWriter<'c> {
     io: &'c mut Io,
     chunked: bool,
+    /// With a Content-Length: the bytes still owed.
+    left: Option<u64>,
     keep: bool,
     blocked_left: Duration,
 }
@@ -479,6 +512,12 @@ impl ResponseWriter<'_> {
         if *state != STREAM_OPEN {
             return Err(cut());
         }
+        if let Some(left) = self.left {
+            let rest = left.checked_sub(bytes.len() as u64).ok_or_else(|| {
+                io::Error::new(ErrorKind::InvalidData, "more than the Content-Length")
+            })?;
+            self.left = Some(rest);
+        }
         if self.chunked {
             let mut size = [0u8; 18];
             let len = chunk_size_line(bytes.len(), &mut size);
@@ -494,6 +533,12 @@ impl ResponseWriter<'_> {
         let mut state = entry.write.lock().unwrap_or_else(|e| e.into_inner());
         if *state != STREAM_OPEN {
             return Err(cut());
+        }
+        if self.left.is_some_and(|left| left > 0) {
+            return Err(io::Error::new(
+                ErrorKind::UnexpectedEof,
+                "less than the Content-Length",
+            ));
         }
         if self.chunked {
             self.write(&[b"0\r\n\r\n"])?;
@@ -559,4 +604,13 @@ pub(crate) fn chunk_size_line(len: usize, out: &mut [u8; 18]) -> usize {
     out[digits] = b'\r';
     out[digits + 1] = b'\n';
     digits + 2
+}
+
+/// A client's connection, to look at while its request waits (`Request::client_socket`).
+pub struct ClientSocket(Arc<crate::Entry>);
+
+impl AsFd for ClientSocket {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.stream.as_fd()
+    }
 }

@@ -409,7 +409,7 @@ fn remember_response(
     let made = serde_json::from_slice::<Made>(bytes).ok();
     let id = made.and_then(|m| m.id.or_else(|| m.response?.id));
     // Neither here nor in the shared state: no id of ours is this long.
-    let id = id.filter(|id| id.len() <= affinity::MAX_ID_BYTES);
+    let id = id.filter(|id| id.len() <= routing::affinity::MAX_ID_BYTES);
     // `instance` is this generation's: the one whose answer this is.
     if let (Some(id), Some(instance)) = (id, instance) {
         state.remember_response(g, &id, instance, model);
@@ -457,7 +457,7 @@ fn finish(
         upstream::Body::Relay(body) => Body::Relay(http::Relay {
             body,
             instance: instance.unwrap_or_default(),
-            permit: Some(permit),
+            permit,
             remember: None,
         }),
         // Only an answer passed on streams (`upstream::call` streams only successes).

@@ -14,11 +14,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use tiny_http::{Method, Request};
+use http1_server::{Method, Request};
 
 /// A running proxy: its server and the statistics thread.
 pub struct Proxy {
-    server: tiny_http::Server,
+    server: http1_server::Server,
     state: Arc<State>,
     rotator: JoinHandle<()>,
     stop_tx: crossbeam_channel::Sender<()>,

@@ -96,7 +96,7 @@ pub struct State {
     /// Set on SIGTERM: `/health` answers 503 from then on.
     pub draining: AtomicBool,
     /// Client connections open, once the server runs.
-    pub connections: std::sync::OnceLock<tiny_http::ConnectionCount>,
+    pub connections: std::sync::OnceLock<http1_server::ConnectionCount>,
     source: Source,
     /// Held through a reload, so that two at once take turns: the later reads the
     /// files after the earlier has swapped its configuration in.

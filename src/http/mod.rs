@@ -1,4 +1,4 @@
-//! The HTTP layer: the listening socket, the vendored tiny_http server (one thread per
+//! The HTTP layer: the listening socket, our HTTP/1.1 server (`http1_server`: one thread per
 //! connection answers that connection's requests), and writing a handler's `Reply`: in
 //! one write, or relayed as a stream. A panic while handling one request is contained
 //! to that request: it gets a 500 and the connection's thread serves on. Each answered
@@ -23,7 +23,7 @@ use std::net::{TcpListener, ToSocketAddrs};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tiny_http::{Method, Request};
+use http1_server::{Method, Request};
 
 /// How often an idle accept thread wakes to see whether the server is draining.
 const ACCEPT_WAKE: Duration = Duration::from_millis(200);
@@ -42,9 +42,9 @@ pub fn start(
     config: &Config,
     state: Arc<State>,
     router: Router,
-) -> std::io::Result<tiny_http::Server> {
+) -> std::io::Result<http1_server::Server> {
     let secs = Duration::from_secs_f64;
-    let limits = tiny_http::Limits {
+    let limits = http1_server::Limits {
         idle: secs(config.server.client_timeout),
         head: secs(config.server.client_timeout),
         body: secs(config.server.body_timeout),
@@ -53,7 +53,7 @@ pub fn start(
         max_connections: config.server.max_connections,
     };
     let handler_state = state.clone();
-    let server = tiny_http::Server::start(
+    let server = http1_server::Server::start(
         listener,
         limits,
         Box::new(move |request| serve(&handler_state, request, router)),

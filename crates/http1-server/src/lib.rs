@@ -1,14 +1,14 @@
-//! tiny_http 0.12.0, reshaped for azure-openai-proxy (vendor/PATCHES.md lists every
-//! change): an HTTP/1.1 server in which the thread that reads a request runs the
+//! The proxy's HTTP/1.1 server (grown from tiny_http 0.12.0; HISTORY.md lists every
+//! change): a server in which the thread that reads a request runs the
 //! handler that answers it, and every size, count and wait a client controls is
 //! bounded before it costs memory or a thread.
 //!
 //! ```no_run
 //! let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-//! let server = tiny_http::Server::start(
+//! let server = http1_server::Server::start(
 //!     listener,
-//!     tiny_http::Limits::default(),
-//!     Box::new(|request: tiny_http::Request<'_>| {
+//!     http1_server::Limits::default(),
+//!     Box::new(|request: http1_server::Request<'_>| {
 //!         let _ = request.respond(200, &[("Content-Type", "text/plain")], b"hello");
 //!     }),
 //! )
@@ -364,8 +364,8 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
                     | ErrorKind::Interrupted
                     | ErrorKind::ConnectionAborted => {}
                     _ => {
-                        // Out of descriptors, say: transient. The proxy's own log target,
-                        // since it filters out tiny_http's.
+                        // Out of descriptors, say: transient. Under the proxy's log
+                        // target, where its operator looks for it.
                         log::warn!(target: "azure_openai_proxy::accept", "accepting a connection failed: {e}");
                         thread::sleep(Duration::from_millis(50));
                     }

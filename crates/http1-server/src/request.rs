@@ -1,4 +1,4 @@
-//! azure-openai-proxy patch: a request borrows its connection for as long as the handler
+//! A request borrows its connection for as long as the handler
 //! runs. Its body is read through the connection's buffer with RFC 9112 §6 framing and
 //! a total deadline; its answer leaves in one write; a streamed answer is written chunk
 //! by chunk and can be ended by the server (`Server::cut_streams`).
@@ -244,6 +244,8 @@ impl<'c> Request<'c> {
             head.push_str("\r\n");
         }
         match length {
+            // RFC 9110 §8.6: no Content-Length in a 1xx or 204 answer.
+            Some(_) if matches!(status, 100..=199 | 204) => {}
             Some(n) => {
                 let _ = write!(head, "Content-Length: {n}\r\n");
             }
@@ -534,9 +536,9 @@ impl Drop for ResponseWriter<'_> {
 /// `{len:x}\r\n` into `out`, without allocating; returns its length.
 pub(crate) fn chunk_size_line(len: usize, out: &mut [u8; 18]) -> usize {
     let digits = (usize::BITS - len.leading_zeros()).div_ceil(4).max(1) as usize;
-    for i in 0..digits {
+    for (i, digit) in out[..digits].iter_mut().enumerate() {
         let nibble = (len >> (4 * (digits - 1 - i))) & 0xf;
-        out[i] = b"0123456789abcdef"[nibble];
+        *digit = b"0123456789abcdef"[nibble];
     }
     out[digits] = b'\r';
     out[digits + 1] = b'\n';

@@ -1,7 +1,6 @@
-//! azure-openai-proxy patch: one client connection, served by its own thread, request
-//! after request. This replaces tiny_http's `ClientConnection`, its sequential
-//! reader/writer hand-offs and its message queue: the thread that reads a request runs
-//! the handler that answers it. Every read has a deadline and every buffer a cap.
+//! One client connection, served by its own thread, request after request: the thread
+//! that reads a request runs the handler that answers it. The head parser (RFC 9112
+//! §2–5). Every read has a deadline and every buffer a cap.
 
 use crate::common::{HTTPVersion, Method};
 use crate::request::Request;

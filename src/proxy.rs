@@ -107,6 +107,10 @@ fn route(
     method: &Method,
     path: &str,
 ) -> Reply {
+    // A browser's preflight carries no key: it asks whether the real request may be sent.
+    if *method == Method::Options {
+        return http::cors::preflight(&g.config.server.cors_origins, request);
+    }
     let auth = &g.config.auth;
     if path.starts_with("/v1/") || path.starts_with("/openai/") {
         if let Err(e) = auth::check_client(&auth.api_keys, |name| request.header(name)) {
@@ -140,8 +144,14 @@ fn route(
             _ => "POST",
         };
         let query = query(request);
+        // A HEAD asks the upstream for what a GET would have; the server drops the body.
+        let upstream_method = if *method == Method::Head {
+            "GET"
+        } else {
+            method.as_str()
+        };
         return only(method, allowed, path, || {
-            api::stored_response(state, g, request, (method.as_str(), id, rest, query))
+            api::stored_response(state, g, request, (upstream_method, id, rest, query))
         });
     }
     route_other(state, g, request, method, v1, path)
@@ -217,10 +227,11 @@ fn route_other(
     }
 }
 
-/// Runs `f` if the method is one of `allowed` (`"GET, DELETE"`), else answers 405
-/// naming them.
+/// Runs `f` if the method is one of `allowed` (`"GET, DELETE"`), or `HEAD` where `GET`
+/// is, else answers 405 naming them.
 fn only(method: &Method, allowed: &'static str, path: &str, f: impl FnOnce() -> Reply) -> Reply {
-    if allowed.split(", ").any(|m| m == method.as_str()) {
+    let head_as_get = *method == Method::Head && allowed.split(", ").any(|m| m == "GET");
+    if head_as_get || allowed.split(", ").any(|m| m == method.as_str()) {
         f()
     } else {
         Error::MethodNotAllowed {

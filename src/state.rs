@@ -259,6 +259,12 @@ fn keep_start_only(start: &Config, new: &mut Config) -> Vec<&'static str> {
     );
     keep(
         &mut changed,
+        "server.max_connections_per_ip",
+        &s.max_connections_per_ip,
+        &mut n.max_connections_per_ip,
+    );
+    keep(
+        &mut changed,
         "server.max_body_memory",
         &s.max_body_memory,
         &mut n.max_body_memory,

@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod body;
+pub mod cors;
 mod reply;
 
 pub use reply::{Body, Reply, Stream, Trace};
@@ -51,6 +52,8 @@ pub fn start(
         write: secs(config.server.client_timeout),
         stack_size: STACK_SIZE,
         max_connections: config.server.max_connections,
+        max_connections_per_ip: config.server.connections_per_ip(),
+        ..http1_server::Limits::default()
     };
     let handler_state = state.clone();
     let server = http1_server::Server::start(
@@ -185,6 +188,7 @@ fn answer(
         return (500, Trace::default(), None);
     };
     let mut reply = router(state, g, request, method, path);
+    cors::allow_origin(&g.config.server.cors_origins, request, &mut reply);
     reply
         .headers
         .push(("x-proxy-request-id".into(), id.to_string()));

@@ -522,7 +522,7 @@ pub(crate) fn serve(entry: Arc<Entry>, shared: &Shared) {
                 _ => return,
             }
         }
-        io.entry.set_busy();
+        io.entry.set_reading_head(shared);
         match head.read(&mut io, Instant::now() + shared.limits.head) {
             Ok(()) => {}
             Err(None) => return,

@@ -153,6 +153,13 @@ impl<'c> Request<'c> {
             (false, Some(n)) if n > 0 => Body::Length(n),
             _ => Body::Done,
         };
+        // Until its body has come, a connection is one that may be closed if it
+        // trickles (see `Shared::evict`).
+        if body == Body::Done {
+            io.entry.set_busy();
+        } else {
+            io.entry.set_reading_body(shared);
+        }
         Ok(Request {
             io,
             head,
@@ -300,11 +307,13 @@ impl<'c> Request<'c> {
         let chunked = self.head.version >= HTTPVersion(1, 1);
         let keep = self.keep_alive(false) && chunked;
         let head = self.head_for(status, headers, None, keep);
+        let no_body = self.head.method == Method::Head;
         let mut writer = ResponseWriter {
             blocked_left: self.io.write_limit,
             io: self.io,
             chunked,
             keep,
+            no_body,
         };
         // The head goes out before the stream can be cut, so that a cut's last chunk
         // never lands before it.
@@ -313,6 +322,10 @@ impl<'c> Request<'c> {
         let written = writer.write(&[head.as_bytes()]);
         writer.io.give_back(head);
         written?;
+        if no_body {
+            // Nothing follows the head: no stream for `cut_streams` to end.
+            return Ok(writer);
+        }
         // A held stream keeps its thread; it need not keep a read buffer too.
         writer.io.release_buffer();
         *state = STREAM_OPEN;
@@ -404,6 +417,18 @@ impl<'c> Request<'c> {
 /// chunked framing, `UnexpectedEof` when the client closed early.
 impl Read for Request<'_> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let n = self.read_body(out)?;
+        if self.body == Body::Done {
+            self.io.entry.set_busy();
+        } else {
+            self.io.entry.body_progress(n);
+        }
+        Ok(n)
+    }
+}
+
+impl Request<'_> {
+    fn read_body(&mut self, out: &mut [u8]) -> io::Result<usize> {
         if out.is_empty() {
             return Ok(0);
         }
@@ -466,6 +491,8 @@ pub struct ResponseWriter<'c> {
     io: &'c mut Io,
     chunked: bool,
     keep: bool,
+    /// The answer to a `HEAD`: what is sent is dropped.
+    no_body: bool,
     blocked_left: Duration,
 }
 
@@ -473,7 +500,7 @@ impl ResponseWriter<'_> {
     /// Sends `bytes` now. Fails once the client is gone or too slow, or the server cut
     /// the stream.
     pub fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
-        if bytes.is_empty() {
+        if bytes.is_empty() || self.no_body {
             return Ok(());
         }
         let entry = self.io.entry.clone();
@@ -492,6 +519,10 @@ impl ResponseWriter<'_> {
 
     /// Ends the body; the connection may then carry another request.
     pub fn finish(mut self) -> io::Result<()> {
+        if self.no_body {
+            self.io.reusable = self.keep;
+            return Ok(());
+        }
         let entry = self.io.entry.clone();
         let mut state = entry.write.lock().unwrap_or_else(|e| e.into_inner());
         if *state != STREAM_OPEN {

@@ -9,12 +9,12 @@ use crate::state::{Generation, Reloaded, State};
 use crate::upstream::stream;
 use crate::upstream::Op;
 use crate::{admin, api};
+use http1_server::{Method, Request};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use http1_server::{Method, Request};
 
 /// A running proxy: its server and the statistics thread.
 pub struct Proxy {

@@ -80,7 +80,10 @@ mod tests {
             Some("https://app.example")
         );
         assert_eq!(allowed_origin(&some, Some("https://evil.example")), None);
-        assert_eq!(allowed_origin(&some, Some("https://app.example.evil")), None);
+        assert_eq!(
+            allowed_origin(&some, Some("https://app.example.evil")),
+            None
+        );
         assert_eq!(allowed_origin(&some, None), None);
         assert_eq!(allowed_origin(&[], Some("https://app.example")), None);
         let any = vec!["*".to_string()];

@@ -19,12 +19,12 @@ use crate::outcome::{Outcome, Usage};
 use crate::routing;
 use crate::state::{Generation, State};
 use crate::upstream::stream::{self, End};
+use http1_server::{Method, Request};
 use std::io::Read;
 use std::net::{TcpListener, ToSocketAddrs};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use http1_server::{Method, Request};
 
 /// How often an idle accept thread wakes to see whether the server is draining.
 const ACCEPT_WAKE: Duration = Duration::from_millis(200);

@@ -326,7 +326,7 @@ pub(crate) struct Head {
 }
 
 impl Head {
-    fn new() -> Head {
+    pub(crate) fn new() -> Head {
         Head {
             text: String::new(),
             method: Method::Get,
@@ -373,7 +373,7 @@ impl Head {
         result.map_err(Some)
     }
 
-    fn parse(&mut self, raw: &[u8]) -> Result<(), Refusal> {
+    pub(crate) fn parse(&mut self, raw: &[u8]) -> Result<(), Refusal> {
         self.headers.clear();
         let mut lines = crlf_lines(raw);
         let (_, request_line) = lines.next().unwrap_or((0, &[]));
@@ -559,3 +559,7 @@ pub(crate) fn serve(entry: Arc<Entry>, shared: &Shared) {
         io.entry.set_idle(shared);
     }
 }
+
+#[cfg(test)]
+#[path = "conn_tests.rs"]
+mod tests;

@@ -25,8 +25,8 @@ mod request;
 pub use common::{HTTPVersion, Method, StatusCode};
 pub use request::{Request, ResponseWriter};
 
-use std::io::{self, ErrorKind};
 use std::collections::HashMap;
+use std::io::{self, ErrorKind};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -285,15 +285,14 @@ impl Shared {
                 // Only if its state did not change meanwhile (its head may have just
                 // ended): then it is never chosen, and counted as room, again.
                 let state = entry.state.load(Ordering::Acquire);
-                let closing = (self.is_victim(entry, victim, now) && state != CLOSING)
-                    .then(|| {
-                        entry.state.compare_exchange(
-                            state,
-                            CLOSING,
-                            Ordering::AcqRel,
-                            Ordering::Acquire,
-                        )
-                    });
+                let closing = (self.is_victim(entry, victim, now) && state != CLOSING).then(|| {
+                    entry.state.compare_exchange(
+                        state,
+                        CLOSING,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    )
+                });
                 if let Some(Ok(_)) = closing {
                     let _ = entry.stream.shutdown(Shutdown::Both);
                     return true;

@@ -53,81 +53,7 @@ impl<'c> Request<'c> {
         shared: &'c Shared,
     ) -> Result<Request<'c>, Refusal> {
         let http11 = head.version >= HTTPVersion(1, 1);
-        let mut declared: Option<u64> = None;
-        for value in head.all("content-length") {
-            // RFC 9112 §6.3: 1*DIGIT, nothing else; repeats must agree.
-            let n = Some(value)
-                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|v| v.parse::<u64>().ok())
-                .ok_or(refuse(
-                    400,
-                    "invalid_content_length",
-                    "Content-Length must be one number of bytes.",
-                ))?;
-            if declared.is_some_and(|d| d != n) {
-                return Err(refuse(
-                    400,
-                    "invalid_content_length",
-                    "The request has two different Content-Length values.",
-                ));
-            }
-            declared = Some(n);
-        }
-        // Any Transfer-Encoding header, even an empty one, means the body is framed by
-        // it (RFC 9112 §6.1): only exactly `chunked` is accepted.
-        let chunked = head.all("transfer-encoding").next().is_some();
-        let (mut codings, mut chunked_at) = (0, None);
-        for coding in head
-            .all("transfer-encoding")
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|c| !c.is_empty())
-        {
-            if coding.eq_ignore_ascii_case("chunked") {
-                chunked_at = Some(codings);
-            }
-            codings += 1;
-        }
-        if chunked {
-            if declared.is_some() || !http11 {
-                return Err(refuse(
-                    400,
-                    "invalid_transfer_encoding",
-                    "A request may not have both Transfer-Encoding and Content-Length, nor Transfer-Encoding in HTTP/1.0.",
-                ));
-            }
-            match chunked_at {
-                Some(at) if at + 1 == codings && codings == 1 => {}
-                Some(at) if at + 1 == codings => {
-                    return Err(refuse(
-                        501,
-                        "unsupported_transfer_encoding",
-                        "Only the chunked transfer coding is supported.",
-                    ))
-                }
-                Some(_) => {
-                    return Err(refuse(
-                        400,
-                        "invalid_transfer_encoding",
-                        "chunked must be the last transfer coding, and appear once.",
-                    ))
-                }
-                None if codings == 0 => {
-                    return Err(refuse(
-                        400,
-                        "invalid_transfer_encoding",
-                        "Transfer-Encoding is empty.",
-                    ))
-                }
-                None => {
-                    return Err(refuse(
-                        501,
-                        "unsupported_transfer_encoding",
-                        "Only the chunked transfer coding is supported.",
-                    ))
-                }
-            }
-        }
+        let (body, declared) = framing(head)?;
         let mut continue_pending = false;
         if let Some(expect) = head.all("expect").next() {
             if !expect.eq_ignore_ascii_case("100-continue") {
@@ -148,11 +74,6 @@ impl<'c> Request<'c> {
             close |= token.eq_ignore_ascii_case("close");
             keep_alive |= token.eq_ignore_ascii_case("keep-alive");
         }
-        let body = match (chunked, declared) {
-            (true, _) => Body::ChunkSize,
-            (false, Some(n)) if n > 0 => Body::Length(n),
-            _ => Body::Done,
-        };
         // Until its body has come, a connection is one that may be closed if it
         // trickles (see `Shared::evict`).
         if body == Body::Done {
@@ -413,6 +334,94 @@ impl<'c> Request<'c> {
     }
 }
 
+/// How the request's body is framed (RFC 9112 §6), and its declared length: a
+/// refusal for anything ambiguous, so that one request can never be read as two.
+fn framing(head: &Head) -> Result<(Body, Option<u64>), Refusal> {
+    let http11 = head.version >= HTTPVersion(1, 1);
+    let mut declared: Option<u64> = None;
+    for value in head.all("content-length") {
+        // RFC 9112 §6.3: 1*DIGIT, nothing else; repeats must agree.
+        let n = Some(value)
+            .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or(refuse(
+                400,
+                "invalid_content_length",
+                "Content-Length must be one number of bytes.",
+            ))?;
+        if declared.is_some_and(|d| d != n) {
+            return Err(refuse(
+                400,
+                "invalid_content_length",
+                "The request has two different Content-Length values.",
+            ));
+        }
+        declared = Some(n);
+    }
+    // Any Transfer-Encoding header, even an empty one, means the body is framed by
+    // it (RFC 9112 §6.1): only exactly `chunked` is accepted.
+    let chunked = head.all("transfer-encoding").next().is_some();
+    let (mut codings, mut chunked_at, mut chunked_seen) = (0, None, 0);
+    for coding in head
+        .all("transfer-encoding")
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+    {
+        if coding.eq_ignore_ascii_case("chunked") {
+            chunked_at = Some(codings);
+            chunked_seen += 1;
+        }
+        codings += 1;
+    }
+    if chunked {
+        if declared.is_some() || !http11 {
+            return Err(refuse(
+                400,
+                "invalid_transfer_encoding",
+                "A request may not have both Transfer-Encoding and Content-Length, nor Transfer-Encoding in HTTP/1.0.",
+            ));
+        }
+        match chunked_at {
+            Some(at) if at + 1 == codings && codings == 1 => {}
+            Some(at) if at + 1 == codings && chunked_seen == 1 => {
+                return Err(refuse(
+                    501,
+                    "unsupported_transfer_encoding",
+                    "Only the chunked transfer coding is supported.",
+                ))
+            }
+            Some(_) => {
+                return Err(refuse(
+                    400,
+                    "invalid_transfer_encoding",
+                    "chunked must be the last transfer coding, and appear once.",
+                ))
+            }
+            None if codings == 0 => {
+                return Err(refuse(
+                    400,
+                    "invalid_transfer_encoding",
+                    "Transfer-Encoding is empty.",
+                ))
+            }
+            None => {
+                return Err(refuse(
+                    501,
+                    "unsupported_transfer_encoding",
+                    "Only the chunked transfer coding is supported.",
+                ))
+            }
+        }
+    }
+    let body = match (chunked, declared) {
+        (true, _) => Body::ChunkSize,
+        (false, Some(n)) if n > 0 => Body::Length(n),
+        _ => Body::Done,
+    };
+    Ok((body, declared))
+}
+
 /// The request body. Errors: `TimedOut` past `Limits::body`, `InvalidData` for broken
 /// chunked framing, `UnexpectedEof` when the client closed early.
 impl Read for Request<'_> {
@@ -575,3 +584,7 @@ pub(crate) fn chunk_size_line(len: usize, out: &mut [u8; 18]) -> usize {
     out[digits + 1] = b'\n';
     digits + 2
 }
+
+#[cfg(test)]
+#[path = "request_tests.rs"]
+mod tests;

@@ -12,6 +12,11 @@
       IDLE idle connections and SLOW slowloris heads (a byte every second) held open
       against a running proxy, then 20 normal requests one after another:
       "<idle open> <slow open> <median ms> <max ms>"
+  loads.py partial-heads PORT N
+      N connections from 127.0.0.1, each a partial head (a byte more every 3 s), held
+      open against a running proxy; then, 20 times each on a new connection from the
+      same address, /health and a chat request:
+      "<opened> <still open> <health max ms> <chat max ms>"
 """
 
 import asyncio
@@ -166,6 +171,51 @@ async def crowd(port, idle, slow):
         w.close()
 
 
+async def partial_heads(port, n):
+    import http.client
+    readers, writers = [], []
+    for _ in range(n):
+        try:
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            readers.append(r)
+            writers.append(w)
+        except OSError:
+            break
+
+    async def trickle():
+        while True:
+            await asyncio.sleep(3)
+            for w in writers:
+                if not w.is_closing():
+                    w.write(b"X")
+
+    dripping = asyncio.create_task(trickle())
+    await asyncio.sleep(1)
+    body = b'{"model":"gpt-4o","messages":[{"role":"user","content":"Say hello."}],"max_tokens":16}'
+
+    def one(method, path, payload):
+        t = time.perf_counter()
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        c.request(method, path, body=payload, headers={"Content-Type": "application/json"})
+        r = c.getresponse()
+        r.read()
+        c.close()
+        if r.status != 200:
+            raise SystemExit(f"{method} {path}: {r.status}")
+        return (time.perf_counter() - t) * 1000
+
+    health, chat = [], []
+    for _ in range(20):
+        health.append(await asyncio.to_thread(one, "GET", "/health", None))
+        chat.append(await asyncio.to_thread(one, "POST", "/v1/chat/completions", body))
+    dripping.cancel()
+    still_open = sum(1 for r in readers if not r.at_eof())
+    print(f"{len(writers)} {still_open} {max(health):.2f} {max(chat):.2f}")
+    for w in writers:
+        w.close()
+
+
 def main():
     what, args = sys.argv[1], sys.argv[2:]
     if what == "startup":
@@ -174,6 +224,8 @@ def main():
         asyncio.run(held(args[0], args[1], int(args[2]), int(args[3]), int(args[4])))
     elif what == "slow-upstream":
         asyncio.run(serve_slow(int(args[0])))
+    elif what == "partial-heads":
+        asyncio.run(partial_heads(int(args[0]), int(args[1])))
     elif what == "crowd":
         asyncio.run(crowd(int(args[0]), int(args[1]), int(args[2])))
     else:

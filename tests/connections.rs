@@ -177,23 +177,22 @@ fn connect_from(source: &str, proxy: &Running) -> TcpStream {
     socket.into()
 }
 
-/// Opens `n` connections from `source` that each send part of a head, and waits until
-/// the proxy has read every part.
+/// Opens `n` connections from `source` that each send part of a head, one after the
+/// other once the proxy has read the last one's part, so that their age is their order.
 fn partial_heads(proxy: &Running, source: &str, n: usize) -> Vec<TcpStream> {
     let before = read_connections(proxy);
-    let held: Vec<TcpStream> = (0..n)
-        .map(|_| {
+    (0..n)
+        .map(|i| {
             let mut c = connect_from(source, proxy);
             c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").unwrap();
+            assert!(
+                wait_until(Duration::from_secs(10), || read_connections(proxy)
+                    > before + i),
+                "the proxy read partial head {i}"
+            );
             c
         })
-        .collect();
-    assert!(
-        wait_until(Duration::from_secs(10), || read_connections(proxy)
-            >= before + n),
-        "the proxy read the {n} partial heads"
-    );
-    held
+        .collect()
 }
 
 /// One whole request from `source` on a new connection, and its answer.

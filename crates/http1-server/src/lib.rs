@@ -100,7 +100,8 @@ pub(crate) struct Entry {
     pub(crate) stream: TcpStream,
     pub(crate) peer: SocketAddr,
     state: AtomicU8,
-    /// Milliseconds since the server started, when the connection entered its state.
+    /// Microseconds since the server started, when the connection entered its state
+    /// (fine enough that connections a moment apart are told apart, oldest first).
     since: AtomicU64,
     /// Body bytes read since the state became `BODY`.
     body_read: AtomicU64,
@@ -134,7 +135,7 @@ impl Entry {
     }
 
     fn enter(&self, shared: &Shared, state: u8) {
-        self.since.store(shared.now_ms(), Ordering::Relaxed);
+        self.since.store(shared.now_us(), Ordering::Relaxed);
         self.set_state(state);
     }
 
@@ -217,8 +218,8 @@ impl Shared {
         self.registry().slots.iter().flatten().cloned().collect()
     }
 
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    fn now_us(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX)
     }
 
     fn add(&self, stream: TcpStream, peer: SocketAddr) -> Arc<Entry> {
@@ -235,7 +236,7 @@ impl Shared {
             // Idle from the moment it is accepted: a connection that has said nothing
             // gives way to a new one like a kept-alive one does.
             state: AtomicU8::new(IDLE),
-            since: AtomicU64::new(self.now_ms()),
+            since: AtomicU64::new(self.now_us()),
             body_read: AtomicU64::new(0),
             client,
             write: Mutex::new(STREAM_FINISHED),
@@ -253,11 +254,13 @@ impl Shared {
         let client = ClientKey::of(peer);
         let per_client = self.limits.max_connections_per_ip;
         let r = self.registry();
-        if per_client > 0
-            && r.per_client.get(&client).copied().unwrap_or(0) >= per_client
-            && !self.evict(&r, Some(client))
-        {
-            return Err(Refused::Client);
+        if per_client > 0 && r.per_client.get(&client).copied().unwrap_or(0) >= per_client {
+            // The address's own connection closed is this one's room in the table too.
+            return if self.evict(&r, Some(client)) {
+                Ok(())
+            } else {
+                Err(Refused::Client)
+            };
         }
         if r.open >= self.limits.max_connections && !self.evict(&r, None) {
             return Err(Refused::Full);
@@ -271,7 +274,7 @@ impl Shared {
     /// busy with a request it has sent, or with its answer, is never closed. False when
     /// none may be.
     fn evict(&self, r: &Registry, client: Option<ClientKey>) -> bool {
-        let now = self.now_ms();
+        let now = self.now_us();
         for victim in [Victim::NoHead, Victim::SlowBody] {
             loop {
                 let oldest = r
@@ -309,8 +312,10 @@ impl Shared {
             Victim::SlowBody => {
                 let elapsed = now.saturating_sub(e.since.load(Ordering::Relaxed));
                 state == BODY
-                    && elapsed >= 1000
-                    && e.body_read.load(Ordering::Relaxed).saturating_mul(1000)
+                    && elapsed >= 1_000_000
+                    && e.body_read
+                        .load(Ordering::Relaxed)
+                        .saturating_mul(1_000_000)
                         < self.limits.body_floor.saturating_mul(elapsed)
             }
         }

@@ -128,6 +128,29 @@ async def held(binary, cfg, port, upstream_port, n):
         upstream.wait()
 
 
+async def half_heads(port, n, head):
+    """Up to n connections, each sent `head` (not ended): their readers and writers."""
+    readers, writers = [], []
+    for _ in range(n):
+        try:
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(head)
+            readers.append(r)
+            writers.append(w)
+        except OSError:
+            break
+    return readers, writers
+
+
+async def trickle(writers, every):
+    """A byte more on each open connection every `every` seconds, until cancelled."""
+    while True:
+        await asyncio.sleep(every)
+        for w in writers:
+            if not w.is_closing():
+                w.write(b"X")
+
+
 async def crowd(port, idle, slow):
     conns = []
     for _ in range(idle):
@@ -136,22 +159,9 @@ async def crowd(port, idle, slow):
         except OSError:
             break
     idle_open = len(conns)
-    slow_writers = []
-    for _ in range(slow):
-        try:
-            _, w = await asyncio.open_connection("127.0.0.1", port)
-            w.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
-            slow_writers.append(w)
-        except OSError:
-            break
+    _, slow_writers = await half_heads(port, slow, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
 
-    async def trickle():
-        while True:
-            await asyncio.sleep(1)
-            for w in slow_writers:
-                w.write(b"X")
-
-    dripping = asyncio.create_task(trickle())
+    dripping = asyncio.create_task(trickle(slow_writers, 1))
     await asyncio.sleep(1)
     body = b'{"model":"gpt-4o","messages":[{"role":"user","content":"Say hello."}],"max_tokens":16}'
 
@@ -173,24 +183,9 @@ async def crowd(port, idle, slow):
 
 async def partial_heads(port, n):
     import http.client
-    readers, writers = [], []
-    for _ in range(n):
-        try:
-            r, w = await asyncio.open_connection("127.0.0.1", port)
-            w.write(b"GET /health HTTP/1.1\r\nHost: x\r\n")
-            readers.append(r)
-            writers.append(w)
-        except OSError:
-            break
+    readers, writers = await half_heads(port, n, b"GET /health HTTP/1.1\r\nHost: x\r\n")
 
-    async def trickle():
-        while True:
-            await asyncio.sleep(3)
-            for w in writers:
-                if not w.is_closing():
-                    w.write(b"X")
-
-    dripping = asyncio.create_task(trickle())
+    dripping = asyncio.create_task(trickle(writers, 3))
     await asyncio.sleep(1)
     body = b'{"model":"gpt-4o","messages":[{"role":"user","content":"Say hello."}],"max_tokens":16}'
 

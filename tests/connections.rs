@@ -25,17 +25,34 @@ fn chat(proxy: &Running) -> Answer {
     )
 }
 
-#[test]
-fn a_full_server_closes_idle_connections_for_new_ones_and_refuses_when_all_are_busy() {
-    // Model `slow` hangs upstream, so its requests keep their connections busy.
+/// An upstream on which model `slow` hangs, so that its requests keep their
+/// connections busy; model `m` is answered.
+fn hanging_upstream() -> Mock {
     let ok = azure_like(KEY);
-    let up = Mock::start(std::sync::Arc::new(move |r: &Recorded| {
+    Mock::start(std::sync::Arc::new(move |r: &Recorded| {
         if r.target.contains("/slow/") {
             MockReply::Hang(Duration::from_secs(20))
         } else {
             ok(r)
         }
-    }));
+    }))
+}
+
+/// `c` with a whole request for model `slow` sent: busy until its upstream call ends.
+fn busy(mut c: TcpStream) -> TcpStream {
+    let body = br#"{"model":"slow","messages":[]}"#;
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    c.write_all(head.as_bytes()).unwrap();
+    c.write_all(body).unwrap();
+    c
+}
+
+#[test]
+fn a_full_server_closes_idle_connections_for_new_ones_and_refuses_when_all_are_busy() {
+    let up = hanging_upstream();
     let proxy = Running::with_config(&format!(
         "server: {{max_connections: 4, max_connections_per_ip: 0}}\nrouting: {{timeout: 2}}\n{}",
         instance(&up.url).replace("[m]", "[m, slow]")
@@ -73,17 +90,7 @@ fn a_full_server_closes_idle_connections_for_new_ones_and_refuses_when_all_are_b
     // Four connections with a request under way: nothing to give way.
     let before = up.count();
     let busy: Vec<TcpStream> = (0..4)
-        .map(|_| {
-            let mut c = TcpStream::connect(&proxy.addr).unwrap();
-            let body = br#"{"model":"slow","messages":[]}"#;
-            let head = format!(
-                "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
-                body.len()
-            );
-            c.write_all(head.as_bytes()).unwrap();
-            c.write_all(body).unwrap();
-            c
-        })
+        .map(|_| busy(TcpStream::connect(&proxy.addr).unwrap()))
         .collect();
     assert!(
         wait_until(Duration::from_secs(10), || up.count() == before + 4),
@@ -301,31 +308,14 @@ fn a_body_trickled_below_the_floor_gives_way_after_its_first_second() {
 
 #[test]
 fn one_address_holds_at_most_its_share_and_its_own_half_heads_give_way() {
-    let ok = azure_like(KEY);
-    let up = Mock::start(std::sync::Arc::new(move |r: &Recorded| {
-        if r.target.contains("/slow/") {
-            MockReply::Hang(Duration::from_secs(20))
-        } else {
-            ok(r)
-        }
-    }));
+    let up = hanging_upstream();
     let proxy = Running::with_config(&format!(
         "server: {{max_connections: 64, max_connections_per_ip: 4}}\nrouting: {{timeout: 2}}\n{}",
         instance(&up.url).replace("[m]", "[m, slow]")
     ));
     // 127.0.0.1 holds its four with requests under way.
     let busy: Vec<TcpStream> = (0..4)
-        .map(|_| {
-            let mut c = connect_from("127.0.0.1", &proxy);
-            let body = br#"{"model":"slow","messages":[]}"#;
-            let head = format!(
-                "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
-                body.len()
-            );
-            c.write_all(head.as_bytes()).unwrap();
-            c.write_all(body).unwrap();
-            c
-        })
+        .map(|_| busy(connect_from("127.0.0.1", &proxy)))
         .collect();
     assert!(
         wait_until(Duration::from_secs(10), || up.count() == 4),

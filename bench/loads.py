@@ -16,6 +16,11 @@
       N embeddings requests at once through the proxy, each answered by a local
       upstream (a thread per connection) with 2,048 x 3,072 floats (about 82 MB):
       "<answers whole> <bytes per answer> <seconds> <proxy peak RSS kB (VmHWM)>"
+  loads.py partial-heads PORT N
+      N connections from 127.0.0.1, each a partial head (a byte more every 3 s), held
+      open against a running proxy; then, 20 times each on a new connection from the
+      same address, /health and a chat request:
+      "<opened> <still open> <health max ms> <chat max ms>"
 """
 
 import asyncio
@@ -127,6 +132,29 @@ async def held(binary, cfg, port, upstream_port, n):
         upstream.wait()
 
 
+async def half_heads(port, n, head):
+    """Up to n connections, each sent `head` (not ended): their readers and writers."""
+    readers, writers = [], []
+    for _ in range(n):
+        try:
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(head)
+            readers.append(r)
+            writers.append(w)
+        except OSError:
+            break
+    return readers, writers
+
+
+async def trickle(writers, every):
+    """A byte more on each open connection every `every` seconds, until cancelled."""
+    while True:
+        await asyncio.sleep(every)
+        for w in writers:
+            if not w.is_closing():
+                w.write(b"X")
+
+
 async def crowd(port, idle, slow):
     conns = []
     for _ in range(idle):
@@ -135,22 +163,9 @@ async def crowd(port, idle, slow):
         except OSError:
             break
     idle_open = len(conns)
-    slow_writers = []
-    for _ in range(slow):
-        try:
-            _, w = await asyncio.open_connection("127.0.0.1", port)
-            w.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
-            slow_writers.append(w)
-        except OSError:
-            break
+    _, slow_writers = await half_heads(port, slow, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
 
-    async def trickle():
-        while True:
-            await asyncio.sleep(1)
-            for w in slow_writers:
-                w.write(b"X")
-
-    dripping = asyncio.create_task(trickle())
+    dripping = asyncio.create_task(trickle(slow_writers, 1))
     await asyncio.sleep(1)
     body = b'{"model":"gpt-4o","messages":[{"role":"user","content":"Say hello."}],"max_tokens":16}'
 
@@ -247,6 +262,36 @@ def embeddings(binary, cfg, port, upstream_port, n):
         upstream.shutdown()
 
 
+async def partial_heads(port, n):
+    import http.client
+    readers, writers = await half_heads(port, n, b"GET /health HTTP/1.1\r\nHost: x\r\n")
+
+    dripping = asyncio.create_task(trickle(writers, 3))
+    await asyncio.sleep(1)
+    body = b'{"model":"gpt-4o","messages":[{"role":"user","content":"Say hello."}],"max_tokens":16}'
+
+    def one(method, path, payload):
+        t = time.perf_counter()
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        c.request(method, path, body=payload, headers={"Content-Type": "application/json"})
+        r = c.getresponse()
+        r.read()
+        c.close()
+        if r.status != 200:
+            raise SystemExit(f"{method} {path}: {r.status}")
+        return (time.perf_counter() - t) * 1000
+
+    health, chat = [], []
+    for _ in range(20):
+        health.append(await asyncio.to_thread(one, "GET", "/health", None))
+        chat.append(await asyncio.to_thread(one, "POST", "/v1/chat/completions", body))
+    dripping.cancel()
+    still_open = sum(1 for r in readers if not r.at_eof())
+    print(f"{len(writers)} {still_open} {max(health):.2f} {max(chat):.2f}")
+    for w in writers:
+        w.close()
+
+
 def main():
     what, args = sys.argv[1], sys.argv[2:]
     if what == "startup":
@@ -255,6 +300,8 @@ def main():
         asyncio.run(held(args[0], args[1], int(args[2]), int(args[3]), int(args[4])))
     elif what == "slow-upstream":
         asyncio.run(serve_slow(int(args[0])))
+    elif what == "partial-heads":
+        asyncio.run(partial_heads(int(args[0]), int(args[1])))
     elif what == "crowd":
         asyncio.run(crowd(int(args[0]), int(args[1]), int(args[2])))
     elif what == "embeddings":

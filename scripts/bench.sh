@@ -23,6 +23,9 @@
 #   BIN=target/release/azure-openai-proxy scripts/bench.sh   # measure this binary, no build
 #   scripts/bench.sh long-generation   # only that scenario (bench/long_generation.py)
 #   scripts/bench.sh embeddings-rss   # only: peak RSS relaying 16 concurrent 82 MB answers
+#   scripts/bench.sh partial-heads   # only this: PARTIAL_HEADS (4,200) half-sent heads
+#                                    # from one address held open, then /health and a
+#                                    # chat request, 20 times each: the max latency
 #
 # The embeddings step (also part of the full run): 16 embeddings requests at once, each
 # answered by a local Python upstream with 2,048 x 3,072 floats (about 82 MB), read to
@@ -40,7 +43,8 @@ for arg in "$@"; do
     --write) write=true ;;
     long-generation) only=$arg ;;
     embeddings-rss) only=$arg ;;
-    -h|--help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    partial-heads) only=$arg ;;
+    -h|--help) sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -61,6 +65,7 @@ STREAMS=${STREAMS:-1000}
 ulimit -n "$(ulimit -Hn)"
 MANY_STREAMS=${MANY_STREAMS:-$(( $(ulimit -n) / 2 - 32 < 10000 ? $(ulimit -n) / 2 - 32 : 10000 ))}
 IDLE=${IDLE:-2000}
+PARTIAL_HEADS=${PARTIAL_HEADS:-4200}
 SLOWLORIS=${SLOWLORIS:-500}
 UP=18181       # the fast upstream (nginx)
 NGX=18182      # nginx proxy_pass
@@ -197,6 +202,18 @@ pids+=("$px_pid")
 wait_http "http://127.0.0.1:$UP/openai/deployments/gpt-4o/chat/completions" && kill -0 "${pids[0]}" 2>/dev/null ||
   { echo "nginx did not start" >&2; cat "$tmp/ngx/logs/error.log" >&2; exit 1; }
 wait_http "http://127.0.0.1:$PX/health" || { echo "the proxy did not start" >&2; cat "$tmp/proxy.log" >&2; exit 1; }
+
+# ---- half-sent heads from one address (alone: `scripts/bench.sh partial-heads`) ----------
+partial_heads() {
+  local opened still health_max chat_max
+  read -r opened still health_max chat_max <<<"$(python3 bench/loads.py partial-heads "$PX" "$PARTIAL_HEADS")"
+  say "$opened half-sent heads from one address ($still still open): /health max $health_max ms, chat max $chat_max ms"
+  echo "| /health and a chat request, 20 each, with $opened half-sent heads opened from the same address ($still left open by the proxy), max | $health_max / $chat_max ms | ≤ 50 ms | $(awk -v a="$health_max" -v b="$chat_max" 'BEGIN{ print (a <= 50 && b <= 50) ? "met" : "**missed**" }') |"
+}
+if [ "$only" = partial-heads ]; then
+  partial_heads
+  exit 0
+fi
 # The same proxy with shared state in a Redis of its own, and a TPM window, so that each
 # request makes both of its round trips (admission, and the correction its upstream's
 # remaining-token header would ask for: this upstream sends none, so only admission).

@@ -304,7 +304,7 @@ pub fn metrics(state: &State, g: &Generation) -> Reply {
             state
                 .connections
                 .get()
-                .map_or(0, tiny_http::ConnectionCount::get),
+                .map_or(0, http1_server::ConnectionCount::get),
             g.config.server.max_connections,
         ),
         permits: (state.permits.in_use(), state.permits.total()),

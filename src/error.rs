@@ -2,7 +2,7 @@
 //! variant documented by when it happens, and their OpenAI-shaped JSON body
 //! (`{"error":{"message","type","param","code"}}`), so that an SDK client reads them as
 //! it reads OpenAI's. (The HTTP parser's own answers, for requests too malformed to
-//! reach a handler, are in `vendor/tiny_http`.)
+//! reach a handler, are in `crates/http1-server`.)
 
 use serde_json::json;
 use std::time::Duration;

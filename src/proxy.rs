@@ -9,16 +9,16 @@ use crate::state::{Generation, Reloaded, State};
 use crate::upstream::stream;
 use crate::upstream::Op;
 use crate::{admin, api};
+use http1_server::{Method, Request};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use tiny_http::{Method, Request};
 
 /// A running proxy: its server and the statistics thread.
 pub struct Proxy {
-    server: tiny_http::Server,
+    server: http1_server::Server,
     state: Arc<State>,
     rotator: JoinHandle<()>,
     stop_tx: crossbeam_channel::Sender<()>,
@@ -107,6 +107,10 @@ fn route(
     method: &Method,
     path: &str,
 ) -> Reply {
+    // A browser's preflight carries no key: it asks whether the real request may be sent.
+    if *method == Method::Options {
+        return http::cors::preflight(&g.config.server.cors_origins, request);
+    }
     let auth = &g.config.auth;
     if path.starts_with("/v1/") || path.starts_with("/openai/") {
         let checked = state.key_failures.check(auth, request.remote_addr(), || {
@@ -143,8 +147,14 @@ fn route(
             _ => "POST",
         };
         let query = query(request);
+        // A HEAD asks the upstream for what a GET would have; the server drops the body.
+        let upstream_method = if *method == Method::Head {
+            "GET"
+        } else {
+            method.as_str()
+        };
         return only(method, allowed, path, || {
-            api::stored_response(state, g, request, (method.as_str(), id, rest, query))
+            api::stored_response(state, g, request, (upstream_method, id, rest, query))
         });
     }
     route_other(state, g, request, method, v1, path)
@@ -221,10 +231,11 @@ fn route_other(
     }
 }
 
-/// Runs `f` if the method is one of `allowed` (`"GET, DELETE"`), else answers 405
-/// naming them.
+/// Runs `f` if the method is one of `allowed` (`"GET, DELETE"`), or `HEAD` where `GET`
+/// is, else answers 405 naming them.
 fn only(method: &Method, allowed: &'static str, path: &str, f: impl FnOnce() -> Reply) -> Reply {
-    if allowed.split(", ").any(|m| m == method.as_str()) {
+    let head_as_get = *method == Method::Head && allowed.split(", ").any(|m| m == "GET");
+    if head_as_get || allowed.split(", ").any(|m| m == method.as_str()) {
         f()
     } else {
         Error::MethodNotAllowed {

@@ -99,7 +99,7 @@ pub struct State {
     /// Set on SIGTERM: `/health` answers 503 from then on.
     pub draining: AtomicBool,
     /// Client connections open, once the server runs.
-    pub connections: std::sync::OnceLock<tiny_http::ConnectionCount>,
+    pub connections: std::sync::OnceLock<http1_server::ConnectionCount>,
     source: Source,
     /// Held through a reload, so that two at once take turns: the later reads the
     /// files after the earlier has swapped its configuration in.
@@ -277,6 +277,12 @@ fn keep_start_only(start: &Config, new: &mut Config) -> Vec<&'static str> {
         "server.max_connections",
         &s.max_connections,
         &mut n.max_connections,
+    );
+    keep(
+        &mut changed,
+        "server.max_connections_per_ip",
+        &s.max_connections_per_ip,
+        &mut n.max_connections_per_ip,
     );
     keep(
         &mut changed,

@@ -266,7 +266,7 @@ fn slow_and_half_closed_clients_do_not_stop_others() {
         assert_eq!(chat(&proxy).status, 200);
     }
     // A client stalled mid-head is dropped after `client_timeout` (1 s here), which frees
-    // the thread tiny_http gave it.
+    // the thread the server gave it.
     let stalled_head = &mut stalled[0];
     stalled_head
         .set_read_timeout(Some(Duration::from_secs(5)))

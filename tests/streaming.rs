@@ -253,7 +253,7 @@ fn an_upstream_error_on_a_stream_request_is_a_plain_json_error() {
 
 #[test]
 fn a_burst_of_new_streams_all_start_while_earlier_ones_are_held() {
-    // tiny_http gives each connection a thread from a pool for the connection's life. A
+    // The server gives each connection a thread from a pool for the connection's life. A
     // burst of new connections must each get a thread, not queue behind busy ones.
     let mock = Mock::start(slow_stream(Duration::from_millis(1), &["a"], || {
         SseEnd::Stall(Duration::from_secs(20))

@@ -38,7 +38,7 @@ pub fn models(g: &Generation) -> Reply {
 pub fn forward(
     state: &State,
     g: &Generation,
-    req: &mut tiny_http::Request<'_>,
+    req: &mut http1_server::Request<'_>,
     op: Op,
     path_model: Option<String>,
 ) -> Reply {
@@ -51,7 +51,7 @@ pub fn forward(
 pub fn stored_response(
     state: &State,
     g: &Generation,
-    req: &tiny_http::Request<'_>,
+    req: &http1_server::Request<'_>,
     (method, id, rest, query): (&str, &str, &str, &str),
 ) -> Reply {
     traced(|trace| {
@@ -146,7 +146,7 @@ fn traced(handler: impl FnOnce(&mut Trace) -> Result<Reply, Error>) -> Reply {
 
 /// The client's headers that travel upstream, or 431 for one too long to.
 fn forwarded_headers<'r>(
-    req: &'r tiny_http::Request<'_>,
+    req: &'r http1_server::Request<'_>,
 ) -> Result<Vec<(&'r str, &'r str)>, Error> {
     let forwarded: Vec<(&str, &str)> = req
         .headers()
@@ -202,7 +202,7 @@ fn body_within(config: &Config) -> Duration {
 fn forward_traced(
     state: &State,
     g: &Generation,
-    req: &mut tiny_http::Request<'_>,
+    req: &mut http1_server::Request<'_>,
     op: Op,
     path_model: Option<String>,
     trace: &mut Trace,

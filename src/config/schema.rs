@@ -321,6 +321,22 @@ pub struct Server {
     /// closed first.
     #[serde(deserialize_with = "lenient")]
     pub max_connections: usize,
+    /// Client connections open at once from one address (an IPv6 address counts by its
+    /// /64); unset: half of `max_connections`; 0: no limit (behind a reverse proxy,
+    /// every client has its address).
+    #[serde(deserialize_with = "lenient_opt")]
+    pub max_connections_per_ip: Option<usize>,
+    /// Origins whose browsers may call the API (CORS): `OPTIONS` preflights and answers
+    /// to them carry `Access-Control-Allow-Origin`. `"*"` allows any. Empty: none.
+    pub cors_origins: Vec<String>,
+}
+
+impl Server {
+    /// `max_connections_per_ip` as the server takes it (0: no limit).
+    pub fn connections_per_ip(&self) -> usize {
+        self.max_connections_per_ip
+            .unwrap_or(self.max_connections.div_ceil(2))
+    }
 }
 
 impl Default for Server {
@@ -333,6 +349,8 @@ impl Default for Server {
             client_timeout: 30.0,
             body_timeout: 60.0,
             max_connections: 4096,
+            max_connections_per_ip: None,
+            cors_origins: Vec::new(),
         }
     }
 }

@@ -12,7 +12,7 @@ use std::io::{ErrorKind, Read};
 /// holds as much body data as it allows, the request gets 503 instead.
 #[inline(never)]
 pub fn read<'m>(
-    req: &mut tiny_http::Request<'_>,
+    req: &mut http1_server::Request<'_>,
     limit: u64,
     memory: &'m BodyMemory,
 ) -> Result<(Vec<u8>, BodyHold<'m>), Error> {

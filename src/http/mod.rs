@@ -1,4 +1,4 @@
-//! The HTTP layer: the listening socket, the vendored tiny_http server (one thread per
+//! The HTTP layer: the listening socket, our HTTP/1.1 server (`http1_server`: one thread per
 //! connection answers that connection's requests), and writing a handler's `Reply`: in
 //! one write, or relayed as a stream. A panic while handling one request is contained
 //! to that request: it gets a 500 and the connection's thread serves on. Each answered
@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod body;
+pub mod cors;
 pub mod panics;
 mod reply;
 
@@ -20,11 +21,11 @@ use crate::routing;
 use crate::state::{Generation, State};
 use crate::upstream::stream::{self, End};
 use crate::upstream::{self, relay};
+use http1_server::{Method, Request};
 use std::io::Read;
 use std::net::{TcpListener, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tiny_http::{Method, Request};
 
 /// How often an idle accept thread wakes to see whether the server is draining.
 const ACCEPT_WAKE: Duration = Duration::from_millis(200);
@@ -43,19 +44,21 @@ pub fn start(
     config: &Config,
     state: Arc<State>,
     router: Router,
-) -> std::io::Result<tiny_http::Server> {
+) -> std::io::Result<http1_server::Server> {
     let secs = Duration::from_secs_f64;
-    let limits = tiny_http::Limits {
+    let limits = http1_server::Limits {
         idle: secs(config.server.client_timeout),
         head: secs(config.server.client_timeout),
         body: secs(config.server.body_timeout),
         write: secs(config.server.client_timeout),
         stack_size: STACK_SIZE,
         max_connections: config.server.max_connections,
+        max_connections_per_ip: config.server.connections_per_ip(),
+        ..http1_server::Limits::default()
     };
     let handler_state = state.clone();
     panics::install_hook();
-    let server = tiny_http::Server::start(
+    let server = http1_server::Server::start(
         listener,
         limits,
         Box::new(move |request| serve(&handler_state, request, router)),
@@ -201,6 +204,7 @@ fn answer(
     // An upstream call or relay this request makes ends soon after its client leaves.
     let _watch = upstream::watch_client(request.client_socket());
     let mut reply = router(state, g, request, method, path);
+    cors::allow_origin(&g.config.server.cors_origins, request, &mut reply);
     reply
         .headers
         .push(("x-proxy-request-id".into(), id.to_string()));
@@ -236,7 +240,7 @@ fn answer(
                         &mut first.as_slice().chain(&mut rest),
                         &mut |event| {
                             let sent = client.send(event);
-                            cut = sent.as_ref().is_err_and(tiny_http::is_cut);
+                            cut = sent.as_ref().is_err_and(http1_server::is_cut);
                             sent
                         },
                         options,

@@ -309,7 +309,6 @@ pub fn init(config: &Config, file: Option<RotatingFile>) -> Result<Logging, Stri
         // Client libraries log connection details at debug level; they are not ours to show.
         .add_filter_ignore_str("ureq")
         .add_filter_ignore_str("rustls")
-        .add_filter_ignore_str("tiny_http")
         .build();
     let (sink, tx, _writer) = start_writer(Box::new(std::io::stderr()), file)
         .map_err(|e| format!("cannot start the log writer: {e}"))?;

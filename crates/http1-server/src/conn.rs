@@ -1,7 +1,6 @@
-//! azure-openai-proxy patch: one client connection, served by its own thread, request
-//! after request. This replaces tiny_http's `ClientConnection`, its sequential
-//! reader/writer hand-offs and its message queue: the thread that reads a request runs
-//! the handler that answers it. Every read has a deadline and every buffer a cap.
+//! One client connection, served by its own thread, request after request: the thread
+//! that reads a request runs the handler that answers it. The head parser (RFC 9112
+//! §2–5). Every read has a deadline and every buffer a cap.
 
 use crate::common::{HTTPVersion, Method};
 use crate::request::Request;
@@ -327,7 +326,7 @@ pub(crate) struct Head {
 }
 
 impl Head {
-    fn new() -> Head {
+    pub(crate) fn new() -> Head {
         Head {
             text: String::new(),
             method: Method::Get,
@@ -374,7 +373,7 @@ impl Head {
         result.map_err(Some)
     }
 
-    fn parse(&mut self, raw: &[u8]) -> Result<(), Refusal> {
+    pub(crate) fn parse(&mut self, raw: &[u8]) -> Result<(), Refusal> {
         self.headers.clear();
         let mut lines = crlf_lines(raw);
         let (_, request_line) = lines.next().unwrap_or((0, &[]));
@@ -523,7 +522,7 @@ pub(crate) fn serve(entry: Arc<Entry>, shared: &Shared) {
                 _ => return,
             }
         }
-        io.entry.set_busy();
+        io.entry.set_reading_head(shared);
         match head.read(&mut io, Instant::now() + shared.limits.head) {
             Ok(()) => {}
             Err(None) => return,
@@ -560,3 +559,7 @@ pub(crate) fn serve(entry: Arc<Entry>, shared: &Shared) {
         io.entry.set_idle(shared);
     }
 }
+
+#[cfg(test)]
+#[path = "conn_tests.rs"]
+mod tests;

@@ -1,4 +1,4 @@
-//! azure-openai-proxy patch: a request borrows its connection for as long as the handler
+//! A request borrows its connection for as long as the handler
 //! runs. Its body is read through the connection's buffer with RFC 9112 §6 framing and
 //! a total deadline; its answer leaves in one write; a streamed answer is written chunk
 //! by chunk and can be ended by the server (`Server::cut_streams`).
@@ -55,81 +55,7 @@ impl<'c> Request<'c> {
         shared: &'c Shared,
     ) -> Result<Request<'c>, Refusal> {
         let http11 = head.version >= HTTPVersion(1, 1);
-        let mut declared: Option<u64> = None;
-        for value in head.all("content-length") {
-            // RFC 9112 §6.3: 1*DIGIT, nothing else; repeats must agree.
-            let n = Some(value)
-                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|v| v.parse::<u64>().ok())
-                .ok_or(refuse(
-                    400,
-                    "invalid_content_length",
-                    "Content-Length must be one number of bytes.",
-                ))?;
-            if declared.is_some_and(|d| d != n) {
-                return Err(refuse(
-                    400,
-                    "invalid_content_length",
-                    "The request has two different Content-Length values.",
-                ));
-            }
-            declared = Some(n);
-        }
-        // Any Transfer-Encoding header, even an empty one, means the body is framed by
-        // it (RFC 9112 §6.1): only exactly `chunked` is accepted.
-        let chunked = head.all("transfer-encoding").next().is_some();
-        let (mut codings, mut chunked_at) = (0, None);
-        for coding in head
-            .all("transfer-encoding")
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|c| !c.is_empty())
-        {
-            if coding.eq_ignore_ascii_case("chunked") {
-                chunked_at = Some(codings);
-            }
-            codings += 1;
-        }
-        if chunked {
-            if declared.is_some() || !http11 {
-                return Err(refuse(
-                    400,
-                    "invalid_transfer_encoding",
-                    "A request may not have both Transfer-Encoding and Content-Length, nor Transfer-Encoding in HTTP/1.0.",
-                ));
-            }
-            match chunked_at {
-                Some(at) if at + 1 == codings && codings == 1 => {}
-                Some(at) if at + 1 == codings => {
-                    return Err(refuse(
-                        501,
-                        "unsupported_transfer_encoding",
-                        "Only the chunked transfer coding is supported.",
-                    ))
-                }
-                Some(_) => {
-                    return Err(refuse(
-                        400,
-                        "invalid_transfer_encoding",
-                        "chunked must be the last transfer coding, and appear once.",
-                    ))
-                }
-                None if codings == 0 => {
-                    return Err(refuse(
-                        400,
-                        "invalid_transfer_encoding",
-                        "Transfer-Encoding is empty.",
-                    ))
-                }
-                None => {
-                    return Err(refuse(
-                        501,
-                        "unsupported_transfer_encoding",
-                        "Only the chunked transfer coding is supported.",
-                    ))
-                }
-            }
-        }
+        let (body, declared) = framing(head)?;
         let mut continue_pending = false;
         if let Some(expect) = head.all("expect").next() {
             if !expect.eq_ignore_ascii_case("100-continue") {
@@ -150,11 +76,13 @@ impl<'c> Request<'c> {
             close |= token.eq_ignore_ascii_case("close");
             keep_alive |= token.eq_ignore_ascii_case("keep-alive");
         }
-        let body = match (chunked, declared) {
-            (true, _) => Body::ChunkSize,
-            (false, Some(n)) if n > 0 => Body::Length(n),
-            _ => Body::Done,
-        };
+        // Until its body has come, a connection is one that may be closed if it
+        // trickles (see `Shared::evict`).
+        if body == Body::Done {
+            io.entry.set_busy();
+        } else {
+            io.entry.set_reading_body(shared);
+        }
         Ok(Request {
             io,
             head,
@@ -252,6 +180,8 @@ impl<'c> Request<'c> {
             head.push_str("\r\n");
         }
         match length {
+            // RFC 9110 §8.6: no Content-Length in a 1xx or 204 answer.
+            Some(_) if matches!(status, 100..=199 | 204) => {}
             Some(n) => {
                 let _ = write!(head, "Content-Length: {n}\r\n");
             }
@@ -328,12 +258,14 @@ impl<'c> Request<'c> {
         let chunked = length.is_none() && self.head.version >= HTTPVersion(1, 1);
         let keep = self.keep_alive(false) && (chunked || length.is_some());
         let head = self.head_for(status, headers, length, keep);
+        let no_body = self.head.method == Method::Head;
         let mut writer = ResponseWriter {
             blocked_left: self.io.write_limit,
             io: self.io,
             chunked,
             left: length,
             keep,
+            no_body,
         };
         // The head goes out before the stream can be cut, so that a cut's last chunk
         // never lands before it.
@@ -342,6 +274,10 @@ impl<'c> Request<'c> {
         let written = writer.write(&[head.as_bytes()]);
         writer.io.give_back(head);
         written?;
+        if no_body {
+            // Nothing follows the head: no stream for `cut_streams` to end.
+            return Ok(writer);
+        }
         // A held stream keeps its thread; it need not keep a read buffer too.
         writer.io.release_buffer();
         *state = STREAM_OPEN;
@@ -429,10 +365,110 @@ impl<'c> Request<'c> {
     }
 }
 
+/// How the request's body is framed (RFC 9112 §6), and its declared length: a
+/// refusal for anything ambiguous, so that one request can never be read as two.
+fn framing(head: &Head) -> Result<(Body, Option<u64>), Refusal> {
+    let http11 = head.version >= HTTPVersion(1, 1);
+    let mut declared: Option<u64> = None;
+    for value in head.all("content-length") {
+        // RFC 9112 §6.3: 1*DIGIT, nothing else; repeats must agree.
+        let n = Some(value)
+            .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or(refuse(
+                400,
+                "invalid_content_length",
+                "Content-Length must be one number of bytes.",
+            ))?;
+        if declared.is_some_and(|d| d != n) {
+            return Err(refuse(
+                400,
+                "invalid_content_length",
+                "The request has two different Content-Length values.",
+            ));
+        }
+        declared = Some(n);
+    }
+    // Any Transfer-Encoding header, even an empty one, means the body is framed by
+    // it (RFC 9112 §6.1): only exactly `chunked` is accepted.
+    let chunked = head.all("transfer-encoding").next().is_some();
+    let (mut codings, mut chunked_at, mut chunked_seen) = (0, None, 0);
+    for coding in head
+        .all("transfer-encoding")
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+    {
+        if coding.eq_ignore_ascii_case("chunked") {
+            chunked_at = Some(codings);
+            chunked_seen += 1;
+        }
+        codings += 1;
+    }
+    if chunked {
+        if declared.is_some() || !http11 {
+            return Err(refuse(
+                400,
+                "invalid_transfer_encoding",
+                "A request may not have both Transfer-Encoding and Content-Length, nor Transfer-Encoding in HTTP/1.0.",
+            ));
+        }
+        match chunked_at {
+            Some(at) if at + 1 == codings && codings == 1 => {}
+            Some(at) if at + 1 == codings && chunked_seen == 1 => {
+                return Err(refuse(
+                    501,
+                    "unsupported_transfer_encoding",
+                    "Only the chunked transfer coding is supported.",
+                ))
+            }
+            Some(_) => {
+                return Err(refuse(
+                    400,
+                    "invalid_transfer_encoding",
+                    "chunked must be the last transfer coding, and appear once.",
+                ))
+            }
+            None if codings == 0 => {
+                return Err(refuse(
+                    400,
+                    "invalid_transfer_encoding",
+                    "Transfer-Encoding is empty.",
+                ))
+            }
+            None => {
+                return Err(refuse(
+                    501,
+                    "unsupported_transfer_encoding",
+                    "Only the chunked transfer coding is supported.",
+                ))
+            }
+        }
+    }
+    let body = match (chunked, declared) {
+        (true, _) => Body::ChunkSize,
+        (false, Some(n)) if n > 0 => Body::Length(n),
+        _ => Body::Done,
+    };
+    Ok((body, declared))
+}
+
 /// The request body. Errors: `TimedOut` past `Limits::body`, `InvalidData` for broken
 /// chunked framing, `UnexpectedEof` when the client closed early.
 impl Read for Request<'_> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let n = self.read_body(out)?;
+        if self.body == Body::Done {
+            self.io.entry.set_busy();
+        } else {
+            self.io.entry.body_progress(n);
+        }
+        Ok(n)
+    }
+}
+
+impl Request<'_> {
+    fn read_body(&mut self, out: &mut [u8]) -> io::Result<usize> {
         if out.is_empty() {
             return Ok(0);
         }
@@ -497,6 +533,8 @@ pub struct ResponseWriter<'c> {
     /// With a Content-Length: the bytes still owed.
     left: Option<u64>,
     keep: bool,
+    /// The answer to a `HEAD`: what is sent is dropped.
+    no_body: bool,
     blocked_left: Duration,
 }
 
@@ -504,7 +542,7 @@ impl ResponseWriter<'_> {
     /// Sends `bytes` now. Fails once the client is gone or too slow, or the server cut
     /// the stream.
     pub fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
-        if bytes.is_empty() {
+        if bytes.is_empty() || self.no_body {
             return Ok(());
         }
         let entry = self.io.entry.clone();
@@ -529,6 +567,10 @@ impl ResponseWriter<'_> {
 
     /// Ends the body; the connection may then carry another request.
     pub fn finish(mut self) -> io::Result<()> {
+        if self.no_body {
+            self.io.reusable = self.keep;
+            return Ok(());
+        }
         let entry = self.io.entry.clone();
         let mut state = entry.write.lock().unwrap_or_else(|e| e.into_inner());
         if *state != STREAM_OPEN {
@@ -597,9 +639,9 @@ impl Drop for ResponseWriter<'_> {
 /// `{len:x}\r\n` into `out`, without allocating; returns its length.
 pub(crate) fn chunk_size_line(len: usize, out: &mut [u8; 18]) -> usize {
     let digits = (usize::BITS - len.leading_zeros()).div_ceil(4).max(1) as usize;
-    for i in 0..digits {
+    for (i, digit) in out[..digits].iter_mut().enumerate() {
         let nibble = (len >> (4 * (digits - 1 - i))) & 0xf;
-        out[i] = b"0123456789abcdef"[nibble];
+        *digit = b"0123456789abcdef"[nibble];
     }
     out[digits] = b'\r';
     out[digits + 1] = b'\n';
@@ -614,3 +656,7 @@ impl AsFd for ClientSocket {
         self.0.stream.as_fd()
     }
 }
+
+#[cfg(test)]
+#[path = "request_tests.rs"]
+mod tests;

@@ -1,14 +1,14 @@
-//! tiny_http 0.12.0, reshaped for azure-openai-proxy (vendor/PATCHES.md lists every
-//! change): an HTTP/1.1 server in which the thread that reads a request runs the
+//! The proxy's HTTP/1.1 server (grown from tiny_http 0.12.0; HISTORY.md lists every
+//! change): a server in which the thread that reads a request runs the
 //! handler that answers it, and every size, count and wait a client controls is
 //! bounded before it costs memory or a thread.
 //!
 //! ```no_run
 //! let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-//! let server = tiny_http::Server::start(
+//! let server = http1_server::Server::start(
 //!     listener,
-//!     tiny_http::Limits::default(),
-//!     Box::new(|request: tiny_http::Request<'_>| {
+//!     http1_server::Limits::default(),
+//!     Box::new(|request: http1_server::Request<'_>| {
 //!         let _ = request.respond(200, &[("Content-Type", "text/plain")], b"hello");
 //!     }),
 //! )
@@ -25,8 +25,9 @@ mod request;
 pub use common::{HTTPVersion, Method, StatusCode};
 pub use request::{is_cut, ClientSocket, Request, ResponseWriter};
 
+use std::collections::HashMap;
 use std::io::{self, ErrorKind};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
@@ -46,9 +47,16 @@ pub struct Limits {
     /// Stack size of each connection's thread.
     pub stack_size: usize,
     /// Most connections open at once (each has a thread). When a new one comes and the
-    /// server is full, the connection idle the longest is closed to make room; if none
-    /// is idle, the new one gets a 503 and is closed.
+    /// server is full, one that costs others the most for what it gives is closed to
+    /// make room (see `evict`); if none can be, the new one gets a 503 and is closed.
     pub max_connections: usize,
+    /// Most connections open at once from one client address (an IPv6 address counts
+    /// by its /64); 0: no limit. Over it, the address's own connection that may be
+    /// closed is, else the new one gets a 429.
+    pub max_connections_per_ip: usize,
+    /// Bytes per second below which a body being read, after its first second, may be
+    /// closed to make room for a new connection.
+    pub body_floor: u64,
 }
 
 impl Default for Limits {
@@ -60,6 +68,8 @@ impl Default for Limits {
             write: Duration::from_secs(30),
             stack_size: 2 << 20,
             max_connections: 4096,
+            max_connections_per_ip: 2048,
+            body_floor: 1024,
         }
     }
 }
@@ -67,13 +77,18 @@ impl Default for Limits {
 /// What answers requests; it runs on the connection's own thread.
 pub type Handler = dyn Fn(Request<'_>) + Send + Sync;
 
-/// Connection states, for `drain` (which closes idle ones) and `cut_streams`.
+/// Connection states, for `evict` (which closes one that gives little to make room),
+/// `drain` (which closes idle ones) and `cut_streams`.
 const IDLE: u8 = 0;
 const BUSY: u8 = 1;
 const STREAMING: u8 = 2;
-/// Chosen by `evict_idle` and shut down; stays so until its thread removes it, so that
-/// it is never chosen (and counted as room) twice.
+/// Chosen by `evict` and shut down; stays so until its thread removes it, so that it
+/// is never chosen (and counted as room) twice.
 const CLOSING: u8 = 3;
+/// Its head's first byte came, not yet its last.
+const HEAD: u8 = 4;
+/// Its head came and its body is being read.
+const BODY: u8 = 5;
 
 /// States of a streamed answer, under `Entry::write`.
 pub(crate) const STREAM_OPEN: u8 = 0;
@@ -85,8 +100,13 @@ pub(crate) struct Entry {
     pub(crate) stream: TcpStream,
     pub(crate) peer: SocketAddr,
     state: AtomicU8,
-    /// Milliseconds since the server started, when the connection last went idle.
-    idle_since: AtomicU64,
+    /// Microseconds since the server started, when the connection entered its state
+    /// (fine enough that connections a moment apart are told apart, oldest first).
+    since: AtomicU64,
+    /// Body bytes read since the state became `BODY`.
+    body_read: AtomicU64,
+    /// The client address, as counted for `Limits::max_connections_per_ip`.
+    client: ClientKey,
     /// A streamed answer's state; its writes happen under this lock so that
     /// `cut_streams` never lands in the middle of one.
     pub(crate) write: Mutex<u8>,
@@ -98,9 +118,27 @@ pub(crate) struct Entry {
 
 impl Entry {
     pub(crate) fn set_idle(&self, shared: &Shared) {
-        let ms = shared.started.elapsed().as_millis() as u64;
-        self.idle_since.store(ms, Ordering::Relaxed);
-        self.set_state(IDLE);
+        self.enter(shared, IDLE);
+    }
+
+    /// The first byte of a head came.
+    pub(crate) fn set_reading_head(&self, shared: &Shared) {
+        self.enter(shared, HEAD);
+    }
+
+    /// The head came; its body follows.
+    pub(crate) fn set_reading_body(&self, shared: &Shared) {
+        self.body_read.store(0, Ordering::Relaxed);
+        self.enter(shared, BODY);
+    }
+
+    pub(crate) fn body_progress(&self, n: usize) {
+        self.body_read.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    fn enter(&self, shared: &Shared, state: u8) {
+        self.since.store(shared.now_us(), Ordering::Relaxed);
+        self.set_state(state);
     }
 
     pub(crate) fn set_busy(&self) {
@@ -129,6 +167,35 @@ struct Registry {
     slots: Vec<Option<Arc<Entry>>>,
     free: Vec<usize>,
     open: usize,
+    /// Open connections per client address; only addresses with one or more.
+    per_client: HashMap<ClientKey, usize>,
+}
+
+/// A client address as one client: an IPv4 address, or an IPv6 address's /64 (what
+/// one host is usually given, so that it cannot take a new address per connection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct ClientKey(u128);
+
+impl ClientKey {
+    fn of(ip: IpAddr) -> ClientKey {
+        match ip {
+            IpAddr::V4(v4) => ClientKey(u32::from(v4).into()),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => ClientKey(u32::from(v4).into()),
+                // Above 2^32, so never equal to an IPv4 key.
+                None => ClientKey(u128::from(v6) >> 64 | 1 << 64),
+            },
+        }
+    }
+}
+
+/// Which connections `evict` may close, from the first it looks for to the last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Victim {
+    /// Has not sent a whole head: a head under way, or nothing yet (idle).
+    NoHead,
+    /// Trickles its body slower than `Limits::body_floor`, after its first second.
+    SlowBody,
 }
 
 pub(crate) struct Shared {
@@ -154,8 +221,14 @@ impl Shared {
         self.registry().slots.iter().flatten().cloned().collect()
     }
 
+    fn now_us(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
     fn add(&self, stream: TcpStream, peer: SocketAddr) -> Arc<Entry> {
         let mut r = self.registry();
+        let client = ClientKey::of(peer.ip());
+        *r.per_client.entry(client).or_default() += 1;
         let slot = r.free.pop().unwrap_or_else(|| {
             r.slots.push(None);
             r.slots.len() - 1
@@ -166,7 +239,9 @@ impl Shared {
             // Idle from the moment it is accepted: a connection that has said nothing
             // gives way to a new one like a kept-alive one does.
             state: AtomicU8::new(IDLE),
-            idle_since: AtomicU64::new(self.started.elapsed().as_millis() as u64),
+            since: AtomicU64::new(self.now_us()),
+            body_read: AtomicU64::new(0),
+            client,
             write: Mutex::new(STREAM_FINISHED),
             chunked: AtomicBool::new(false),
             event_on_cut: AtomicBool::new(false),
@@ -177,33 +252,87 @@ impl Shared {
         entry
     }
 
-    /// Closes the connection idle the longest, to make room for a new one; false when
-    /// none is idle.
-    fn evict_idle(&self) -> bool {
+    /// Whether a new connection from `peer` may be served, closing one to make room if
+    /// it must: `Err` is the answer the new one gets instead.
+    fn admit(&self, peer: IpAddr) -> Result<(), Refused> {
+        let client = ClientKey::of(peer);
+        let per_client = self.limits.max_connections_per_ip;
         let r = self.registry();
-        loop {
-            let oldest = r
-                .slots
-                .iter()
-                .flatten()
-                .filter(|e| e.state.load(Ordering::Acquire) == IDLE)
-                .min_by_key(|e| e.idle_since.load(Ordering::Relaxed));
-            let Some(entry) = oldest else { return false };
-            // Only if still idle (its request may have just come): then it is never
-            // chosen, and counted as room, again.
-            let closing =
-                entry
-                    .state
-                    .compare_exchange(IDLE, CLOSING, Ordering::AcqRel, Ordering::Acquire);
-            if closing.is_ok() {
-                let _ = entry.stream.shutdown(Shutdown::Both);
-                return true;
+        if per_client > 0 && r.per_client.get(&client).copied().unwrap_or(0) >= per_client {
+            // The address's own connection closed is this one's room in the table too.
+            return if self.evict(&r, Some(client)) {
+                Ok(())
+            } else {
+                Err(Refused::Client)
+            };
+        }
+        if r.open >= self.limits.max_connections && !self.evict(&r, None) {
+            return Err(Refused::Full);
+        }
+        Ok(())
+    }
+
+    /// Closes the connection that gives least for what it holds (of `client`, if
+    /// given), to make room for a new one: oldest first, one that has not sent a whole
+    /// head, else one whose body comes slower than `Limits::body_floor`. A connection
+    /// busy with a request it has sent, or with its answer, is never closed. False when
+    /// none may be.
+    fn evict(&self, r: &Registry, client: Option<ClientKey>) -> bool {
+        let now = self.now_us();
+        for victim in [Victim::NoHead, Victim::SlowBody] {
+            loop {
+                let oldest = r
+                    .slots
+                    .iter()
+                    .flatten()
+                    .filter(|e| client.is_none_or(|c| e.client == c))
+                    .filter(|e| self.is_victim(e, victim, now))
+                    .min_by_key(|e| e.since.load(Ordering::Relaxed));
+                let Some(entry) = oldest else { break };
+                // Only if its state did not change meanwhile (its head may have just
+                // ended): then it is never chosen, and counted as room, again.
+                let state = entry.state.load(Ordering::Acquire);
+                let closing = (self.is_victim(entry, victim, now) && state != CLOSING).then(|| {
+                    entry.state.compare_exchange(
+                        state,
+                        CLOSING,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    )
+                });
+                if let Some(Ok(_)) = closing {
+                    let _ = entry.stream.shutdown(Shutdown::Both);
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    fn is_victim(&self, e: &Entry, victim: Victim, now: u64) -> bool {
+        let state = e.state.load(Ordering::Acquire);
+        match victim {
+            Victim::NoHead => state == IDLE || state == HEAD,
+            Victim::SlowBody => {
+                let elapsed = now.saturating_sub(e.since.load(Ordering::Relaxed));
+                state == BODY
+                    && elapsed >= 1_000_000
+                    && e.body_read
+                        .load(Ordering::Relaxed)
+                        .saturating_mul(1_000_000)
+                        < self.limits.body_floor.saturating_mul(elapsed)
             }
         }
     }
 
     fn remove(&self, entry: &Entry) {
         let mut r = self.registry();
+        if let Some(n) = r.per_client.get_mut(&entry.client) {
+            *n -= 1;
+            if *n == 0 {
+                r.per_client.remove(&entry.client);
+            }
+        }
         r.slots[entry.slot] = None;
         r.free.push(entry.slot);
         r.open -= 1;
@@ -372,8 +501,8 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
                     | ErrorKind::Interrupted
                     | ErrorKind::ConnectionAborted => {}
                     _ => {
-                        // Out of descriptors, say: transient. The proxy's own log target,
-                        // since it filters out tiny_http's.
+                        // Out of descriptors, say: transient. Under the proxy's log
+                        // target, where its operator looks for it.
                         log::warn!(target: "azure_openai_proxy::accept", "accepting a connection failed: {e}");
                         thread::sleep(Duration::from_millis(50));
                     }
@@ -384,9 +513,8 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
         if shared.is_draining() {
             break;
         }
-        let full = shared.registry().open >= shared.limits.max_connections;
-        if full && !shared.evict_idle() {
-            refuse_busy(stream);
+        if let Err(refused) = shared.admit(peer.ip()) {
+            refused.answer(stream);
             continue;
         }
         // Without TCP_NODELAY, a stream's next small event waits for the client's
@@ -419,15 +547,35 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
     // The listener is dropped by the caller's return: new connections are refused.
 }
 
-/// Answers a connection the full server has no room for: one non-blocking write of a
-/// 503 (OpenAI-shaped) and a close, so the accept thread never waits on it.
-fn refuse_busy(stream: TcpStream) {
-    const BODY: &str = r#"{"error":{"message":"The server has as many connections open as it allows (server.max_connections), all busy; retry shortly.","type":"server_error","param":null,"code":"server_busy"}}"#;
-    let answer = format!(
-        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{BODY}",
-        BODY.len()
-    );
-    let _ = stream.set_nonblocking(true);
-    let _ = io::Write::write_all(&mut &stream, answer.as_bytes());
-    let _ = stream.shutdown(Shutdown::Write);
+/// Why a new connection was not served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refused {
+    /// The server is full of connections that may not be closed.
+    Full,
+    /// Its address holds its share already, none of which may be closed.
+    Client,
+}
+
+impl Refused {
+    /// One non-blocking write of the answer (OpenAI-shaped) and a close, so that the
+    /// accept thread never waits on the client.
+    fn answer(self, stream: TcpStream) {
+        let (status, body) = match self {
+            Refused::Full => (
+                "503 Service Unavailable",
+                r#"{"error":{"message":"The server has as many connections open as it allows (server.max_connections), all busy; retry shortly.","type":"server_error","param":null,"code":"server_busy"}}"#,
+            ),
+            Refused::Client => (
+                "429 Too Many Requests",
+                r#"{"error":{"message":"Your address has as many connections open as one address may (server.max_connections_per_ip), all busy; retry shortly.","type":"rate_limit_error","param":null,"code":"too_many_connections"}}"#,
+            ),
+        };
+        let answer = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nRetry-After: 1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = stream.set_nonblocking(true);
+        let _ = io::Write::write_all(&mut &stream, answer.as_bytes());
+        let _ = stream.shutdown(Shutdown::Write);
+    }
 }

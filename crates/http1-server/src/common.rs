@@ -1,5 +1,5 @@
-// azure-openai-proxy patch: tiny_http's `Header`/`HeaderField` (an allocation per name
-// and value) are gone; a request keeps its head in one buffer (see conn.rs).
+//! Status codes, methods and versions: what remains of tiny_http 0.12.0's types.
+
 use std::cmp::Ordering;
 use std::fmt::{self, Display, Formatter};
 use std::str::FromStr;
@@ -217,7 +217,7 @@ impl FromStr for Method {
             "TRACE" => Method::Trace,
             "PATCH" => Method::Patch,
             s => {
-                // azure-openai-proxy patch: a method is a token (RFC 9110 §9.1).
+                // A method is a token (RFC 9110 §9.1).
                 if s.is_empty() || !s.bytes().all(crate::conn::is_tchar) {
                     return Err(());
                 }

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod api;
 pub mod capacity;
 pub mod config;
+pub mod credential;
 pub mod error;
 pub mod http;
 pub mod json;

@@ -66,13 +66,14 @@ pub fn stored_response(
                 instance,
             })?;
         let model: &str = trace.model.insert(model);
+        let candidates = g.with_token(vec![i], model)?;
         let forwarded = forwarded_headers(req)?;
         let permit = permit(state, config)?;
         let scope = Op::Responses.fault_scope(model);
         let plan = Plan {
             model,
             scope: &scope,
-            candidates: &[i],
+            candidates: &candidates,
             need: 0,
             deadline: Instant::now(),
         };
@@ -232,6 +233,7 @@ fn forward_traced(
                 .unwrap_or(0),
         });
     }
+    let fits = g.with_token(fits, model)?;
     let forwarded = forwarded_headers(req)?;
     let permit = permit(state, config)?;
     let scope = op.fault_scope(model);

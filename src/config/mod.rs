@@ -1,10 +1,13 @@
-//! Configuration: the schema and its secrets (`schema`), how the layered sources
+//! Configuration: the schema and its secrets (`schema`), an instance's Entra ID
+//! `credential`, how the layered sources
 //! become one validated `Config` (`load`), and the `--env-file` reader (`env_file`).
 
+mod credential;
 mod env_file;
 mod load;
 mod schema;
 
+pub use credential::{Credential, DEFAULT_SCOPE};
 pub use load::{Loaded, Source};
 pub use schema::*;
 

@@ -561,3 +561,41 @@ fn check_config_names_each_credential_and_checks_one_token_each() {
         assert!(!text.contains(secret), "{secret} was printed: {text}");
     }
 }
+
+#[test]
+fn a_reload_picks_up_a_new_static_token() {
+    let issuer = Issuer::new(Duration::from_secs(3600));
+    let upstream = Mock::start(bearer_upstream(issuer.clone()));
+    let (first, second) = (issuer.issue(), issuer.issue());
+    let dir = TempDir::new();
+    dir.write(
+        "base.yaml",
+        &format!(
+            "host: 127.0.0.1\nport: 0\ninstances:\n{}",
+            instance(
+                "fixed",
+                &upstream,
+                1,
+                "m",
+                "{type: token, token: '${FIXED}'}"
+            )
+        ),
+    );
+    let env_file = dir.0.join("env");
+    dir.write("env", &format!("FIXED={first}\n"));
+    let proxy = Running::start(
+        Command::new(BIN)
+            .env_clear()
+            .arg("--config-dir")
+            .arg(&dir.0)
+            .arg("--env-file")
+            .arg(&env_file),
+    );
+    chat(&proxy, "m").assert_status(200);
+    assert_eq!(bearer(upstream.requests().last().unwrap()), first);
+    // The outside tool wrote a new token.
+    dir.write("env", &format!("FIXED={second}\n"));
+    send("POST", &proxy.url("/config/reload"), &[], None).assert_status(200);
+    chat(&proxy, "m").assert_status(200);
+    assert_eq!(bearer(upstream.requests().last().unwrap()), second);
+}

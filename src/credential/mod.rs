@@ -103,6 +103,8 @@ struct Slot {
     failure: Option<String>,
     /// A request saw the current token rejected: fetch another now.
     stale: bool,
+    /// Fetches ended so far, so that a request can wait for the next one.
+    ended: u64,
 }
 
 impl Slot {
@@ -155,7 +157,8 @@ impl Token {
             }
             slot.stale = true;
             self.changed.notify_all();
-            while same(&slot) && slot.failure.is_none() {
+            let before = slot.ended;
+            while slot.ended == before {
                 if self.changed.wait_until(&mut slot, deadline).timed_out() {
                     return None;
                 }
@@ -187,6 +190,7 @@ impl Token {
         slot.failure = Some(why);
         slot.settled = true;
         slot.stale = false;
+        slot.ended += 1;
     }
 }
 
@@ -215,9 +219,15 @@ fn refresher(weak: &Weak<Token>, fetch: &Fetch) {
                         );
                     }
                     failures = 0;
+                    log::debug!(
+                        "credential {}: a new token, valid for {} s",
+                        token.kind,
+                        got.life.as_secs()
+                    );
                     slot.current = Some((bearer(&got.token), Some(asked + got.life)));
                     slot.settled = true;
                     slot.stale = false;
+                    slot.ended += 1;
                     asked + refresh_after(got.life)
                 }
                 Err(why) => {

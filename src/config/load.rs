@@ -646,7 +646,8 @@ fn apply_legacy_env(
                 let version = env.get("API_VERSION").map(String::as_str).unwrap_or(DEFAULT_API_VERSION);
                 m.insert("api_version".into(), version.into());
                 list.push(Value::Mapping(m));
-                prov.set("instances[0]", "environment variables API_KEY/API_BASE");
+                let var = if field == "api_key" { "API_KEY" } else { "API_CREDENTIAL" };
+                prov.set("instances[0]", &format!("environment variables {var}/API_BASE"));
                 legacy.single = true;
             }
             (Some(_), None) | (None, Some(_)) => {

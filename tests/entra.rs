@@ -90,6 +90,34 @@ fn secret_env() -> Vec<(&'static str, String)> {
     ]
 }
 
+/// The binary with one instance (`name`, for `model`) on `upstream`, authenticated by
+/// `credential`.
+fn start_one(
+    upstream: &Mock,
+    name: &str,
+    model: &str,
+    credential: &str,
+    env: &[(&str, String)],
+) -> Running {
+    let yaml = format!(
+        "instances:\n{}",
+        instance(name, upstream, 1, model, credential)
+    );
+    start(&yaml, env)
+}
+
+/// A proxy with one instance (`sp`, model `m`) on a client secret, its tokens living
+/// `life`: the issuer, the upstream, the authority and the proxy.
+fn with_client_secret(life: Duration) -> (Issuer, Mock, Mock, Running) {
+    let issuer = Issuer::new(life);
+    let upstream = Mock::start(bearer_upstream(issuer.clone()));
+    let (auth, host) = secret_authority(&issuer);
+    let mut env = secret_env();
+    env.push(host);
+    let proxy = start_one(&upstream, "sp", "m", CLIENT_SECRET, &env);
+    (issuer, upstream, auth, proxy)
+}
+
 #[test]
 fn each_credential_type_serves_requests_with_a_bearer_token_and_no_key() {
     let issuer = Issuer::new(Duration::from_secs(3600));
@@ -180,11 +208,7 @@ fn each_credential_type_serves_requests_with_a_bearer_token_and_no_key() {
             assertion_file.display().to_string(),
         ),
     ];
-    let wi_only = format!(
-        "instances:\n{}",
-        instance("wi", &upstream, 1, "m-wi", "workload_identity")
-    );
-    let proxy = start(&wi_only, &env);
+    let proxy = start_one(&upstream, "wi", "m-wi", "workload_identity", &env);
     chat(&proxy, "m-wi").assert_status(200);
     assert_eq!(wi_authority.count(), 1);
     drop(proxy);
@@ -201,13 +225,7 @@ fn each_credential_type_serves_requests_with_a_bearer_token_and_no_key() {
         ("IDENTITY_HEADER", "app-service-header-value".into()),
     ];
     let before = imds.count();
-    let proxy = start(
-        &format!(
-            "instances:\n{}",
-            instance("mi", &upstream, 1, "m-mi", "managed_identity")
-        ),
-        &env,
-    );
+    let proxy = start_one(&upstream, "mi", "m-mi", "managed_identity", &env);
     chat(&proxy, "m-mi").assert_status(200);
     assert_eq!(app.count(), 1);
     assert_eq!(
@@ -238,13 +256,7 @@ fn a_workload_identity_reads_its_rotated_assertion_at_each_refresh() {
         ("AZURE_AUTHORITY_HOST", auth.url.clone()),
         ("AZURE_FEDERATED_TOKEN_FILE", file.display().to_string()),
     ];
-    let proxy = start(
-        &format!(
-            "instances:\n{}",
-            instance("wi", &upstream, 1, "m", "workload_identity")
-        ),
-        &env,
-    );
+    let proxy = start_one(&upstream, "wi", "m", "workload_identity", &env);
     chat(&proxy, "m").assert_status(200);
     // The kubelet rotates the file; the authority takes only the new assertion.
     std::fs::write(&file, "assertion-two").unwrap();
@@ -262,18 +274,7 @@ fn a_workload_identity_reads_its_rotated_assertion_at_each_refresh() {
 /// The only long test: 30 s of steady requests on 5-second tokens.
 #[test]
 fn five_second_tokens_serve_thirty_seconds_of_requests_without_a_failure() {
-    let issuer = Issuer::new(Duration::from_secs(5));
-    let upstream = Mock::start(bearer_upstream(issuer.clone()));
-    let (auth, host) = secret_authority(&issuer);
-    let mut env = secret_env();
-    env.push(host);
-    let proxy = start(
-        &format!(
-            "instances:\n{}",
-            instance("sp", &upstream, 1, "m", CLIENT_SECRET)
-        ),
-        &env,
-    );
+    let (_, upstream, auth, proxy) = with_client_secret(Duration::from_secs(5));
     chat(&proxy, "m").assert_status(200);
     let before = auth.count();
     let until = Instant::now() + Duration::from_secs(30);
@@ -370,13 +371,8 @@ fn every_instance_without_a_token_is_a_503_not_a_wait() {
     issuer.set_down(true);
     let upstream = Mock::start(bearer_upstream(issuer.clone()));
     let imds = Mock::start(identity_endpoint(issuer.clone(), Identity::Imds));
-    let proxy = start(
-        &format!(
-            "instances:\n{}",
-            instance("east", &upstream, 1, "m", "managed_identity")
-        ),
-        &[("AZURE_POD_IDENTITY_AUTHORITY_HOST", imds.url.clone())],
-    );
+    let env = [("AZURE_POD_IDENTITY_AUTHORITY_HOST", imds.url.clone())];
+    let proxy = start_one(&upstream, "east", "m", "managed_identity", &env);
     assert!(wait_until(Duration::from_secs(10), || imds.count() >= 1));
     let answer = send("GET", &proxy.url("/health"), &[], None);
     answer.assert_status(503);
@@ -391,18 +387,7 @@ fn every_instance_without_a_token_is_a_503_not_a_wait() {
 
 #[test]
 fn a_refused_token_is_renewed_once_and_the_request_served() {
-    let issuer = Issuer::new(Duration::from_secs(3600));
-    let upstream = Mock::start(bearer_upstream(issuer.clone()));
-    let (auth, host) = secret_authority(&issuer);
-    let mut env = secret_env();
-    env.push(host);
-    let proxy = start(
-        &format!(
-            "instances:\n{}",
-            instance("sp", &upstream, 1, "m", CLIENT_SECRET)
-        ),
-        &env,
-    );
+    let (issuer, upstream, auth, proxy) = with_client_secret(Duration::from_secs(3600));
     chat(&proxy, "m").assert_status(200);
     assert_eq!(auth.count(), 1);
     // Revoked upstream while the proxy still thinks it valid for an hour.

@@ -148,11 +148,11 @@ impl Fetch {
                 ..
             } => format!(
                 "identity endpoint {endpoint} (IDENTITY_ENDPOINT, IDENTITY_HEADER), {}",
-                identity(client_id)
+                who(client_id)
             ),
             Fetch::Imds { url, client_id, .. } => format!(
                 "IMDS {url} (AZURE_POD_IDENTITY_AUTHORITY_HOST replaces its host), {}",
-                identity(client_id)
+                who(client_id)
             ),
             Fetch::Authority {
                 url,
@@ -181,32 +181,24 @@ impl Fetch {
                 header,
                 resource,
                 client_id,
-            } => {
-                let mut r = agent
-                    .get(endpoint)
-                    .query("api-version", "2019-08-01")
-                    .query("resource", resource)
-                    .header("X-IDENTITY-HEADER", header.expose());
-                if let Some(id) = client_id {
-                    r = r.query("client_id", id);
-                }
-                r.call()
-            }
+            } => identity(
+                agent,
+                endpoint,
+                ("2019-08-01", ("X-IDENTITY-HEADER", header.expose())),
+                resource,
+                client_id,
+            ),
             Fetch::Imds {
                 url,
                 resource,
                 client_id,
-            } => {
-                let mut r = agent
-                    .get(url)
-                    .query("api-version", "2018-02-01")
-                    .query("resource", resource)
-                    .header("Metadata", "true");
-                if let Some(id) = client_id {
-                    r = r.query("client_id", id);
-                }
-                r.call()
-            }
+            } => identity(
+                agent,
+                url,
+                ("2018-02-01", ("Metadata", "true")),
+                resource,
+                client_id,
+            ),
             Fetch::Authority {
                 url,
                 client_id,
@@ -264,7 +256,27 @@ pub fn agent() -> ureq::Agent {
         .into()
 }
 
-fn identity(client_id: &Option<String>) -> String {
+/// A managed identity's token request: `GET url` on its api-version, with the header
+/// that proves the caller runs on the host.
+fn identity(
+    agent: &ureq::Agent,
+    url: &str,
+    (version, header): (&str, (&str, &str)),
+    resource: &str,
+    client_id: &Option<String>,
+) -> Result<ureq::http::Response<ureq::Body>, ureq::Error> {
+    let mut r = agent
+        .get(url)
+        .query("api-version", version)
+        .query("resource", resource)
+        .header(header.0, header.1);
+    if let Some(id) = client_id {
+        r = r.query("client_id", id);
+    }
+    r.call()
+}
+
+fn who(client_id: &Option<String>) -> String {
     match client_id {
         Some(id) => format!("user-assigned identity {id}"),
         None => "the system-assigned identity".into(),

@@ -345,6 +345,16 @@ fn an_identity_endpoint_down_at_start_makes_only_its_instance_unavailable_until_
     answer.assert_status(200);
     assert_eq!(answer.header("x-proxy-instance"), Some("west"));
     assert_eq!(bearer(upstream.requests().last().unwrap()), fixed);
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            proxy
+                .stderr()
+                .matches("token fetch failed (no token)")
+                .count()
+                >= 2
+        }),
+        "a log line per failed fetch"
+    );
     let log = proxy.stderr();
     assert_eq!(
         log.matches("no Microsoft Entra ID token").count(),

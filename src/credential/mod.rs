@@ -169,16 +169,21 @@ impl Token {
             .cloned()
     }
 
-    /// Records a failed fetch: logged each time, alerted once while no token is held.
+    /// Records a failed fetch: logged each time, and alerted (once, de-duplicated)
+    /// while no token is held.
     fn failed(&self, slot: &mut Slot, why: String) {
         let (instances, alerts) = self.about.lock().clone();
-        let now = Instant::now();
-        if slot.valid(now).is_some() {
-            log::warn!(
-                "credential {} (instance {instances}): token refresh failed, the current one is still valid: {why}",
-                self.kind
-            );
-        } else {
+        let held = slot.valid(Instant::now()).is_some();
+        log::warn!(
+            "credential {} (instance {instances}): token fetch failed ({}): {why}",
+            self.kind,
+            if held {
+                "the current token is still valid"
+            } else {
+                "no token"
+            }
+        );
+        if !held {
             alerts.error(
                 &format!("credential:{instances}"),
                 &format!(

@@ -2,7 +2,7 @@
 # Installs the proxy as a systemd service on a Linux host, or removes it.
 #
 #   scripts/install.sh [--binary PATH] [--prefix DIR] [--destdir DIR] [--user NAME]
-#                      [--redis-url URL]
+#                      [--redis-url URL] [--managed-identity]
 #   scripts/install.sh --uninstall [--prefix DIR] [--destdir DIR]
 #
 # Installs:
@@ -16,6 +16,10 @@
 # --redis-url shares state with the other proxies of a fleet (docs/several-proxies.md):
 # it sets REDIS_URL in the env file (replacing an earlier one) and adds
 # `redis: {url: ${REDIS_URL}}` to production.yaml unless that names redis already.
+# --managed-identity installs a config without keys: each instance authenticates with
+# the host's managed identity (Microsoft Entra ID; docs/keyless-azure.md), and the env
+# file holds no key. Grant the identity "Cognitive Services OpenAI User" on each resource.
+# It shapes only a config the run creates: an existing one is left as it is.
 # --uninstall removes the binary and the unit; the config directory stays (it holds keys).
 # --destdir installs under another root (for packaging or a test) and then touches no
 # user account and no systemd.
@@ -29,6 +33,7 @@ user=$name
 binary=""
 uninstall=false
 redis_url=""
+managed_identity=false
 while [ $# -gt 0 ]; do
   case "$1" in
     --binary) binary=$2; shift 2 ;;
@@ -36,6 +41,7 @@ while [ $# -gt 0 ]; do
     --destdir) destdir=${2%/}; shift 2 ;;
     --user) user=$2; shift 2 ;;
     --redis-url) redis_url=$2; shift 2 ;;
+    --managed-identity) managed_identity=true; shift ;;
     --uninstall) uninstall=true; shift ;;
     # The comment block under the shebang, and nothing after it.
     -h|--help) awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; exit 0 ;;
@@ -74,16 +80,23 @@ install -m 0755 "$binary" "$destdir$bin_path.new"
 mv -f "$destdir$bin_path.new" "$destdir$bin_path"
 
 for f in base.yaml production.yaml; do
-  [ -e "$destdir$etc/$f" ] || install -m 0644 "config/$f" "$destdir$etc/$f"
+  [ -e "$destdir$etc/$f" ] && continue
+  if $managed_identity; then
+    # Every instance's key becomes the host's managed identity.
+    sed -E 's/^( *)api_key: .*/\1credential: managed_identity/' "config/$f" >"$destdir$etc/$f"
+    chmod 0644 "$destdir$etc/$f"
+  else
+    install -m 0644 "config/$f" "$destdir$etc/$f"
+  fi
 done
 if [ ! -e "$destdir$etc/env" ]; then
+  keys=$'AZURE_OPENAI_KEY_EAST=\nAZURE_OPENAI_KEY_WEST=\n'
+  if $managed_identity; then keys=""; fi
   (umask 077 && cat >"$destdir$etc/env" <<ENV
 # Secrets for $name, referenced as \${VAR} in $etc/production.yaml. The proxy reads
 # this file (--env-file) at start and again on each reload (systemctl reload $name), so
 # a rotated key needs no restart. Owned by root, readable by the service's group only.
-AZURE_OPENAI_KEY_EAST=
-AZURE_OPENAI_BASE_EAST=
-AZURE_OPENAI_KEY_WEST=
+${keys}AZURE_OPENAI_BASE_EAST=
 AZURE_OPENAI_BASE_WEST=
 # FEISHU_WEBHOOK=
 ENV

@@ -202,9 +202,25 @@ fn count(views: &[View], h: Health) -> usize {
     views.iter().filter(|v| v.health == h).count()
 }
 
-/// Instances that can take requests: their circuit is not open.
-fn available(views: &[View]) -> usize {
-    views.len() - count(views, Health::CircuitOpen)
+/// The instances that cannot take requests now, with why: `circuit_open`, or
+/// `credential` (their Entra ID credential has no token).
+fn unavailable(views: &[View], g: &Generation) -> Map<String, Value> {
+    g.config
+        .instances
+        .iter()
+        .zip(views)
+        .zip(&g.addresses)
+        .filter_map(|((inst, v), address)| {
+            let reason = if !address.usable() {
+                "credential"
+            } else if v.health == Health::CircuitOpen {
+                "circuit_open"
+            } else {
+                return None;
+            };
+            Some((inst.name.clone(), json!(reason)))
+        })
+        .collect()
 }
 
 /// `GET /stats/health`.
@@ -212,6 +228,7 @@ pub fn stats_health(state: &State, g: &Generation) -> Reply {
     let (views, _) = views(state, g);
     let total = views.len();
     let healthy = count(&views, Health::Healthy);
+    let unavailable = unavailable(&views, g);
     success(
         "health_status",
         json!({
@@ -220,9 +237,10 @@ pub fn stats_health(state: &State, g: &Generation) -> Reply {
             "rate_limited_instances": count(&views, Health::RateLimited),
             "error_instances": count(&views, Health::Error),
             "circuit_open_instances": count(&views, Health::CircuitOpen),
-            "available_instances": available(&views),
+            "available_instances": total - unavailable.len(),
             "health_percentage": percent(healthy as u64, total as u64),
-            "has_available_capacity": views.iter().any(|v| matches!(v.health, Health::Healthy | Health::Error)),
+            "has_available_capacity": views.iter().zip(&g.addresses).any(|(v, a)| matches!(v.health, Health::Healthy | Health::Error) && a.usable()),
+            "unavailable": unavailable,
             "shared_state": state.shared_state(),
         }),
     )
@@ -255,13 +273,15 @@ pub fn stats_reset(state: &State) -> Reply {
 }
 
 /// `GET /health`: 200 while at least one instance can take requests (its circuit is
-/// not open), 503 otherwise, and 503 from the moment the proxy starts shutting down,
+/// not open, and its credential, if any, has a token), 503 otherwise; `unavailable`
+/// names the others and why, and 503 from the moment the proxy starts shutting down,
 /// so that a load balancer stops sending before it goes. `shared_state` says whether
 /// the fleet's state is shared (`shared`), should be but Redis does not answer
 /// (`degraded`: still 200, the proxy serves on its own state), or is not (`local`).
 pub fn health(state: &State, g: &Generation) -> Reply {
     let (views, _) = views(state, g);
-    let available = available(&views);
+    let unavailable = unavailable(&views, g);
+    let available = views.len() - unavailable.len();
     let draining = state.draining.load(std::sync::atomic::Ordering::SeqCst);
     let ok = available > 0 && !draining;
     let status = match (draining, ok) {
@@ -275,6 +295,7 @@ pub fn health(state: &State, g: &Generation) -> Reply {
             "status": status,
             "available_instances": available,
             "total_instances": views.len(),
+            "unavailable": unavailable,
             "version": env!("CARGO_PKG_VERSION"),
             "config_version": Some(&g.config.version).filter(|v| !v.is_empty()),
             "uptime_seconds": state.uptime_secs(),

@@ -234,7 +234,7 @@ impl Error {
                 "Every instance serving `{model}` is at its rate limit for a request of about {need} tokens. Retry after the time in the Retry-After header."
             ),
             AllDown { model, .. } => format!(
-                "Every instance serving `{model}` is unavailable (failing, its circuit open, or its deployment for this model missing or refusing the proxy's key)."
+                "Every instance serving `{model}` is unavailable (failing, its circuit open, without a Microsoft Entra ID token, or its deployment for this model missing or refusing the proxy's key)."
             ),
             UpstreamTimeout {
                 model,

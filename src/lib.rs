@@ -2,13 +2,14 @@
 //! deployments out. See ARCHITECTURE.md for the map of modules and a request's path.
 //! From the top down: `proxy` (the running server and its route table), the handlers
 //! (`api`, `admin`), the HTTP layer (`http`), shared state (`state`), then `routing`,
-//! `upstream`, the state several proxies share in Redis (`shared`), `observe`, `config` and the small types they share (`outcome`, `error`,
+//! `upstream`, the state several proxies share in Redis (`shared`), Entra ID tokens (`credential`), `observe`, `config` and the small types they share (`outcome`, `error`,
 //! `capacity`, `key_failures`, `json`). No module imports one above it.
 
 pub mod admin;
 pub mod api;
 pub mod capacity;
 pub mod config;
+pub mod credential;
 pub mod error;
 pub mod http;
 pub mod json;

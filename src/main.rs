@@ -1,7 +1,8 @@
 //! The command line: parse flags, load and validate the configuration, set up logging,
 //! and run the proxy.
 
-use azure_openai_proxy::config::{Env, Loaded, Source};
+use azure_openai_proxy::config::{Credential, Env, Loaded, Source};
+use azure_openai_proxy::credential;
 use azure_openai_proxy::observe::logging;
 use azure_openai_proxy::upstream;
 use azure_openai_proxy::Proxy;
@@ -15,7 +16,7 @@ const USAGE: &str = "\
 azure-openai-proxy: an OpenAI-compatible proxy in front of Azure OpenAI instances
 
 Usage: azure-openai-proxy [--config-dir DIR | --env-only] [--env-file PATH]
-                          [--host ADDR] [--port N] [--check-config]
+                          [--host ADDR] [--port N] [--check-config [--credentials]]
 
 Options:
   --config-dir DIR   read DIR/base.yaml and DIR/$ENVIRONMENT.yaml (default: config)
@@ -26,8 +27,10 @@ Options:
   --host ADDR, --port N
                      listen there, whatever the configuration's host and port say
   --check-config     validate the configuration (every problem found, one per line),
-                     print where each instance comes from and any warning, and exit
-                     (0: valid, 1: not)
+                     print where each instance comes from (and its credential's
+                     type and sources) and any warning, and exit (0: valid, 1: not)
+  --credentials      with --check-config: fetch one Microsoft Entra ID token per
+                     credential and say whether it came (1 if one did not)
   --version          print the version and exit
   --help             print this help and exit
 
@@ -42,6 +45,8 @@ struct Args {
     host: Option<String>,
     port: Option<u16>,
     check_only: bool,
+    /// `--credentials`: `--check-config` fetches a token per credential.
+    check_credentials: bool,
 }
 
 fn parse_args() -> Result<Option<Args>, String> {
@@ -51,6 +56,7 @@ fn parse_args() -> Result<Option<Args>, String> {
     let mut host = None;
     let mut port = None;
     let mut check_only = false;
+    let mut check_credentials = false;
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -75,6 +81,7 @@ fn parse_args() -> Result<Option<Args>, String> {
                 return Ok(None);
             }
             "--check-config" if inline.is_none() => check_only = true,
+            "--credentials" if inline.is_none() => check_credentials = true,
             "--env-only" if inline.is_none() => env_only = true,
             "--config-dir" => config_dir = Some(value("a directory")?.into()),
             "--env-file" => env_file = Some(value("a file")?.into()),
@@ -89,6 +96,9 @@ fn parse_args() -> Result<Option<Args>, String> {
             _ => return Err(format!("unknown argument {arg:?}")),
         }
     }
+    if check_credentials && !check_only {
+        return Err("--credentials goes with --check-config".into());
+    }
     if env_only && config_dir.is_some() {
         return Err("--env-only reads no config file: it cannot go with --config-dir".into());
     }
@@ -98,6 +108,7 @@ fn parse_args() -> Result<Option<Args>, String> {
         host,
         port,
         check_only,
+        check_credentials,
     }))
 }
 
@@ -173,13 +184,44 @@ fn main() -> ExitCode {
             names.len(),
             names.join(", ")
         );
-        for origin in &origins {
+        let mut credentials_ok = true;
+        let mut checked: Vec<(&Credential, bool)> = Vec::new();
+        for (i, (origin, inst)) in origins.iter().zip(&loaded.config.instances).enumerate() {
             println!("  instance {origin}");
+            let Some(c) = &inst.credential else { continue };
+            println!(
+                "    credential {} (from {}): {}",
+                c.kind(),
+                loaded.source_of(&format!("instances[{i}].credential")),
+                credential::describe(c)
+            );
+            if !args.check_credentials {
+                continue;
+            }
+            // One fetch per credential, however many instances share it.
+            if let Some((_, ok)) = checked.iter().find(|(seen, _)| *seen == c) {
+                println!(
+                    "    credential check: as above ({})",
+                    if *ok { "ok" } else { "failed" }
+                );
+                continue;
+            }
+            let result = credential::check(c);
+            match &result {
+                Ok(what) => println!("    credential check: ok, {what}"),
+                Err(why) => println!("    credential check: FAILED: {why}"),
+            }
+            credentials_ok &= result.is_ok();
+            checked.push((c, result.is_ok()));
         }
         for warning in &loaded.warnings {
             eprintln!("warning: {warning}");
         }
-        return ExitCode::SUCCESS;
+        return if credentials_ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
     }
 
     let Loaded {

@@ -5,6 +5,8 @@
 
 use crate::capacity::{BodyMemory, Permits};
 use crate::config::{Config, Source};
+use crate::credential::Credentials;
+use crate::error::Error;
 use crate::key_failures::KeyFailures;
 use crate::observe::alerts::Alerts;
 use crate::observe::stats::Stats;
@@ -15,7 +17,7 @@ use crate::shared::Shared;
 use crate::upstream::{self, Address};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// What one configuration brings: replaced whole by a reload, while requests that
 /// started on the old one finish with it.
@@ -33,8 +35,9 @@ pub struct Generation {
 }
 
 impl Generation {
-    /// The generation for `config`, taking over what it can from `previous`.
-    fn new(config: Config, previous: Option<&Generation>) -> Generation {
+    /// The generation for `config`, taking over what it can from `previous`, and the
+    /// tokens of the credentials that `credentials` already has.
+    fn new(config: Config, previous: Option<&Generation>, credentials: &Credentials) -> Generation {
         let agent = match previous {
             Some(p) if same_agent(&p.config, &config) => p.agent.clone(),
             _ => upstream::agent(&config.routing, config.server.workers),
@@ -53,7 +56,7 @@ impl Generation {
         };
         Generation {
             agent,
-            addresses: config.instances.iter().map(Address::new).collect(),
+            addresses: addresses(&config, credentials, &alerts),
             models: {
                 let mut models: Vec<String> = config
                     .instances
@@ -71,6 +74,46 @@ impl Generation {
     }
 }
 
+impl Generation {
+    /// `candidates` without the instances whose credential has no token now; when
+    /// that leaves none, 503 (the refresher has logged and alerted why).
+    pub fn with_token(&self, candidates: Vec<usize>, model: &str) -> Result<Vec<usize>, Error> {
+        let before = candidates.len();
+        let kept: Vec<usize> = candidates
+            .into_iter()
+            .filter(|&i| self.addresses[i].usable())
+            .collect();
+        if kept.is_empty() && before > 0 {
+            return Err(Error::AllDown {
+                model: model.into(),
+                wait: Duration::from_secs(1),
+            });
+        }
+        Ok(kept)
+    }
+}
+
+/// Each instance's address; an instance with a `credential` reads the tokens of that
+/// credential's cache, shared by the instances with the same one.
+fn addresses(config: &Config, credentials: &Credentials, alerts: &Arc<Alerts>) -> Vec<Address> {
+    let instances = &config.instances;
+    instances
+        .iter()
+        .map(|inst| {
+            let address = Address::new(inst);
+            let Some(credential) = &inst.credential else {
+                return address;
+            };
+            let users: Vec<&str> = instances
+                .iter()
+                .filter(|other| other.credential.as_ref() == Some(credential))
+                .map(|other| other.name.as_str())
+                .collect();
+            address.with_token(credentials.get(credential, users.join(", "), alerts))
+        })
+        .collect()
+}
+
 /// Whether two configurations build the same upstream agent.
 fn same_agent(a: &Config, b: &Config) -> bool {
     let (x, y) = (&a.routing, &b.routing);
@@ -82,6 +125,8 @@ fn same_agent(a: &Config, b: &Config) -> bool {
 /// What outlives a reload and every request shares.
 pub struct State {
     current: parking_lot::RwLock<Arc<Generation>>,
+    /// The Entra ID token caches, kept across reloads.
+    credentials: Credentials,
     /// Runtime state of every instance, by name.
     pub table: parking_lot::Mutex<Table>,
     /// Which instance made each Responses API answer.
@@ -112,13 +157,15 @@ pub struct State {
 impl State {
     pub fn new(config: Config, source: Source) -> State {
         let at_start = config.clone();
-        let generation = Generation::new(config, None);
+        let credentials = Credentials::default();
+        let generation = Generation::new(config, None, &credentials);
         let config = generation.config.clone();
         let shared = config
             .redis
             .as_ref()
             .and_then(|r| Shared::start(r, &config.name, &generation.alerts));
         State {
+            credentials,
             shared,
             permits: Permits::new(config.server.workers),
             bodies: BodyMemory::new(config.server.max_body_memory),
@@ -210,7 +257,7 @@ impl State {
             crate::observe::logging::set_level(&new.logging.level);
         }
         let instances = new.instances.iter().map(|i| i.name.clone()).collect();
-        let generation = Generation::new(new, Some(&old));
+        let generation = Generation::new(new, Some(&old), &self.credentials);
         self.table.lock().update(&generation.config);
         *self.current.write() = Arc::new(generation);
         let from = match &self.source.dir {

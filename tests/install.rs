@@ -210,3 +210,43 @@ fn help_prints_the_scripts_comment_and_nothing_of_its_code() {
     );
     assert!(!help.contains("set -euo") && !help.contains('#'), "{help}");
 }
+
+#[test]
+fn a_managed_identity_install_holds_no_key() {
+    let root = TempDir::new();
+    let r = |p: &str| root.0.join(p.trim_start_matches('/'));
+    install(&root.0, &["--binary", BIN, "--managed-identity"]);
+    let etc = r("/etc/azure-openai-proxy");
+    let env_file = etc.join("env");
+    let template = std::fs::read_to_string(&env_file).unwrap();
+    assert!(!template.contains("KEY"), "{template}");
+    for f in ["base.yaml", "production.yaml"] {
+        let yaml = std::fs::read_to_string(etc.join(f)).unwrap();
+        assert!(!yaml.contains("api_key"), "{f}: {yaml}");
+        assert!(yaml.contains("credential: managed_identity"), "{f}: {yaml}");
+    }
+    let filled = template
+        .replace("BASE_EAST=", "BASE_EAST=https://east.example.com")
+        .replace("BASE_WEST=", "BASE_WEST=https://west.example.com");
+    std::fs::write(&env_file, filled).unwrap();
+    let out = Command::new(r("/usr/local/bin/azure-openai-proxy"))
+        .args(["--check-config", "--config-dir"])
+        .arg(&etc)
+        .arg("--env-file")
+        .arg(&env_file)
+        .env_clear()
+        .env("ENVIRONMENT", "production")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.matches("credential managed_identity").count(),
+        2,
+        "{stdout}"
+    );
+}

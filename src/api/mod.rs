@@ -67,6 +67,7 @@ pub fn stored_response(
                 instance,
             })?;
         let model: &str = trace.model.insert(model);
+        let candidates = g.with_token(vec![i], model)?;
         let forwarded = forwarded_headers(req)?;
         let waits_until = queue_deadline(config);
         let mut permit = None;
@@ -74,7 +75,7 @@ pub fn stored_response(
         let plan = Plan {
             model,
             scope: &scope,
-            candidates: &[i],
+            candidates: &candidates,
             need: 0,
             deadline: Instant::now(),
             retry_timeouts: false,
@@ -256,6 +257,7 @@ fn forward_traced(
                 .unwrap_or(0),
         });
     }
+    let fits = g.with_token(fits, model)?;
     let forwarded = forwarded_headers(req)?;
     let mut permit = None;
     let scope = op.fault_scope(model);

@@ -13,8 +13,10 @@ use std::path::{Path, PathBuf};
 /// Keys where an unset `${VAR}` without a default means "off" instead of an error.
 const OPTIONAL_KEYS: [&str; 3] = ["logging.feishu_webhook", "logging.file", "auth.admin_key"];
 
-const LEGACY_FIELDS: [(&str, &str); 9] = [
+const LEGACY_FIELDS: [(&str, &str); 10] = [
     ("API_KEY", "api_key"),
+    // `managed_identity` or `workload_identity`: Entra ID in place of API_KEY.
+    ("CREDENTIAL", "credential"),
     ("API_BASE", "api_base"),
     ("API_VERSION", "api_version"),
     ("PRIORITY", "priority"),
@@ -544,7 +546,15 @@ fn merge_instances(acc: &mut Vec<Value>, overlay: Vec<Value>, src: &str, prov: &
 
 fn env_defines_instances(env: &Env) -> bool {
     env.contains_key("API_INSTANCES")
-        || (env.contains_key("API_KEY") && env.contains_key("API_BASE"))
+        || (legacy_auth(env).is_some() && env.contains_key("API_BASE"))
+}
+
+/// How the single legacy instance authenticates: `API_KEY`, else `API_CREDENTIAL`
+/// (`managed_identity` or `workload_identity`), as the field it sets.
+fn legacy_auth(env: &Env) -> Option<(&'static str, &String)> {
+    env.get("API_KEY")
+        .map(|key| ("api_key", key))
+        .or_else(|| env.get("API_CREDENTIAL").map(|c| ("credential", c)))
 }
 
 /// The prefixes of an instance's variables: the name upper-cased (the Python proxy's
@@ -692,21 +702,22 @@ fn apply_legacy_env(
     }
 
     if list.is_empty() {
-        match (env.get("API_KEY"), env.get("API_BASE")) {
-            (Some(key), Some(base)) => {
+        match (legacy_auth(env), env.get("API_BASE")) {
+            (Some((field, value)), Some(base)) => {
                 let mut m = Mapping::new();
                 m.insert("name".into(), "default".into());
-                m.insert("api_key".into(), Value::String(key.clone()));
+                m.insert(field.into(), Value::String(value.clone()));
                 m.insert("api_base".into(), Value::String(base.clone()));
                 let version = env.get("API_VERSION").map(String::as_str).unwrap_or(DEFAULT_API_VERSION);
                 m.insert("api_version".into(), version.into());
                 list.push(Value::Mapping(m));
-                prov.set("instances[0]", "environment variables API_KEY/API_BASE");
+                let var = if field == "api_key" { "API_KEY" } else { "API_CREDENTIAL" };
+                prov.set("instances[0]", &format!("environment variables {var}/API_BASE"));
                 legacy.single = true;
             }
             (Some(_), None) | (None, Some(_)) => {
                 return Err(ConfigError(
-                    "environment: API_KEY and API_BASE must be set together for the single legacy instance".into(),
+                    "environment: API_KEY (or API_CREDENTIAL) and API_BASE must be set together for the single legacy instance".into(),
                 ))
             }
             (None, None) => {}
@@ -1393,6 +1404,36 @@ instances:
             )),
             "{e}"
         );
+    }
+
+    #[test]
+    fn legacy_credential_replaces_the_key() {
+        let kind = |loaded: &Loaded| {
+            let inst = &loaded.config.instances[0];
+            assert!(inst.api_key.is_empty());
+            inst.credential.as_ref().map(|c| c.kind())
+        };
+        let listed = load(
+            None,
+            &env(&[
+                ("API_INSTANCES", "east"),
+                ("API_INSTANCE_EAST_API_BASE", "https://e.example.com"),
+                ("API_INSTANCE_EAST_CREDENTIAL", "managed_identity"),
+                ("API_INSTANCE_EAST_SUPPORTED_MODELS", "m"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(kind(&listed), Some("managed_identity"));
+        assert!(listed.warnings.is_empty(), "{:?}", listed.warnings);
+        let single = load(
+            None,
+            &env(&[
+                ("API_CREDENTIAL", "workload_identity"),
+                ("API_BASE", "https://one.example.com"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(kind(&single), Some("workload_identity"));
     }
 
     #[test]

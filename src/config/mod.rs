@@ -1,14 +1,16 @@
-//! Configuration: the schema and its secrets (`schema`), how the layered sources
-//! become one validated `Config` (`load`), what a migration plainly means where the
-//! sources disagree (`migration`), the words of a refusal (`diagnose`), and the
-//! `--env-file` reader (`env_file`).
+//! Configuration: the schema and its secrets (`schema`), an instance's Entra ID
+//! `credential`, how the layered sources become one validated `Config` (`load`), what a
+//! migration plainly means where the sources disagree (`migration`), the words of a
+//! refusal (`diagnose`), and the `--env-file` reader (`env_file`).
 
+mod credential;
 mod diagnose;
 mod env_file;
 mod load;
 mod migration;
 mod schema;
 
+pub use credential::{Credential, DEFAULT_SCOPE};
 pub use load::{Loaded, Source};
 pub use schema::*;
 

@@ -9,7 +9,7 @@ use std::str::FromStr;
 /// A credential. `Debug`, `Display` and `Serialize` print a mask, so no log line or
 /// config dump can show it by accident; only `expose()` gives the value, and only the
 /// code that puts it on the wire should call it.
-#[derive(Clone, PartialEq, Eq, Default)]
+#[derive(Clone, PartialEq, Eq, Hash, Default)]
 pub struct Secret(String);
 
 pub const MASK: &str = "***redacted***";
@@ -422,7 +422,12 @@ pub struct Instance {
     pub name: String,
     #[serde(default)]
     pub provider_type: Provider,
+    /// Empty when the instance has a `credential`.
+    #[serde(default)]
     pub api_key: Secret,
+    /// Microsoft Entra ID in place of `api_key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<super::Credential>,
     #[serde(deserialize_with = "lenient_string")]
     pub api_base: String,
     #[serde(default, deserialize_with = "lenient_string")]
@@ -616,8 +621,29 @@ impl Config {
                     format!("duplicate instance name {:?}", inst.name),
                 ));
             }
-            if inst.api_key.is_empty() {
-                return Err(invalid(at("api_key"), "is empty"));
+            match &inst.credential {
+                None if inst.api_key.is_empty() => {
+                    return Err(invalid(
+                        at("api_key"),
+                        "is empty (or give the instance a credential: instead)",
+                    ))
+                }
+                None => {}
+                Some(_) if !inst.api_key.is_empty() => {
+                    return Err(invalid(
+                        at("credential"),
+                        "an instance has an api_key or a credential, not both",
+                    ))
+                }
+                Some(_) if inst.provider_type != Provider::Azure => {
+                    return Err(invalid(
+                        at("credential"),
+                        "Microsoft Entra ID credentials are for provider_type azure",
+                    ))
+                }
+                Some(c) => c
+                    .check()
+                    .map_err(|(field, m)| invalid(at(&format!("credential.{field}")), m))?,
             }
             check_url(&inst.api_base).map_err(|m| invalid(at("api_base"), m))?;
             if inst.provider_type == Provider::Azure && inst.api_version.trim().is_empty() {

@@ -1,10 +1,12 @@
 //! Where and how each instance is called (DESIGN §5.3): the operations the proxy
 //! forwards, an instance's URL for an operation on a deployment (Azure's deployment
 //! URLs for a dated `api_version`, Azure's v1 API for `v1`, `preview` or `latest`, an
-//! OpenAI-compatible `/v1/`), and its credential header, put together once per
-//! configuration.
+//! OpenAI-compatible `/v1/`), and its credential (a key header put together once per
+//! configuration, or an Entra ID token read at each request).
 
 use crate::config::{Instance, Provider};
+use crate::credential::Token;
+use std::sync::Arc;
 
 /// An operation the proxy forwards, by its path after `/v1/`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,12 +101,18 @@ pub struct Address {
     prefix: String,
     /// `?api-version=...`, or nothing.
     query: String,
-    /// The credential header. Its value is the one place a key leaves the `Secret`
-    /// wrapper.
-    pub credential: (&'static str, String),
+    pub credential: Auth,
     shape: Shape,
     /// The upstream accepts `stream_options.include_usage`.
     pub asks_usage: bool,
+}
+
+/// How an instance's requests prove who sends them.
+pub enum Auth {
+    /// A key header. Its value is the one place a key leaves the `Secret` wrapper.
+    Key(&'static str, String),
+    /// `Authorization: Bearer` with the credential's current Entra ID token.
+    Entra(Arc<Token>),
 }
 
 /// `api_version` values that select Azure's v1 API rather than a dated version.
@@ -126,7 +134,7 @@ impl Address {
                 } else {
                     String::new()
                 },
-                credential: ("api-key", key.to_string()),
+                credential: Auth::Key("api-key", key.to_string()),
                 shape: Shape::V1,
                 asks_usage: asks_usage(inst),
             },
@@ -136,7 +144,7 @@ impl Address {
                 Address {
                     prefix: format!("{base}/openai/"),
                     query,
-                    credential: ("api-key", key.to_string()),
+                    credential: Auth::Key("api-key", key.to_string()),
                     shape: Shape::Deployments,
                     asks_usage: asks_usage(inst),
                 }
@@ -149,10 +157,27 @@ impl Address {
                     format!("{base}/v1/")
                 },
                 query: String::new(),
-                credential: ("authorization", format!("Bearer {key}")),
+                credential: Auth::Key("authorization", format!("Bearer {key}")),
                 shape: Shape::V1,
                 asks_usage: asks_usage(inst),
             },
+        }
+    }
+
+    /// The same address, its requests carrying `token`'s bearer tokens instead of a key.
+    pub fn with_token(self, token: Arc<Token>) -> Address {
+        Address {
+            credential: Auth::Entra(token),
+            ..self
+        }
+    }
+
+    /// Whether the instance can be sent requests: it has a key, or a token (or its
+    /// first is on the way).
+    pub fn usable(&self) -> bool {
+        match &self.credential {
+            Auth::Key(..) => true,
+            Auth::Entra(token) => token.usable(),
         }
     }
 
@@ -335,7 +360,7 @@ mod tests {
             az.response_url("resp_1", "/input_items", ""),
             "https://r.example.com/openai/responses/resp_1/input_items?api-version=2024-10-21"
         );
-        assert_eq!(az.credential, ("api-key", "k".to_string()));
+        assert!(matches!(&az.credential, Auth::Key("api-key", k) if k == "k"));
     }
 
     #[test]
@@ -407,7 +432,7 @@ mod tests {
             oa2.url("m", Op::Completions),
             "https://o.example.com/v1/completions"
         );
-        assert_eq!(oa2.credential, ("authorization", "Bearer k".to_string()));
+        assert!(matches!(&oa2.credential, Auth::Key("authorization", k) if k == "Bearer k"));
     }
 
     #[test]

@@ -11,7 +11,7 @@ mod scan;
 pub mod stream;
 mod transport;
 
-pub use address::{accepts_stream_usage, stream_usage_warnings, Address, Op, V1_VERSIONS};
+pub use address::{accepts_stream_usage, stream_usage_warnings, Address, Auth, Op, V1_VERSIONS};
 pub use agent::{agent, head_line_fits};
 pub use transport::{client_left, watch_client, ClientWatch};
 
@@ -101,16 +101,19 @@ fn call_once(
     if !head_line_fits(&[c.method, " ", &c.url, " HTTP/1.1"]) {
         return Err(Error::ModelTooLong);
     }
-    let (name, value) = &address.credential;
     let sent = Instant::now();
     // A stream's head, like its first event, has the first-byte limit; a non-streamed
     // answer's head comes when it is generated, within `routing.timeout`.
     let head_limit = c
         .stream
         .then(|| transport::reads_until(sent + c.first_byte));
-    let sending = send(agent, c, (name, value));
+    let sending = send_authorized(agent, c, &address.credential, &inst.name);
     drop(head_limit);
-    let response = match sending {
+    let Some(sent_with) = sending else {
+        log::warn!("instance {}: no Microsoft Entra ID token", inst.name);
+        return Ok((Outcome::Unreachable { arrived: false }, None));
+    };
+    let response = match sent_with {
         Ok(r) => r,
         Err(e @ (ureq::Error::Http(_) | ureq::Error::BadUri(_))) => {
             return Err(Error::NotForwardable(e.to_string()))
@@ -294,6 +297,34 @@ fn send(
         ("DELETE", _) => with_headers!(agent.delete(&c.url)).call(),
         (_, Some(body)) => with_headers!(agent.post(&c.url)).send(body),
         (_, None) => with_headers!(agent.post(&c.url)).send_empty(),
+    }
+}
+
+/// Sends the request with the instance's credential. An Entra ID token the upstream
+/// rejects (401) although it was thought valid is replaced by a fresh one, and the
+/// request sent once more; a second 401 is the instance's fault as with a key.
+/// `None`: the credential has no token.
+fn send_authorized(
+    agent: &ureq::Agent,
+    c: &Call,
+    auth: &Auth,
+    instance: &str,
+) -> Option<Result<ureq::http::Response<ureq::Body>, ureq::Error>> {
+    let token = match auth {
+        Auth::Key(name, value) => return Some(send(agent, c, (name, value))),
+        Auth::Entra(token) => token,
+    };
+    let header = token.header()?;
+    let first = send(agent, c, ("authorization", header.expose()));
+    if !first.as_ref().is_ok_and(|r| r.status() == 401) {
+        return Some(first);
+    }
+    match token.renewed(&header) {
+        Some(fresh) => {
+            log::info!("instance {instance}: its Entra ID token was refused (401); sending again with a fresh one");
+            Some(send(agent, c, ("authorization", fresh.expose())))
+        }
+        None => Some(first),
     }
 }
 

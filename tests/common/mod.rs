@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
 pub mod api2026;
+pub mod entra;
 
 use azure_openai_proxy::config::Source;
 use azure_openai_proxy::Proxy;

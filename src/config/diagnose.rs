@@ -80,7 +80,8 @@ pub(super) fn instances(
     let mut found = Vec::new();
     for (i, inst) in config.instances.iter().enumerate() {
         let at = |key: &str| format!("instances[{i}].{key}");
-        if inst.api_key.is_empty() {
+        // An instance with a credential has no key to be empty.
+        if inst.api_key.is_empty() && inst.credential.is_none() {
             let source = prov.source(&at("api_key"));
             let vars: Vec<String> = match source.strip_prefix("environment variable ") {
                 Some(var) => vec![var.to_string()],

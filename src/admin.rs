@@ -77,10 +77,13 @@ pub fn stats(state: &State, g: &Generation, query: &str) -> Reply {
     };
     let now = state.uptime_secs();
     let stats = state.stats.lock();
-    success(
-        "metrics",
-        window_metrics(&stats.window(now, minutes), minutes, &stats.totals),
-    )
+    let mut metrics = window_metrics(&stats.window(now, minutes), minutes, &stats.totals);
+    metrics["realtime_sessions"] = json!({
+        "open": state.realtime.open(),
+        "opened": stats.sessions.opened,
+        "closed": stats.sessions.closed,
+    });
+    success("metrics", metrics)
 }
 
 /// The configured windows: `stats_window_minutes` and `additional_windows`, once each.
@@ -303,6 +306,7 @@ pub fn metrics(state: &State, g: &Generation) -> Reply {
         ),
         permits: (state.permits.in_use(), state.permits.total()),
         body_bytes: (state.bodies.used(), state.bodies.limit()),
+        realtime_sessions: (state.realtime.open(), g.config.server.max_realtime_sessions),
         uptime_secs: state.uptime_secs(),
         shared_state: state.shared_state(),
     };

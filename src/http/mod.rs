@@ -8,7 +8,7 @@ pub mod auth;
 pub mod body;
 mod reply;
 
-pub use reply::{Body, Reply, Stream, Trace};
+pub use reply::{Body, Reply, Stream, Trace, Upgrade};
 
 use crate::config::Config;
 use crate::error::Error;
@@ -129,7 +129,7 @@ fn record(
 ) {
     let usage = trace.usage.unwrap_or_default();
     log::info!(
-        "request={id} {method} {} model={} instance={} status={status} tokens={}/{} latency_ms={} attempts={}{}",
+        "request={id} {method} {} model={} instance={} status={status} tokens={}/{} latency_ms={} attempts={}{}{}",
         Clean(path),
         Clean(trace.model.as_deref().unwrap_or("-")),
         trace.instance.as_deref().unwrap_or("-"),
@@ -141,7 +141,10 @@ fn record(
             None | Some(End::Completed) => String::new(),
             Some(End::ClientGone) => " stream=client_gone".into(),
             Some(End::UpstreamFailed(ref why)) => format!(" stream=failed ({why})"),
-        }
+        },
+        trace
+            .session
+            .map_or(String::new(), |why| format!(" session={why}"))
     );
     if trace.api {
         let model = trace
@@ -154,7 +157,8 @@ fn record(
             status,
             broke: matches!(end, Some(End::UpstreamFailed(_))),
             latency: started.elapsed(),
-            usage: trace.usage,
+            // A session's usage was counted as it came.
+            usage: trace.usage.filter(|_| trace.session.is_none()),
             attempts: &trace.attempts,
         };
         state.stats.lock().record(state.uptime_secs(), &record);
@@ -238,6 +242,14 @@ fn answer(
                 broke(state, g, instance, &mut trace);
             }
             (status, trace, Some(end))
+        }
+        Body::Upgrade(session) => {
+            let mut trace = reply.trace;
+            match request.upgrade(&reply.headers) {
+                Ok(conn) => session.run(state, conn, &mut trace),
+                Err(e) => log::debug!("writing a 101 failed: {e}"),
+            }
+            (status, trace, None)
         }
     }
 }

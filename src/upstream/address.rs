@@ -177,6 +177,34 @@ impl Address {
         self.shape == Shape::V1 || !op.per_deployment()
     }
 
+    /// The Realtime API's WebSocket URL for `deployment`: `wss://` for an `https://`
+    /// api_base, `ws://` for `http://`. Azure's v1 API and OpenAI name the deployment
+    /// as `model`; Azure's dated versions as `deployment`, beside the api-version.
+    pub fn realtime_url(&self, deployment: &str) -> String {
+        let mut url = String::with_capacity(self.prefix.len() + 40 + 3 * deployment.len());
+        let rest = match self.prefix.split_once("://") {
+            Some(("https", rest)) => {
+                url.push_str("wss://");
+                rest
+            }
+            Some(("http", rest)) => {
+                url.push_str("ws://");
+                rest
+            }
+            _ => &self.prefix,
+        };
+        url.push_str(rest);
+        url.push_str("realtime");
+        url.push_str(&self.query);
+        url.push(if self.query.is_empty() { '?' } else { '&' });
+        url.push_str(match self.shape {
+            Shape::Deployments => "deployment=",
+            Shape::V1 => "model=",
+        });
+        push_escaped(&mut url, deployment);
+        url
+    }
+
     /// The URL of a stored response, `responses/{id}` then `rest` (`""`,
     /// `/input_items`, `/cancel`).
     pub fn response_url(&self, id: &str, rest: &str) -> String {
@@ -282,6 +310,10 @@ mod tests {
             "https://r.example.com/openai/responses/resp_1/input_items?api-version=2024-10-21"
         );
         assert_eq!(az.credential, ("api-key", "k".to_string()));
+        assert_eq!(
+            az.realtime_url("rt dep"),
+            "wss://r.example.com/openai/realtime?api-version=2024-10-21&deployment=rt%20dep"
+        );
     }
 
     #[test]
@@ -305,6 +337,11 @@ mod tests {
                 format!("https://r.example.com/openai/v1/responses/resp_1{query}")
             );
             assert!(az.model_in_body(Op::Chat) && az.asks_usage);
+            let sep = if query.is_empty() { '?' } else { '&' };
+            assert_eq!(
+                az.realtime_url("dep"),
+                format!("wss://r.example.com/openai/v1/realtime{query}{sep}model=dep")
+            );
         }
     }
 
@@ -321,6 +358,11 @@ mod tests {
             "https://o.example.com/v1/completions"
         );
         assert_eq!(oa2.credential, ("authorization", "Bearer k".to_string()));
+        let local = Address::new(&instance("{name: o, provider_type: openai, api_key: k, api_base: 'http://127.0.0.1:9', supported_models: [m]}"));
+        assert_eq!(
+            local.realtime_url("m"),
+            "ws://127.0.0.1:9/v1/realtime?model=m"
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@ mod agent;
 pub mod headers;
 pub mod stream;
 mod transport;
+pub mod websocket;
 
 pub use address::{accepts_stream_usage, stream_usage_warnings, Address, Op, V1_VERSIONS};
 pub use agent::{agent, head_line_fits};

@@ -23,7 +23,7 @@ mod conn;
 mod request;
 
 pub use common::{HTTPVersion, Method, StatusCode};
-pub use request::{Request, ResponseWriter};
+pub use request::{Request, ResponseWriter, Upgraded};
 
 use std::io::{self, ErrorKind};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};

@@ -50,6 +50,8 @@ impl Upstream {
     }
 }
 
+// The handshake callback's error type is tungstenite's (an HTTP response), not ours.
+#[allow(clippy::result_large_err)]
 fn serve(stream: TcpStream, refuse: bool, log: &Mutex<Vec<Seen>>) {
     let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
         let header = |n: &str| {

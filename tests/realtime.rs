@@ -163,13 +163,19 @@ fn v1_instance(name: &str, url: &str) -> String {
     )
 }
 
-#[test]
-fn a_session_is_relayed_both_ways_its_usage_counted_and_the_key_protocol_kept_back() {
+/// A test upstream, and the proxy in front of it with `settings` and one v1 instance.
+fn start(settings: &str) -> (Upstream, TestProxy) {
     let up = Upstream::start(false);
     let proxy = TestProxy::start(&format!(
-        "auth: {{api_keys: [client-key]}}\ninstances:\n{}",
+        "{settings}\ninstances:\n{}",
         v1_instance("a", &up.url)
     ));
+    (up, proxy)
+}
+
+#[test]
+fn a_session_is_relayed_both_ways_its_usage_counted_and_the_key_protocol_kept_back() {
+    let (up, proxy) = start("auth: {api_keys: [client-key]}");
     let (mut ws, answer) = connect(
         addr(&proxy.url),
         "/openai/v1/realtime?model=gpt-rt",
@@ -241,11 +247,7 @@ fn a_session_is_relayed_both_ways_its_usage_counted_and_the_key_protocol_kept_ba
 
 #[test]
 fn a_wrong_key_in_the_subprotocol_is_refused_before_any_upstream() {
-    let up = Upstream::start(false);
-    let proxy = TestProxy::start(&format!(
-        "auth: {{api_keys: [client-key]}}\ninstances:\n{}",
-        v1_instance("a", &up.url)
-    ));
+    let (up, proxy) = start("auth: {api_keys: [client-key]}");
     let mut request = format!("ws://{}/v1/realtime?model=gpt-rt", addr(&proxy.url))
         .into_client_request()
         .unwrap();
@@ -301,11 +303,7 @@ fn a_refused_handshake_fails_over_to_the_next_instance_on_the_dated_url() {
 
 #[test]
 fn an_oversized_message_closes_with_1009_and_an_idle_session_with_1001() {
-    let up = Upstream::start(false);
-    let proxy = TestProxy::start(&format!(
-        "realtime: {{max_message_bytes: 1024, idle_timeout: 0.5}}\ninstances:\n{}",
-        v1_instance("a", &up.url)
-    ));
+    let (_up, proxy) = start("realtime: {max_message_bytes: 1024, idle_timeout: 0.5}");
     let (mut ws, _) = connect(addr(&proxy.url), "/v1/realtime?model=gpt-rt", &[]);
     assert_eq!(next_json(&mut ws)["type"], "session.created");
     ws.send(Message::text("x".repeat(2000))).unwrap();
@@ -323,11 +321,7 @@ fn an_oversized_message_closes_with_1009_and_an_idle_session_with_1001() {
 
 #[test]
 fn sessions_over_the_limit_get_503() {
-    let up = Upstream::start(false);
-    let proxy = TestProxy::start(&format!(
-        "server: {{max_realtime_sessions: 1}}\ninstances:\n{}",
-        v1_instance("a", &up.url)
-    ));
+    let (_up, proxy) = start("server: {max_realtime_sessions: 1}");
     let (_held, _) = connect(addr(&proxy.url), "/v1/realtime?model=gpt-rt", &[]);
     let request = format!("ws://{}/v1/realtime?model=gpt-rt", addr(&proxy.url))
         .into_client_request()

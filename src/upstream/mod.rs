@@ -6,6 +6,7 @@
 mod address;
 mod agent;
 pub mod headers;
+mod relay;
 pub mod stream;
 mod transport;
 pub mod websocket;

@@ -320,6 +320,25 @@ fn an_oversized_message_closes_with_1009_and_an_idle_session_with_1001() {
 }
 
 #[test]
+fn a_reload_keeps_an_open_session_on_its_instance() {
+    let (up, proxy) = start("");
+    let (mut ws, _) = connect(addr(&proxy.url), "/v1/realtime?model=gpt-rt", &[]);
+    assert_eq!(next_json(&mut ws)["type"], "session.created");
+    let other = Upstream::start(false);
+    proxy.rewrite(&format!("instances:\n{}", v1_instance("b", &other.url)));
+    send("POST", &format!("{}/config/reload", proxy.url), &[], None).assert_status(200);
+    ws.send(Message::text(
+        json!({"type": "response.create"}).to_string(),
+    ))
+    .unwrap();
+    assert_eq!(next_json(&mut ws)["type"], "response.done");
+    assert_eq!(up.seen().len(), 1);
+    assert!(other.seen().is_empty(), "the session stayed where it began");
+    let (_new, answer) = connect(addr(&proxy.url), "/v1/realtime?model=gpt-rt", &[]);
+    assert_eq!(answer.headers().get("x-proxy-instance").unwrap(), "b");
+}
+
+#[test]
 fn sessions_over_the_limit_get_503() {
     let (_up, proxy) = start("server: {max_realtime_sessions: 1}");
     let (_held, _) = connect(addr(&proxy.url), "/v1/realtime?model=gpt-rt", &[]);

@@ -310,7 +310,10 @@ impl<'a> Session<'a> {
             ),
         };
         loop {
-            if let Some(why) = *self.control.why.lock() {
+            // Read into a local first: a guard in an `if let` scrutinee would live
+            // through `finish`, which takes the same lock.
+            let ending = *self.control.why.lock();
+            if let Some(why) = ending {
                 return self.finish(why, None);
             }
             match reader.read() {

@@ -80,7 +80,13 @@ pub fn stats(state: &State, g: &Generation, query: &str) -> Reply {
     let now = state.uptime_secs();
     let mut metrics = {
         let stats = state.stats.lock();
-        window_metrics(&stats.window(now, minutes), minutes, &stats.totals)
+        let mut metrics = window_metrics(&stats.window(now, minutes), minutes, &stats.totals);
+        metrics["realtime_sessions"] = json!({
+            "open": state.realtime.open(),
+            "opened": stats.sessions.opened,
+            "closed": stats.sessions.closed,
+        });
+        metrics
     };
     // Counted apart from the statistics: a 401 is answered before any request is.
     metrics["auth_failures"] = state.key_failures.failures().into();
@@ -330,6 +336,7 @@ pub fn metrics(state: &State, g: &Generation) -> Reply {
         ),
         permits: (state.permits.in_use(), state.permits.total()),
         body_bytes: (state.bodies.used(), state.bodies.limit()),
+        realtime_sessions: (state.realtime.open(), g.config.server.max_realtime_sessions),
         uptime_secs: state.uptime_secs(),
         shared_state: state.shared_state(),
         key_failures: (state.key_failures.failures(), state.key_failures.refused()),

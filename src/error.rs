@@ -109,6 +109,10 @@ pub enum Error {
     ReloadFailed(String),
     /// The handler panicked; the proxy serves on.
     Internal,
+    /// A Realtime API path called without a WebSocket handshake (RFC 6455 §4.1).
+    NotWebSocket,
+    /// `server.max_realtime_sessions` Realtime API sessions are open.
+    TooManySessions { max: usize },
 }
 
 impl Error {
@@ -129,9 +133,11 @@ impl Error {
             HeaderTooLong { .. } => 431,
             // nginx's "client closed request": the log's word for it.
             ClientGone => 499,
+            NotWebSocket => 426,
             Internal => 500,
             UpstreamUnreachable { .. } => 502,
             NoPermit { .. } | BodyMemoryFull { .. } | AllDown { .. } => 503,
+            TooManySessions { .. } => 503,
             UpstreamTimeout { .. } => 504,
         }
     }
@@ -145,6 +151,7 @@ impl Error {
                 "upstream_error"
             }
             NoPermit { .. } | BodyMemoryFull { .. } | Internal => "server_error",
+            TooManySessions { .. } => "server_error",
             _ => "invalid_request_error",
         }
     }
@@ -162,7 +169,8 @@ impl Error {
             ModelNotFound { .. } => "model_not_found",
             TokensExceedLimit { .. } => "tokens_exceed_limit",
             HeaderTooLong { .. } => "request_header_fields_too_large",
-            NoPermit { .. } | BodyMemoryFull { .. } => "server_busy",
+            NoPermit { .. } | BodyMemoryFull { .. } | TooManySessions { .. } => "server_busy",
+            NotWebSocket => "upgrade_required",
             RateLimited { .. } => "rate_limit_exceeded",
             AllDown { .. } => "service_unavailable",
             UpstreamTimeout { .. } => "upstream_timeout",
@@ -272,6 +280,10 @@ impl Error {
             ReloadFailed(why) => format!("The configuration was not reloaded: {why}"),
             ClientGone => "The client closed its connection before the answer came.".into(),
             Internal => "The proxy failed while handling this request.".into(),
+            NotWebSocket => "The Realtime API is a WebSocket: connect with `Upgrade: websocket`, `Connection: Upgrade`, `Sec-WebSocket-Key` and `Sec-WebSocket-Version: 13`.".into(),
+            TooManySessions { max } => format!(
+                "All {max} Realtime API sessions this proxy allows at once (server.max_realtime_sessions) are open; retry shortly."
+            ),
         }
     }
 
@@ -289,7 +301,8 @@ impl Error {
         match self {
             BodyTooLarge { .. } | BodyTimeout | BodyUnreadable(_) => vec![close()],
             BodyMemoryFull { .. } => vec![("Retry-After", "1".into()), close()],
-            NoPermit { .. } => vec![("Retry-After", "1".into())],
+            NoPermit { .. } | TooManySessions { .. } => vec![("Retry-After", "1".into())],
+            NotWebSocket => vec![("Upgrade", "websocket".into())],
             RateLimited { wait, .. } | AllDown { wait, .. } | KeyFailures { wait } => retry(wait),
             MissingKey | WrongKey | AdminKeyNeeded => {
                 vec![("WWW-Authenticate", "Bearer".into())]

@@ -7,6 +7,7 @@ use crate::error::Error;
 use crate::http::{self, auth, Reply};
 use crate::state::{Generation, Reloaded, State};
 use crate::upstream::stream;
+use crate::upstream::websocket::Closed;
 use crate::upstream::Op;
 use crate::{admin, api};
 use http1_server::{Method, Request};
@@ -78,6 +79,7 @@ impl Proxy {
         self.server.drain();
         let finished = self.server.wait_closed(Instant::now() + grace);
         if !finished {
+            self.state.realtime.end_all(Closed::Shutdown);
             self.server.cut_streams(&stream::error_event(
                 "The proxy is shutting down: this stream was cut before its end.",
             ));
@@ -110,6 +112,14 @@ fn route(
     // A browser's preflight carries no key: it asks whether the real request may be sent.
     if *method == Method::Options {
         return http::cors::preflight(&g.config.server.cors_origins, request);
+    }
+    // A Realtime API session checks its key itself: browsers can only send it as a
+    // WebSocket subprotocol.
+    if let Some(param) = realtime_path(path) {
+        let model = query_param(query(request), param);
+        return only(method, "GET", path, || {
+            api::realtime::session(state, g, request, model)
+        });
     }
     let auth = &g.config.auth;
     if path.starts_with("/v1/") || path.starts_with("/openai/") {
@@ -158,6 +168,24 @@ fn route(
         });
     }
     route_other(state, g, request, method, v1, path)
+}
+
+/// The query parameter that names the model on a Realtime API path: `model` for
+/// OpenAI's and Azure's v1 paths, `deployment` for Azure's dated one.
+fn realtime_path(path: &str) -> Option<&'static str> {
+    match path {
+        "/v1/realtime" | "/openai/v1/realtime" => Some("model"),
+        "/openai/realtime" => Some("deployment"),
+        _ => None,
+    }
+}
+
+/// The value of parameter `name` in a query string, percent-decoded.
+fn query_param(query: &str, name: &str) -> Option<String> {
+    let value = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))?;
+    percent_decode(value)
 }
 
 /// `responses/{id}`, `responses/{id}/input_items`, `responses/{id}/cancel` → (id, the
@@ -296,6 +324,21 @@ mod tests {
         assert_eq!(azure_path("/openai/deployments/m/images/edits"), None);
         assert_eq!(azure_path("/openai/deployments//completions"), None);
         assert_eq!(azure_path("/openai/deployments/%zz/completions"), None);
+    }
+
+    #[test]
+    fn realtime_paths_and_their_model() {
+        assert_eq!(realtime_path("/openai/realtime"), Some("deployment"));
+        assert_eq!(realtime_path("/v1/realtime/x"), None);
+        assert_eq!(
+            query_param("api-version=2025&deployment=gpt%20rt", "deployment").as_deref(),
+            Some("gpt rt")
+        );
+        assert_eq!(
+            query_param("models=a&model=b", "model").as_deref(),
+            Some("b")
+        );
+        assert_eq!(query_param("model=%zz", "model"), None);
     }
 
     #[test]

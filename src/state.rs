@@ -14,6 +14,7 @@ use crate::routing::affinity::Affinity;
 use crate::routing::table::Table;
 use crate::routing::States;
 use crate::shared::Shared;
+use crate::upstream::websocket::Sessions;
 use crate::upstream::{self, Address};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -141,6 +142,8 @@ pub struct State {
     /// The 401s given, and the client addresses answered 429 after too many.
     pub key_failures: KeyFailures,
     pub started: Instant,
+    /// The Realtime API sessions open (`server.max_realtime_sessions`).
+    pub realtime: Sessions,
     /// Set on SIGTERM: `/health` answers 503 from then on.
     pub draining: AtomicBool,
     /// Client connections open, once the server runs.
@@ -175,6 +178,7 @@ impl State {
             current: parking_lot::RwLock::new(Arc::new(generation)),
             stats: parking_lot::Mutex::new(Stats::new()),
             started: Instant::now(),
+            realtime: Sessions::default(),
             draining: AtomicBool::new(false),
             connections: std::sync::OnceLock::new(),
             source,

@@ -5,6 +5,7 @@
 //! Responses API, sent to the instance that made them (affinity).
 
 pub mod body;
+pub mod realtime;
 pub mod upload;
 
 use crate::capacity::Permit;
@@ -407,6 +408,7 @@ fn remember_response(
                 .find_map(|l| l.strip_prefix(b"data:"));
             data.unwrap_or_default()
         }
+        Body::Upgrade(_) => &[],
     };
     let made = serde_json::from_slice::<Made>(bytes).ok();
     let id = made.and_then(|m| m.id.or_else(|| m.response?.id));

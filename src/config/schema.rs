@@ -156,6 +156,9 @@ pub struct Config {
     pub auth: Auth,
     #[serde(default)]
     pub instances: Vec<Instance>,
+    /// Realtime API sessions (WebSocket): their bounds.
+    #[serde(default)]
+    pub realtime: Realtime,
     /// Several proxies on one quota share their instances' state here (`shared.rs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis: Option<Redis>,
@@ -329,6 +332,10 @@ pub struct Server {
     /// Origins whose browsers may call the API (CORS): `OPTIONS` preflights and answers
     /// to them carry `Access-Control-Allow-Origin`. `"*"` allows any. Empty: none.
     pub cors_origins: Vec<String>,
+    /// Realtime API sessions open at once: each holds its connection's thread and one
+    /// more for as long as it lasts (minutes). Sessions count in `max_connections` too.
+    #[serde(deserialize_with = "lenient")]
+    pub max_realtime_sessions: usize,
 }
 
 impl Server {
@@ -351,6 +358,34 @@ impl Default for Server {
             max_connections: 4096,
             max_connections_per_ip: None,
             cors_origins: Vec::new(),
+            max_realtime_sessions: 100,
+        }
+    }
+}
+
+/// The bounds of one Realtime API session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Realtime {
+    /// The largest message either side may send; a larger one closes the session with
+    /// 1009. The default takes the largest audio chunk the API accepts in one
+    /// `input_audio_buffer.append` (15 MiB) with its JSON around it.
+    #[serde(deserialize_with = "byte_size")]
+    pub max_message_bytes: u64,
+    /// Seconds without a message either way before the session is closed (1001).
+    #[serde(deserialize_with = "lenient")]
+    pub idle_timeout: f64,
+    /// Seconds a session may last in all before it is closed (1001).
+    #[serde(deserialize_with = "lenient")]
+    pub max_session_seconds: f64,
+}
+
+impl Default for Realtime {
+    fn default() -> Self {
+        Realtime {
+            max_message_bytes: 16 * 1024 * 1024,
+            idle_timeout: 600.0,
+            max_session_seconds: 3600.0,
         }
     }
 }
@@ -551,6 +586,11 @@ impl Config {
                 "auth.failure_block_seconds",
                 self.auth.failure_block_seconds,
             ),
+            ("realtime.idle_timeout", self.realtime.idle_timeout),
+            (
+                "realtime.max_session_seconds",
+                self.realtime.max_session_seconds,
+            ),
         ] {
             if !(secs.is_finite() && secs > 0.0) {
                 return Err(invalid(key, "must be a number of seconds above 0"));
@@ -583,6 +623,9 @@ impl Config {
                 "server.shutdown_grace_seconds",
                 "must be seconds, 0 or more",
             ));
+        }
+        if self.realtime.max_message_bytes == 0 {
+            return Err(invalid("realtime.max_message_bytes", "must be above 0"));
         }
         if self.server.max_body_bytes == 0 {
             return Err(invalid("server.max_body_bytes", "must be above 0"));

@@ -10,7 +10,7 @@ pub mod cors;
 pub mod panics;
 mod reply;
 
-pub use reply::{Body, Relay, Reply, Stream, Trace};
+pub use reply::{Body, Relay, Reply, Stream, Trace, Upgrade};
 
 use crate::config::Config;
 use crate::error::Error;
@@ -145,7 +145,7 @@ fn record(
 ) {
     let usage = trace.usage.unwrap_or_default();
     log::info!(
-        "request={id} {method} {} model={} instance={} status={status} tokens={}/{} latency_ms={} attempts={}{}",
+        "request={id} {method} {} model={} instance={} status={status} tokens={}/{} latency_ms={} attempts={}{}{}",
         Clean(path),
         Clean(trace.model.as_deref().unwrap_or("-")),
         trace.instance.as_deref().unwrap_or("-"),
@@ -158,7 +158,10 @@ fn record(
             Some(End::ClientGone) => " stream=client_gone".into(),
             Some(End::Shutdown) => " stream=shutdown".into(),
             Some(End::UpstreamFailed(ref why)) => format!(" stream=failed ({why})"),
-        }
+        },
+        trace
+            .session
+            .map_or(String::new(), |why| format!(" session={why}"))
     );
     if trace.api {
         let model = trace
@@ -171,7 +174,8 @@ fn record(
             status,
             broke: matches!(end, Some(End::UpstreamFailed(_))),
             latency: started.elapsed(),
-            usage: trace.usage,
+            // A session's usage was counted as it came.
+            usage: trace.usage.filter(|_| trace.session.is_none()),
             attempts: &trace.attempts,
         };
         state.stats.lock().record(state.uptime_secs(), &record);
@@ -284,6 +288,14 @@ fn answer(
             drop(permit);
             let end = settle(state, g, instance, &mut trace, end);
             (status, trace, Some(end))
+        }
+        Body::Upgrade(session) => {
+            let mut trace = reply.trace;
+            match request.upgrade(&reply.headers) {
+                Ok(conn) => session.run(state, conn, &mut trace),
+                Err(e) => log::debug!("writing a 101 failed: {e}"),
+            }
+            (status, trace, None)
         }
     }
 }

@@ -5,6 +5,7 @@
 use crate::capacity::Permit;
 use crate::error::Error;
 use crate::outcome::{Attempt, Usage};
+use crate::state::State;
 use serde_json::Value;
 
 /// What the access log and the statistics learn about a request.
@@ -17,12 +18,16 @@ pub struct Trace {
     pub instance: Option<String>,
     pub attempts: Vec<Attempt>,
     pub usage: Option<Usage>,
+    /// How a Realtime API session ended; its usage was counted as it came.
+    pub session: Option<&'static str>,
 }
 
 pub enum Body {
     Full(Vec<u8>),
     /// A 2xx event stream still to be relayed.
     Stream(Stream),
+    /// A `101`: the connection is taken over (a Realtime API session).
+    Upgrade(Box<dyn Upgrade>),
     /// Any other upstream answer still to be relayed as it arrives.
     Relay(Relay),
 }
@@ -36,6 +41,12 @@ pub struct Relay {
     pub permit: Option<Permit>,
     /// A Responses API answer: the model under which its `id` is remembered.
     pub remember: Option<String>,
+}
+
+/// What runs on a connection after its `101` answer, on the connection's thread, and
+/// fills in the request's `Trace`.
+pub trait Upgrade {
+    fn run(self: Box<Self>, state: &State, conn: http1_server::Upgraded<'_>, trace: &mut Trace);
 }
 
 /// An upstream event stream and what its relay needs.

@@ -67,6 +67,8 @@ pub struct Gauges {
     pub connections: (usize, usize),
     pub permits: (usize, usize),
     pub body_bytes: (u64, u64),
+    /// Realtime API sessions open (handshakes under way included), and the limit.
+    pub realtime_sessions: (usize, usize),
     pub uptime_secs: u64,
     /// `local`, `shared` or `degraded` (see `admin::health`).
     pub shared_state: &'static str,
@@ -271,6 +273,32 @@ pub fn render(
         "server.max_body_memory: bytes request bodies may hold at once.",
     );
     out.sample("request_body_bytes_limit", &[], gauges.body_bytes.1);
+    out.family(
+        "realtime_sessions_open",
+        "gauge",
+        "Realtime API sessions open, or in their handshake.",
+    );
+    out.sample("realtime_sessions_open", &[], gauges.realtime_sessions.0);
+    out.family(
+        "realtime_sessions_limit",
+        "gauge",
+        "server.max_realtime_sessions: Realtime API sessions allowed at once.",
+    );
+    out.sample("realtime_sessions_limit", &[], gauges.realtime_sessions.1);
+    out.family(
+        "realtime_sessions_opened_total",
+        "counter",
+        "Realtime API sessions relayed (upstream and client handshakes done).",
+    );
+    out.sample("realtime_sessions_opened_total", &[], stats.sessions.opened);
+    out.family(
+        "realtime_sessions_closed_total",
+        "counter",
+        "Realtime API sessions ended, by how they ended.",
+    );
+    for (reason, n) in &stats.sessions.closed {
+        out.sample("realtime_sessions_closed_total", &[("reason", reason)], n);
+    }
     out.family(
         "uptime_seconds",
         "gauge",

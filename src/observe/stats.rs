@@ -116,7 +116,8 @@ impl Counts {
     fn record(&mut self, r: &Record) {
         self.requests += 1;
         match r.status {
-            200..=299 if !r.broke => self.successes += 1,
+            // 101: a Realtime API session that was relayed.
+            101 | 200..=299 if !r.broke => self.successes += 1,
             500 => self.status_500 += 1,
             503 => self.status_503 += 1,
             _ => self.status_other_error += 1,
@@ -201,6 +202,14 @@ pub struct Stats {
     pub totals: Counts,
     pub instances: BTreeMap<String, InstanceCounts>,
     pub requests: RequestCounts,
+    pub sessions: SessionCounts,
+}
+
+/// Realtime API sessions: started, and ended by how they ended.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SessionCounts {
+    pub opened: u64,
+    pub closed: BTreeMap<&'static str, u64>,
 }
 
 impl Stats {
@@ -254,6 +263,21 @@ impl Stats {
     pub fn record_panic(&mut self, now_secs: u64) {
         self.bucket(now_secs).panics += 1;
         self.totals.panics += 1;
+    }
+
+    /// Tokens a Realtime API session's `response.done` reported, counted as they come
+    /// (the session itself is recorded when it ends, without them).
+    pub fn tokens(&mut self, now_secs: u64, instance: &str, usage: Usage) {
+        let (prompt, completion) = (usage.prompt_tokens, usage.completion_tokens);
+        let add = |c: &mut Counts| {
+            c.prompt_tokens = c.prompt_tokens.saturating_add(prompt);
+            c.completion_tokens = c.completion_tokens.saturating_add(completion);
+        };
+        add(self.bucket(now_secs));
+        add(&mut self.totals);
+        let c = counter(&mut self.instances, instance);
+        c.prompt_tokens = c.prompt_tokens.saturating_add(prompt);
+        c.completion_tokens = c.completion_tokens.saturating_add(completion);
     }
 
     /// Opens the current bucket and drops what fell out of the longest window; run by

@@ -532,6 +532,15 @@ impl Table {
         fail(rt, slot, &config.routing, speaks, now)
     }
 
+    /// Adds `tokens` an instance reported using outside any admission (a Realtime API
+    /// session's responses) to its TPM window. By name: a session outlives a reload
+    /// that keeps its instance.
+    pub fn charge(&mut self, instance: &str, tokens: u64, now: Instant) {
+        if let Some(rt) = self.runtimes.get_mut(instance) {
+            rt.tokens.add(now, tokens);
+        }
+    }
+
     /// Adds the calling thread to the requests waiting in `line`, last.
     pub fn wait_in_line(&mut self, line: u64) -> u64 {
         self.tickets += 1;

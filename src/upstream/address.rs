@@ -202,6 +202,34 @@ impl Address {
         self.shape == Shape::V1 || !op.per_deployment()
     }
 
+    /// The Realtime API's WebSocket URL for `deployment`: `wss://` for an `https://`
+    /// api_base, `ws://` for `http://`. Azure's v1 API and OpenAI name the deployment
+    /// as `model`; Azure's dated versions as `deployment`, beside the api-version.
+    pub fn realtime_url(&self, deployment: &str) -> String {
+        let mut url = String::with_capacity(self.prefix.len() + 40 + 3 * deployment.len());
+        let rest = match self.prefix.split_once("://") {
+            Some(("https", rest)) => {
+                url.push_str("wss://");
+                rest
+            }
+            Some(("http", rest)) => {
+                url.push_str("ws://");
+                rest
+            }
+            _ => &self.prefix,
+        };
+        url.push_str(rest);
+        url.push_str("realtime");
+        url.push_str(&self.query);
+        url.push(if self.query.is_empty() { '?' } else { '&' });
+        url.push_str(match self.shape {
+            Shape::Deployments => "deployment=",
+            Shape::V1 => "model=",
+        });
+        push_escaped(&mut url, deployment);
+        url
+    }
+
     /// The URL of a stored response, `responses/{id}` then `rest` (`""`,
     /// `/input_items`, `/cancel`), with the client's `query` reduced to the parameters
     /// that page or widen the listing (`PASSED_PARAMS`): the proxy alone decides the
@@ -361,6 +389,10 @@ mod tests {
             "https://r.example.com/openai/responses/resp_1/input_items?api-version=2024-10-21"
         );
         assert!(matches!(&az.credential, Auth::Key("api-key", k) if k == "k"));
+        assert_eq!(
+            az.realtime_url("rt dep"),
+            "wss://r.example.com/openai/realtime?api-version=2024-10-21&deployment=rt%20dep"
+        );
     }
 
     #[test]
@@ -417,6 +449,11 @@ mod tests {
                 format!("https://r.example.com/openai/v1/responses/resp_1{query}")
             );
             assert!(az.model_in_body(Op::Chat) && az.asks_usage);
+            let sep = if query.is_empty() { '?' } else { '&' };
+            assert_eq!(
+                az.realtime_url("dep"),
+                format!("wss://r.example.com/openai/v1/realtime{query}{sep}model=dep")
+            );
         }
     }
 
@@ -433,6 +470,11 @@ mod tests {
             "https://o.example.com/v1/completions"
         );
         assert!(matches!(&oa2.credential, Auth::Key("authorization", k) if k == "Bearer k"));
+        let local = Address::new(&instance("{name: o, provider_type: openai, api_key: k, api_base: 'http://127.0.0.1:9', supported_models: [m]}"));
+        assert_eq!(
+            local.realtime_url("m"),
+            "ws://127.0.0.1:9/v1/realtime?model=m"
+        );
     }
 
     #[test]

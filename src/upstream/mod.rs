@@ -8,8 +8,10 @@ mod agent;
 pub mod headers;
 pub mod relay;
 mod scan;
+mod session;
 pub mod stream;
 mod transport;
+pub mod websocket;
 
 pub use address::{accepts_stream_usage, stream_usage_warnings, Address, Auth, Op, V1_VERSIONS};
 pub use agent::{agent, head_line_fits};

@@ -6,7 +6,8 @@ given as argv[1] (default: $CARGO_TARGET_DIR/debug/azure-openai-proxy, else
 target/debug/...), and drives it with `OpenAI(base_url=...)` (at `/v1` and at an Azure
 v1 base URL, `/openai/v1/`) and `AzureOpenAI(azure_endpoint=...)`: chat (plain and
 streamed), completions, embeddings, the Responses API (plain, streamed, follow-ups with
-`previous_response_id`), an audio transcription upload, the model list and an unknown
+`previous_response_id`), an audio transcription upload, a Realtime API session
+(`client.realtime.connect`, against a WebSocket mock), the model list and an unknown
 model. Prints one line per check and ends with "N passed, M failed"; exits non-zero if
 any check failed.
 """
@@ -166,7 +167,31 @@ def start_upstream(name):
     return server
 
 
-def start_proxy(binary, east_port, west_port):
+def start_realtime_upstream():
+    """A Realtime API mock on Azure's v1 URL: session events and a `response.done` with usage."""
+    from websockets.sync.server import serve
+
+    def handler(ws):
+        received.append(("realtime", ws.request.path, ws.request.headers.get("api-key")))
+        ws.send(json.dumps({"type": "session.created", "event_id": "e0",
+                            "session": {"id": "s1", "type": "realtime", "model": "rt-v1"}}))
+        for message in ws:
+            event = json.loads(message)
+            if event.get("type") == "session.update":
+                ws.send(json.dumps({"type": "session.updated", "event_id": "e1",
+                                    "session": event.get("session", {})}))
+            elif event.get("type") == "response.create":
+                usage = {"total_tokens": 30, "input_tokens": 10, "output_tokens": 20}
+                ws.send(json.dumps({"type": "response.done", "event_id": "e2", "response": {
+                    "id": "r1", "object": "realtime.response", "status": "completed",
+                    "output": [], "usage": usage}}))
+
+    server = serve(handler, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def start_proxy(binary, east_port, west_port, realtime_port):
     config_dir = tempfile.mkdtemp(prefix="aop-sdk-")
     with open(os.path.join(config_dir, "base.yaml"), "w") as f:
         f.write(f"""host: 127.0.0.1
@@ -186,6 +211,11 @@ instances:
     api_version: v1
     supported_models: [gpt-4.1]
     model_deployments: {{gpt-4o-mini: mini-v1, whisper: whisper-v1}}
+  - name: mock-realtime
+    api_key: {UPSTREAM_KEY}
+    api_base: http://127.0.0.1:{realtime_port}
+    api_version: v1
+    model_deployments: {{gpt-realtime: rt-v1}}
 """)
     proc = subprocess.Popen([binary, "--config-dir", config_dir], stderr=subprocess.PIPE, text=True,
                             env={"PATH": os.environ.get("PATH", "")})
@@ -213,7 +243,9 @@ def main():
                            "azure-openai-proxy")
     binary = sys.argv[1] if len(sys.argv) > 1 else default
     east, west = start_upstream("east"), start_upstream("west")
-    proc, url = start_proxy(binary, east.server_address[1], west.server_address[1])
+    realtime = start_realtime_upstream()
+    proc, url = start_proxy(binary, east.server_address[1], west.server_address[1],
+                            realtime.socket.getsockname()[1])
     oai = OpenAI(base_url=f"{url}/v1", api_key="client-key", max_retries=0, timeout=20)
     # A client configured for an Azure v1 endpoint, pointed at the proxy instead.
     azure_v1 = OpenAI(base_url=f"{url}/openai/v1/", api_key="client-key", max_retries=0, timeout=20)
@@ -249,8 +281,8 @@ def main():
 
     def models():
         ids = sorted(m.id for m in oai.models.list())
-        assert ids == ["gpt-35-turbo-instruct", "gpt-4.1", "gpt-4o", "gpt-4o-mini", "text-embedding-3-small",
-                       "whisper"], ids
+        assert ids == ["gpt-35-turbo-instruct", "gpt-4.1", "gpt-4o", "gpt-4o-mini", "gpt-realtime",
+                       "text-embedding-3-small", "whisper"], ids
 
     def unknown_model():
         try:
@@ -322,10 +354,22 @@ def main():
         assert r.text == "transcribed by whisper-v1 on west", r
         assert received[-1][:2] == ("west", "/openai/v1/audio/transcriptions"), received[-1]
 
+    def realtime_session():
+        with oai.realtime.connect(model="gpt-realtime") as conn:
+            assert conn.recv().type == "session.created"
+            conn.session.update(session={"type": "realtime", "instructions": "be brief"})
+            assert conn.recv().type == "session.updated"
+            conn.response.create()
+            done = conn.recv()
+            assert done.type == "response.done", done
+            assert done.response.usage.total_tokens == 30, done
+        assert received[-1] == ("realtime", "/openai/v1/realtime?model=rt-v1", UPSTREAM_KEY), received[-1]
+
     checks = [chat, chat_stream, chat_stream_with_usage, completions, embeddings, models, unknown_model,
               azure_chat, azure_chat_stream, azure_embeddings, upstream_got_the_instance_api_version,
               responses_plain, responses_streamed, responses_follow_ups_stay_on_one_instance,
-              azure_v1_base_url, chat_on_a_v1_instance, audio_transcription_upload]
+              azure_v1_base_url, chat_on_a_v1_instance, audio_transcription_upload,
+              realtime_session]
     passed = failed = 0
     try:
         for check in checks:
@@ -340,6 +384,7 @@ def main():
         proc.kill()
         east.shutdown()
         west.shutdown()
+        realtime.shutdown()
     print(f"{passed} passed, {failed} failed")
     sys.exit(1 if failed else 0)
 

@@ -23,7 +23,7 @@ mod conn;
 mod request;
 
 pub use common::{HTTPVersion, Method, StatusCode};
-pub use request::{is_cut, ClientSocket, Request, ResponseWriter};
+pub use request::{is_cut, ClientSocket, Request, ResponseWriter, Upgraded};
 
 use std::collections::HashMap;
 use std::io::{self, ErrorKind};

@@ -166,19 +166,7 @@ impl<'c> Request<'c> {
     ) -> String {
         let mut head = self.io.take_head_buffer();
         status_line(&mut head, status);
-        for (k, v) in headers {
-            let (k, v) = (k.as_ref(), v.as_ref());
-            let framing = ["content-length", "transfer-encoding", "connection"]
-                .iter()
-                .any(|f| k.eq_ignore_ascii_case(f));
-            if framing || k.contains(['\r', '\n', ':']) || v.contains(['\r', '\n']) {
-                continue;
-            }
-            head.push_str(k);
-            head.push_str(": ");
-            head.push_str(v);
-            head.push_str("\r\n");
-        }
+        push_headers(&mut head, headers);
         match length {
             // RFC 9110 §8.6: no Content-Length in a 1xx or 204 answer.
             Some(_) if matches!(status, 100..=199 | 204) => {}
@@ -284,6 +272,41 @@ impl<'c> Request<'c> {
         entry.set_streaming(chunked, event_on_cut);
         drop(state);
         Ok(writer)
+    }
+
+    /// Answers `101 Switching Protocols` with `headers` (`Connection: Upgrade` is
+    /// added) and hands over the connection for the rest of its life: its socket, and
+    /// what the client sent after the request's head that is already buffered. The
+    /// connection closes when the handler returns. Refused (`InvalidInput`) for a
+    /// request with a body, whose end could not be told from the new protocol's bytes.
+    pub fn upgrade<K: AsRef<str>, V: AsRef<str>>(
+        self,
+        headers: &[(K, V)],
+    ) -> io::Result<Upgraded<'c>> {
+        if self.body != Body::Done {
+            return Err(io::Error::new(
+                ErrorKind::InvalidInput,
+                "a request with a body cannot be upgraded",
+            ));
+        }
+        let io = self.io;
+        io.answered = true;
+        io.reusable = false;
+        let mut head = io.take_head_buffer();
+        status_line(&mut head, 101);
+        push_headers(&mut head, headers);
+        head.push_str("Connection: Upgrade\r\n\r\n");
+        let deadline = io.answer_deadline();
+        let written = io.write_parts(&[head.as_bytes()], deadline);
+        io.give_back(head);
+        written?;
+        let buffered = io.buffered().to_vec();
+        io.consume(buffered.len());
+        let io: &'c Io = io;
+        Ok(Upgraded {
+            stream: &io.entry.stream,
+            buffered,
+        })
     }
 
     fn read_chunk_size(&mut self) -> io::Result<u64> {
@@ -451,6 +474,32 @@ fn framing(head: &Head) -> Result<(Body, Option<u64>), Refusal> {
         _ => Body::Done,
     };
     Ok((body, declared))
+}
+
+/// The handler's headers, each on its line, but for the framing headers (the server
+/// writes those) and any that could break the head.
+fn push_headers<K: AsRef<str>, V: AsRef<str>>(head: &mut String, headers: &[(K, V)]) {
+    for (k, v) in headers {
+        let (k, v) = (k.as_ref(), v.as_ref());
+        let framing = ["content-length", "transfer-encoding", "connection"]
+            .iter()
+            .any(|f| k.eq_ignore_ascii_case(f));
+        if framing || k.contains(['\r', '\n', ':']) || v.contains(['\r', '\n']) {
+            continue;
+        }
+        head.push_str(k);
+        head.push_str(": ");
+        head.push_str(v);
+        head.push_str("\r\n");
+    }
+}
+
+/// A connection taken over by `Request::upgrade`.
+pub struct Upgraded<'c> {
+    /// The client's socket. Its timeouts are the new owner's to set.
+    pub stream: &'c std::net::TcpStream,
+    /// Bytes the client sent after the request's head, already read from the socket.
+    pub buffered: Vec<u8>,
 }
 
 /// The request body. Errors: `TimedOut` past `Limits::body`, `InvalidData` for broken

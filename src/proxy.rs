@@ -2,7 +2,7 @@
 //! rotation thread, reload and shutdown; and the route table that sends each path to
 //! its handler (`api` for the OpenAI endpoints, `admin` for the operator's).
 
-use crate::config::{Config, Source};
+use crate::config::{Client, Config, Source};
 use crate::error::Error;
 use crate::http::{self, auth, Reply};
 use crate::state::{Generation, Reloaded, State};
@@ -108,9 +108,11 @@ fn route(
     path: &str,
 ) -> Reply {
     let auth = &g.config.auth;
+    let mut client = None;
     if path.starts_with("/v1/") || path.starts_with("/openai/") {
-        if let Err(e) = auth::check_client(&auth.api_keys, |name| request.header(name)) {
-            return e.into();
+        match auth::check_client(&auth.api_keys, &auth.clients, |name| request.header(name)) {
+            Ok(named) => client = named.map(|i| &auth.clients[i]),
+            Err(e) => return e.into(),
         }
     }
     // `/openai/v1/...` is `/v1/...` for clients whose base URL is an Azure v1 endpoint;
@@ -125,12 +127,12 @@ fn route(
         });
     if let Some(op) = v1.and_then(Op::from_path) {
         return only(method, "POST", path, || {
-            api::forward(state, g, request, op, None)
+            api::forward(state, g, request, (op, None), client)
         });
     }
     if let Some((model, op)) = azure_path(path) {
         return only(method, "POST", path, || {
-            api::forward(state, g, request, op, Some(model))
+            api::forward(state, g, request, (op, Some(model)), client)
         });
     }
     if let Some((id, rest)) = v1.and_then(stored_response) {
@@ -141,10 +143,16 @@ fn route(
         };
         let query = query(request);
         return only(method, allowed, path, || {
-            api::stored_response(state, g, request, (method.as_str(), id, rest, query))
+            api::stored_response(
+                state,
+                g,
+                request,
+                (method.as_str(), id, rest, query),
+                client,
+            )
         });
     }
-    route_other(state, g, request, method, v1, path)
+    route_other(state, g, request, (method, v1, path), client)
 }
 
 /// `responses/{id}`, `responses/{id}/input_items`, `responses/{id}/cancel` → (id, the
@@ -173,14 +181,13 @@ fn route_other(
     state: &State,
     g: &Generation,
     request: &mut Request<'_>,
-    method: &Method,
-    v1: Option<&str>,
-    path: &str,
+    (method, v1, path): (&Method, Option<&str>, &str),
+    client: Option<&Client>,
 ) -> Reply {
     let auth = &g.config.auth;
     let get = |f: &dyn Fn() -> Reply| only(method, "GET", path, f);
     if v1 == Some("models") {
-        return get(&|| api::models(g));
+        return get(&|| api::models(g, client));
     }
     match path {
         "/health" => get(&|| admin::health(state, g)),
@@ -190,6 +197,7 @@ fn route_other(
             get(&|| admin::stats(state, g, query))
         }
         "/stats/windows" => get(&|| admin::stats_windows(state, g)),
+        "/stats/clients" => get(&|| admin::stats_clients(state, g)),
         "/stats/instances" => get(&|| admin::stats_instances(state, g)),
         "/stats/health" => get(&|| admin::stats_health(state, g)),
         "/stats/status" => get(&|| admin::stats_status(state, g)),

@@ -17,6 +17,10 @@ pub struct Trace {
     pub instance: Option<String>,
     pub attempts: Vec<Attempt>,
     pub usage: Option<Usage>,
+    /// The named client that sent it (`auth.clients`).
+    pub client: Option<String>,
+    /// Refused by its client's own `tpm`, `rpm` or `tokens_per_day`.
+    pub own_limit: bool,
 }
 
 pub enum Body {

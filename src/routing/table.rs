@@ -1,8 +1,9 @@
 //! Runtime state of each instance (DESIGN §6–§7): its cooldown after a 429, its
 //! circuit (opened by a run or a rate of failures, closed only by its trial), the
 //! models it is taken out for after a deployment fault, and its TPM/RPM windows; and
-//! the requests waiting for window room (by client in turn, `clients::Line`). The whole table sits behind
-//! one mutex; every method is short and free of I/O, and takes the time as an argument.
+//! the requests waiting for window room (by client in turn, `clients::Line`). The
+//! whole table sits behind one mutex; every method is short and free of I/O, and takes
+//! the time as an argument.
 
 use super::clients::Line;
 use super::strategy;

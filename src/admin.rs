@@ -4,8 +4,10 @@
 
 use crate::error::Error;
 use crate::http::Reply;
+use crate::observe::client_stats::Tally;
 use crate::observe::metrics::{self, Gauges, InstanceGauges};
 use crate::observe::stats::{Counts, Histogram};
+use crate::routing::clients::utc_day;
 use crate::routing::table::{Health, View};
 use crate::state::{Generation, State};
 use serde_json::{json, Map, Value};
@@ -120,6 +122,60 @@ pub fn stats_windows(state: &State, g: &Generation) -> Reply {
     }
     body.push_str("}}");
     Reply::full(200, "application/json", body.into_bytes())
+}
+
+/// A named client's counts in a window or since start.
+fn client_tally(t: &Tally) -> Value {
+    json!({
+        "requests": t.requests,
+        "prompt_tokens": t.prompt_tokens,
+        "completion_tokens": t.completion_tokens,
+        "total_tokens": t.prompt_tokens.saturating_add(t.completion_tokens),
+        "rate_limited_by_own_limits": t.limited,
+    })
+}
+
+/// `GET /stats/clients`: per named client, its limits, its windows' use now, its
+/// budget used today (the fleet's, with Redis), and its counts since start and in the
+/// windows of `/stats/windows`.
+pub fn stats_clients(state: &State, g: &Generation) -> Reply {
+    let now = state.uptime_secs();
+    let (day, _) = utc_day(SystemTime::now());
+    let windows: Vec<(u32, Counts)> = {
+        let stats = state.stats.lock();
+        windows(g)
+            .into_iter()
+            .map(|m| (m, stats.window(now, m)))
+            .collect()
+    };
+    let totals = state.stats.lock().totals.by_client.clone();
+    let mut all = Map::new();
+    for c in &g.config.auth.clients {
+        let shared_today = state
+            .shared
+            .as_ref()
+            .and_then(|s| s.spend(&g.alerts, &c.name, 0));
+        let used = state.clients.lock().used(&c.name, Instant::now(), day);
+        let today = shared_today.unwrap_or(used.today);
+        let tally = |counts: Option<&Tally>| client_tally(&counts.copied().unwrap_or_default());
+        let in_windows: Map<String, Value> = windows
+            .iter()
+            .map(|(m, w)| (format!("{m}min"), tally(w.by_client.get(&c.name))))
+            .collect();
+        all.insert(
+            c.name.clone(),
+            json!({
+                "limits": {"tpm": c.tpm, "rpm": c.rpm, "tokens_per_day": c.tokens_per_day, "models": c.models},
+                "tpm_used": used.tpm,
+                "rpm_used": used.rpm,
+                "budget_used_today": today,
+                "budget_left_today": c.tokens_per_day.map(|b| b.saturating_sub(today)),
+                "total": tally(totals.get(&c.name)),
+                "windows": in_windows,
+            }),
+        );
+    }
+    success("clients", Value::Object(all))
 }
 
 /// RFC 3339 UTC with milliseconds (`2026-11-24T15:00:00.000Z`).

@@ -81,6 +81,25 @@ pub enum Error {
     /// call was ended. Nobody reads this answer; the access log and statistics do.
     ClientGone,
 
+    // A named client's own limits (`auth.clients`).
+    /// The client's `models` do not include this model. Worded as OpenAI words it, so
+    /// the answer does not tell whether the proxy serves the model to others.
+    ModelNotAllowed { model: String },
+    /// The client is over its own `tpm` or `rpm` (`limit` names which, `value` is its
+    /// setting); its own window has room in `wait`.
+    ClientRateLimited {
+        client: String,
+        limit: &'static str,
+        value: u64,
+        wait: Duration,
+    },
+    /// The client has spent its `tokens_per_day`; its day ends (00:00 UTC) in `wait`.
+    BudgetSpent {
+        client: String,
+        budget: u64,
+        wait: Duration,
+    },
+
     // Authentication.
     /// `auth.api_keys` is set and the request presents no key.
     MissingKey,
@@ -124,12 +143,15 @@ impl Error {
             ModelTooLong | NotForwardable(_) | BadWindow(_) | ReloadFailed(_) => 400,
             MissingKey | WrongKey | AdminKeyNeeded => 401,
             AdminLoopbackOnly => 403,
-            ModelNotFound { .. } | UnknownUrl { .. } => 404,
+            ModelNotFound { .. } | ModelNotAllowed { .. } | UnknownUrl { .. } => 404,
             UnknownResponse { .. } | ResponseGone { .. } => 404,
             MethodNotAllowed { .. } => 405,
             BodyTimeout => 408,
             BodyTooLarge { .. } => 413,
-            RateLimited { .. } | KeyFailures { .. } => 429,
+            RateLimited { .. }
+            | KeyFailures { .. }
+            | ClientRateLimited { .. }
+            | BudgetSpent { .. } => 429,
             HeaderTooLong { .. } => 431,
             // nginx's "client closed request": the log's word for it.
             ClientGone => 499,
@@ -146,7 +168,8 @@ impl Error {
     fn kind(&self) -> &'static str {
         use Error::*;
         match self {
-            RateLimited { .. } | KeyFailures { .. } => "requests",
+            RateLimited { .. } | KeyFailures { .. } | ClientRateLimited { .. } => "requests",
+            BudgetSpent { .. } => "insufficient_quota",
             AllDown { .. } | UpstreamTimeout { .. } | UpstreamUnreachable { .. } => {
                 "upstream_error"
             }
@@ -166,12 +189,13 @@ impl Error {
             NotForwardable(_) | BadWindow(_) => return None,
             BodyTooLarge { .. } => "request_too_large",
             BodyTimeout => "request_timeout",
-            ModelNotFound { .. } => "model_not_found",
+            ModelNotFound { .. } | ModelNotAllowed { .. } => "model_not_found",
             TokensExceedLimit { .. } => "tokens_exceed_limit",
             HeaderTooLong { .. } => "request_header_fields_too_large",
             NoPermit { .. } | BodyMemoryFull { .. } | TooManySessions { .. } => "server_busy",
             NotWebSocket => "upgrade_required",
-            RateLimited { .. } => "rate_limit_exceeded",
+            RateLimited { .. } | ClientRateLimited { .. } => "rate_limit_exceeded",
+            BudgetSpent { .. } => "insufficient_quota",
             AllDown { .. } => "service_unavailable",
             UpstreamTimeout { .. } => "upstream_timeout",
             UpstreamUnreachable { .. } => "upstream_unreachable",
@@ -189,7 +213,9 @@ impl Error {
     fn param(&self) -> Option<&'static str> {
         use Error::*;
         match self {
-            MissingModel | ModelNotFound { .. } | ModelTooLong => Some("model"),
+            MissingModel | ModelNotFound { .. } | ModelNotAllowed { .. } | ModelTooLong => {
+                Some("model")
+            }
             ResponseElsewhere { .. } => Some("previous_response_id"),
             TokensExceedLimit { .. } => Some("max_tokens"),
             BadWindow(_) => Some("window"),
@@ -254,6 +280,23 @@ impl Error {
             UpstreamUnreachable { model, tried } => {
                 format!("No instance could be reached for model `{model}` ({tried} tried).")
             }
+            ModelNotAllowed { model } => {
+                format!("The model `{model}` does not exist or you do not have access to it.")
+            }
+            ClientRateLimited {
+                client,
+                limit,
+                value,
+                ..
+            } => {
+                let per = if *limit == "tpm" { "tokens" } else { "requests" };
+                format!(
+                    "Rate limit reached for client `{client}`: its own {limit} limit ({value} {per} a minute) set on this proxy, not the instances'. Retry after the time in the Retry-After header."
+                )
+            }
+            BudgetSpent { client, budget, .. } => format!(
+                "Client `{client}` has used its daily budget of {budget} tokens on this proxy; it renews at 00:00 UTC (Retry-After)."
+            ),
             MissingKey => {
                 "Missing API key: send it as `Authorization: Bearer <key>` or `api-key: <key>`."
                     .into()
@@ -304,6 +347,7 @@ impl Error {
             NoPermit { .. } | TooManySessions { .. } => vec![("Retry-After", "1".into())],
             NotWebSocket => vec![("Upgrade", "websocket".into())],
             RateLimited { wait, .. } | AllDown { wait, .. } | KeyFailures { wait } => retry(wait),
+            ClientRateLimited { wait, .. } | BudgetSpent { wait, .. } => retry(wait),
             MissingKey | WrongKey | AdminKeyNeeded => {
                 vec![("WWW-Authenticate", "Bearer".into())]
             }

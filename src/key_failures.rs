@@ -68,12 +68,12 @@ impl KeyFailures {
     /// Runs the key check `check` for a request from `peer`, unless that address is
     /// blocked (429 without comparing its key, so a block also hides which guess was
     /// right), and counts a 401 it gives.
-    pub fn check(
+    pub fn check<T>(
         &self,
         auth: &Auth,
         peer: Option<SocketAddr>,
-        check: impl FnOnce() -> Result<(), Error>,
-    ) -> Result<(), Error> {
+        check: impl FnOnce() -> Result<T, Error>,
+    ) -> Result<T, Error> {
         let now = Instant::now();
         let address = peer.map(client);
         if let Some(address) = address {
@@ -176,7 +176,7 @@ mod tests {
         let a = auth(3);
         for _ in 0..3 {
             assert_eq!(
-                k.check(&a, peer("10.0.0.1:1"), || Err(Error::WrongKey)),
+                k.check(&a, peer("10.0.0.1:1"), || Err::<(), _>(Error::WrongKey)),
                 Err(Error::WrongKey)
             );
         }
@@ -190,7 +190,9 @@ mod tests {
         // Off: counted, never blocked.
         let off = KeyFailures::default();
         for _ in 0..10 {
-            let _ = off.check(&auth(0), peer("10.0.0.1:1"), || Err(Error::MissingKey));
+            let _ = off.check(&auth(0), peer("10.0.0.1:1"), || {
+                Err::<(), _>(Error::MissingKey)
+            });
         }
         assert_eq!(off.check(&auth(0), peer("10.0.0.1:1"), || Ok(())), Ok(()));
         assert_eq!(off.failures(), 10);
@@ -214,7 +216,7 @@ mod tests {
         for i in 0..MAX_ADDRESSES as u32 + 10 {
             let ip = std::net::Ipv4Addr::from(i);
             let _ = k.check(&auth(5), Some(SocketAddr::from((ip, 1))), || {
-                Err(Error::WrongKey)
+                Err::<(), _>(Error::WrongKey)
             });
         }
         let t = k.table.lock();

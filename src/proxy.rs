@@ -2,7 +2,7 @@
 //! rotation thread, reload and shutdown; and the route table that sends each path to
 //! its handler (`api` for the OpenAI endpoints, `admin` for the operator's).
 
-use crate::config::{Config, Source};
+use crate::config::{Client, Config, Source};
 use crate::error::Error;
 use crate::http::{self, auth, Reply};
 use crate::state::{Generation, Reloaded, State};
@@ -122,12 +122,14 @@ fn route(
         });
     }
     let auth = &g.config.auth;
+    let mut client = None;
     if path.starts_with("/v1/") || path.starts_with("/openai/") {
         let checked = state.key_failures.check(auth, request.remote_addr(), || {
-            auth::check_client(&auth.api_keys, |name| request.header(name))
+            auth::check_client(&auth.api_keys, &auth.clients, |name| request.header(name))
         });
-        if let Err(e) = checked {
-            return e.into();
+        match checked {
+            Ok(named) => client = named.map(|i| &auth.clients[i]),
+            Err(e) => return e.into(),
         }
     }
     // `/openai/v1/...` is `/v1/...` for clients whose base URL is an Azure v1 endpoint;
@@ -142,12 +144,12 @@ fn route(
         });
     if let Some(op) = v1.and_then(Op::from_path) {
         return only(method, "POST", path, || {
-            api::forward(state, g, request, op, None)
+            api::forward(state, g, request, op, None, client)
         });
     }
     if let Some((model, op)) = azure_path(path) {
         return only(method, "POST", path, || {
-            api::forward(state, g, request, op, Some(model))
+            api::forward(state, g, request, op, Some(model), client)
         });
     }
     if let Some((id, rest)) = v1.and_then(stored_response) {
@@ -164,10 +166,16 @@ fn route(
             method.as_str()
         };
         return only(method, allowed, path, || {
-            api::stored_response(state, g, request, (upstream_method, id, rest, query))
+            api::stored_response(
+                state,
+                g,
+                request,
+                (upstream_method, id, rest, query),
+                client,
+            )
         });
     }
-    route_other(state, g, request, method, v1, path)
+    route_other(state, g, request, (method, v1, path), client)
 }
 
 /// The query parameter that names the model on a Realtime API path: `model` for
@@ -214,14 +222,13 @@ fn route_other(
     state: &State,
     g: &Generation,
     request: &mut Request<'_>,
-    method: &Method,
-    v1: Option<&str>,
-    path: &str,
+    (method, v1, path): (&Method, Option<&str>, &str),
+    client: Option<&Client>,
 ) -> Reply {
     let auth = &g.config.auth;
     let get = |f: &dyn Fn() -> Reply| only(method, "GET", path, f);
     if v1 == Some("models") {
-        return get(&|| api::models(g));
+        return get(&|| api::models(g, client));
     }
     match path {
         "/health" => get(&|| admin::health(state, g)),
@@ -231,6 +238,7 @@ fn route_other(
             get(&|| admin::stats(state, g, query))
         }
         "/stats/windows" => get(&|| admin::stats_windows(state, g)),
+        "/stats/clients" => get(&|| admin::stats_clients(state, g)),
         "/stats/instances" => get(&|| admin::stats_instances(state, g)),
         "/stats/health" => get(&|| admin::stats_health(state, g)),
         "/stats/status" => get(&|| admin::stats_status(state, g)),

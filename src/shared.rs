@@ -12,7 +12,7 @@
 //! admission lost its reply). No call is made with the instance table's lock held: routing takes
 //! its local decision under the lock, releases it, and then asks Redis.
 
-use crate::config::{Instance, Redis};
+use crate::config::{Client, Instance, Redis};
 use crate::observe::alerts::Alerts;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
@@ -72,11 +72,18 @@ end
 /// requests), cooldown, circuit, and the windows' totals.
 const INSTANCE_KEYS: [&str; 6] = ["tpm", "rpm", "cooldown", "circuit", "tpm:sum", "rpm:sum"];
 
+/// The keys of a named client ADMIT takes after its instance's: its windows (tokens,
+/// requests), its day's spending, and the windows' totals.
+const CLIENT_KEYS: [&str; 5] = ["tpm", "rpm", "day", "tpm:sum", "rpm:sum"];
+
 /// Checks cooldown and circuit, then room in both windows, and reserves in one step.
 /// KEYS: `INSTANCE_KEYS`. ARGV: reservation id, tokens, max_tpm,
 /// max_rpm (0: no limit). Returns {0, 0} admitted, {1, ms} cooling down or no room for
 /// a request for ms, {2, ms} its circuit is open for ms, {3, ms} no room for this many
-/// tokens for ms (a smaller request may fit).
+/// tokens for ms (a smaller request may fit). With a named client, KEYS 7–11 are its
+/// `CLIENT_KEYS`, ARGV 5–7 its tpm, rpm and tokens_per_day (0: none): its
+/// own limits are checked first and reserved with the instance's, and it is refused
+/// with {4, ms} over tpm, {5, ms} over rpm, {6, ms until 00:00 UTC} its day spent.
 const ADMIT: &str = r"
 local open = tonumber(redis.call('GET', KEYS[4]) or '0')
 if open > now then return {2, open - now} end
@@ -92,12 +99,31 @@ local function room(key, sum, need, max)
   return 60000
 end
 local need, tpm, rpm = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local client = #KEYS > 6
+if client then
+  local ctpm, crpm, budget = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+  local day = math.floor(now / 86400000)
+  if budget > 0 and tonumber(redis.call('HGET', KEYS[9], 'day') or '-1') == day
+      and tonumber(redis.call('HGET', KEYS[9], 'used') or '0') >= budget then
+    return {6, (day + 1) * 86400000 - now}
+  end
+  if crpm > 0 then
+    local w = room(KEYS[8], KEYS[11], 1, crpm)
+    if w > 0 then return {5, w} end
+  end
+  if ctpm > 0 then
+    local w = room(KEYS[7], KEYS[10], need, ctpm)
+    if w > 0 then return {4, w} end
+  end
+end
 if rpm > 0 then wait = math.max(wait, room(KEYS[2], KEYS[6], 1, rpm)) end
 if wait > 0 then return {1, wait} end
 if tpm > 0 then wait = room(KEYS[1], KEYS[5], need, tpm) end
 if wait > 0 then return {3, wait} end
 if tpm > 0 then add(KEYS[1], KEYS[5], ARGV[1], ARGV[2]) end
 if rpm > 0 then add(KEYS[2], KEYS[6], ARGV[1], 1) end
+if client and tonumber(ARGV[5]) > 0 then add(KEYS[7], KEYS[10], ARGV[1], ARGV[2]) end
+if client and tonumber(ARGV[6]) > 0 then add(KEYS[8], KEYS[11], ARGV[1], 1) end
 return {0, 0}
 ";
 
@@ -133,6 +159,28 @@ correct(KEYS[2], KEYS[6], tonumber(ARGV[7]), tonumber(ARGV[8]))
 return 0
 ";
 
+/// A client's day: what it spent (`used`) on which UTC day (`day`), in one hash that
+/// outlives the day by one, so nothing is left behind. KEYS: the day. ARGV: tokens to
+/// add (0 to read). Returns the day's total.
+const SPEND: &str = r"
+local day = math.floor(now / 86400000)
+if tonumber(redis.call('HGET', KEYS[1], 'day') or '-1') ~= day then
+  redis.call('HSET', KEYS[1], 'day', day, 'used', 0)
+end
+local used = redis.call('HINCRBY', KEYS[1], 'used', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], 2 * 86400000)
+return used
+";
+
+/// Which of a named client's own limits refused it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ClientLimit {
+    Tpm,
+    Rpm,
+    /// Its `tokens_per_day`.
+    Budget,
+}
+
 /// Redis's answer to an admission.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
@@ -145,6 +193,8 @@ pub enum Verdict {
     NoRoom(Duration),
     /// Another proxy opened the instance's circuit, for this long.
     Down(Duration),
+    /// The client is over one of its own limits across the fleet, for this long.
+    Client(ClientLimit, Duration),
 }
 
 /// What an attempt's outcome asks of the shared state.
@@ -186,6 +236,7 @@ pub struct Shared {
     /// Admissions whose reply was lost (a timeout, a broken connection): the script may
     /// have reserved, so the reservation is given back once Redis answers again.
     lost: Mutex<std::collections::VecDeque<Lost>>,
+    spend: redis::Script,
     /// Reservation ids: this process's random tag and a counter.
     tag: u64,
     next: AtomicU64,
@@ -221,6 +272,7 @@ impl Shared {
             healthy: AtomicBool::new(true),
             admit: redis::Script::new(&format!("{WINDOWS}{ADMIT}")),
             settle: redis::Script::new(&format!("{WINDOWS}{SETTLE}")),
+            spend: redis::Script::new(&format!("{WINDOWS}{SPEND}")),
             tag,
             next: AtomicU64::new(0),
             wake,
@@ -358,6 +410,12 @@ impl Shared {
         call
     }
 
+    /// A named client's key: `{prefix}:c:{client}:tpm` and so on, apart from every
+    /// instance's keys.
+    fn client_key(&self, client: &str, what: &str) -> String {
+        format!("{}:c:{client}:{what}", self.prefix)
+    }
+
     /// A new reservation (or correction, `kind` "c") id: this process's random tag and
     /// a counter.
     fn new_id(&self, kind: &str) -> String {
@@ -372,7 +430,14 @@ impl Shared {
 
     /// Checks and reserves `need` tokens and a request on `inst` in the shared windows,
     /// in one round trip. None: Redis is not answering; the local decision stands.
-    pub fn admit(&self, alerts: &Alerts, inst: &Instance, need: u64) -> Option<Verdict> {
+    /// With `client`, its own limits are checked and reserved in the same step.
+    pub fn admit(
+        &self,
+        alerts: &Alerts,
+        inst: &Instance,
+        need: u64,
+        client: Option<&Client>,
+    ) -> Option<Verdict> {
         if !self.healthy.load(Ordering::Acquire) {
             return None;
         }
@@ -382,6 +447,14 @@ impl Shared {
             .arg(need)
             .arg(inst.max_tpm.unwrap_or(0))
             .arg(inst.max_rpm.unwrap_or(0));
+        if let Some(c) = client {
+            for what in CLIENT_KEYS {
+                call.key(self.client_key(&c.name, what));
+            }
+            call.arg(c.tpm.unwrap_or(0))
+                .arg(c.rpm.unwrap_or(0))
+                .arg(c.tokens_per_day.unwrap_or(0));
+        }
         let Some((kind, ms)) = self.with(alerts, |c| call.invoke::<(u8, u64)>(c)) else {
             // The script may have reserved before its reply was lost; the request goes
             // on with the local decision alone, so that reservation stands for nothing.
@@ -393,6 +466,9 @@ impl Shared {
             0 => Verdict::Admitted(id),
             1 => Verdict::Full(wait),
             3 => Verdict::NoRoom(wait),
+            4 => Verdict::Client(ClientLimit::Tpm, wait),
+            5 => Verdict::Client(ClientLimit::Rpm, wait),
+            6 => Verdict::Client(ClientLimit::Budget, wait),
             _ => Verdict::Down(wait),
         })
     }
@@ -479,6 +555,27 @@ impl Shared {
             .arg(left_requests)
             .arg(correction);
         call
+    }
+
+    /// Gives back a client's reservation `id` of `need` tokens (its request was
+    /// counted nowhere): the settlement script on the client's windows.
+    pub fn release_client(&self, alerts: &Alerts, client: &str, id: &str, need: u64) {
+        let mut call = self.settle.prepare_invoke();
+        // A client has no cooldown or circuit: those keys are never set.
+        for what in INSTANCE_KEYS {
+            call.key(self.client_key(client, what));
+        }
+        call.arg(id).arg(need).arg(0).arg(0);
+        call.arg(-1).arg(-1).arg(-1).arg(-1).arg("");
+        let _: Option<i64> = self.with(alerts, |c| call.invoke(c));
+    }
+
+    /// Adds `tokens` to what `client` spent today across the fleet and returns the
+    /// day's total (0 tokens: only reads it). None: Redis is not answering.
+    pub fn spend(&self, alerts: &Alerts, client: &str, tokens: u64) -> Option<u64> {
+        let mut call = self.spend.prepare_invoke();
+        call.key(self.client_key(client, "day")).arg(tokens);
+        self.with(alerts, |c| call.invoke(c))
     }
 
     /// Remembers which instance made a Responses API answer, for `ttl`.

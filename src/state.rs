@@ -11,6 +11,7 @@ use crate::key_failures::KeyFailures;
 use crate::observe::alerts::Alerts;
 use crate::observe::stats::Stats;
 use crate::routing::affinity::Affinity;
+use crate::routing::clients::Clients;
 use crate::routing::table::Table;
 use crate::routing::States;
 use crate::shared::Shared;
@@ -130,6 +131,8 @@ pub struct State {
     credentials: Credentials,
     /// Runtime state of every instance, by name.
     pub table: parking_lot::Mutex<Table>,
+    /// Named clients' own windows and day, by name.
+    pub clients: parking_lot::Mutex<Clients>,
     /// Which instance made each Responses API answer.
     pub affinity: parking_lot::Mutex<Affinity>,
     /// The state shared with other proxies, when `redis` is configured (read at start).
@@ -167,6 +170,17 @@ impl State {
             .redis
             .as_ref()
             .and_then(|r| Shared::start(r, &config.name, &generation.alerts));
+        if config.redis.is_none()
+            && config
+                .auth
+                .clients
+                .iter()
+                .any(|c| c.tokens_per_day.is_some())
+        {
+            log::warn!(
+                "clients' tokens_per_day are counted by this process only, without redis: a restart starts the day's count afresh"
+            );
+        }
         State {
             credentials,
             shared,
@@ -174,6 +188,7 @@ impl State {
             bodies: BodyMemory::new(config.server.max_body_memory),
             key_failures: KeyFailures::default(),
             table: parking_lot::Mutex::new(Table::new(&config)),
+            clients: parking_lot::Mutex::new(Clients::new(&config)),
             affinity: parking_lot::Mutex::new(Affinity::default()),
             current: parking_lot::RwLock::new(Arc::new(generation)),
             stats: parking_lot::Mutex::new(Stats::new()),
@@ -263,6 +278,10 @@ impl State {
         let instances = new.instances.iter().map(|i| i.name.clone()).collect();
         let generation = Generation::new(new, Some(&old), &self.credentials);
         self.table.lock().update(&generation.config);
+        self.clients.lock().update(&generation.config);
+        self.stats
+            .lock()
+            .forget_clients(&generation.config.auth.clients);
         *self.current.write() = Arc::new(generation);
         let from = match &self.source.dir {
             Some(dir) => dir.display().to_string(),

@@ -383,9 +383,15 @@ fn every_instance_without_a_token_is_a_503_not_a_wait() {
     let imds = Mock::start(identity_endpoint(issuer.clone(), Identity::Imds));
     let env = [("AZURE_POD_IDENTITY_AUTHORITY_HOST", imds.url.clone())];
     let proxy = start_one(&upstream, "east", "m", "managed_identity", &env);
-    assert!(wait_until(Duration::from_secs(10), || imds.count() >= 1));
-    let answer = send("GET", &proxy.url("/health"), &[], None);
-    answer.assert_status(503);
+    // The endpoint's refusal reaches the instance's state just after the endpoint
+    // counts the request: wait for the state, not for the count.
+    let health = || send("GET", &proxy.url("/health"), &[], None);
+    assert!(
+        wait_until(Duration::from_secs(10), || health().status == 503),
+        "{}",
+        String::from_utf8_lossy(&health().body)
+    );
+    assert!(imds.count() >= 1);
     let answer = chat(&proxy, "m");
     answer.assert_status(503);
     assert!(answer.openai_error()["message"]

@@ -446,12 +446,12 @@ fn the_scripts_reserve_release_correct_and_cool_in_one_step_each() {
         inst("name: b, max_rpm: 2"),
         inst("name: c"),
     );
-    let admitted = |i: &Instance, need| match shared.admit(&alerts, i, need) {
+    let admitted = |i: &Instance, need| match shared.admit(&alerts, i, need, None) {
         Some(Verdict::Admitted(id)) => Some(id),
         Some(_) => None,
         None => panic!("Redis did not answer"),
     };
-    let full_for = |i: &Instance, need| match shared.admit(&alerts, i, need) {
+    let full_for = |i: &Instance, need| match shared.admit(&alerts, i, need, None) {
         Some(Verdict::Full(wait)) => wait,
         other => panic!("{other:?}"),
     };
@@ -459,7 +459,7 @@ fn the_scripts_reserve_release_correct_and_cool_in_one_step_each() {
     let first = admitted(&a, 400).unwrap();
     assert!(admitted(&a, 400).is_some());
     // No room for 300 tokens: a verdict for that size (a smaller request may fit).
-    let wait = match shared.admit(&alerts, &a, 300) {
+    let wait = match shared.admit(&alerts, &a, 300, None) {
         Some(Verdict::NoRoom(wait)) => wait,
         other => panic!("{other:?}"),
     };
@@ -517,7 +517,7 @@ fn the_scripts_reserve_release_correct_and_cool_in_one_step_each() {
         ..Settle::default()
     };
     shared.settle(&alerts, &c, &open);
-    match shared.admit(&alerts, &c, 1) {
+    match shared.admit(&alerts, &c, 1, None) {
         Some(Verdict::Down(wait)) => assert!(wait > Duration::from_secs(3), "{wait:?}"),
         other => panic!("{other:?}"),
     }

@@ -9,7 +9,7 @@ pub mod realtime;
 pub mod upload;
 
 use crate::capacity::Permit;
-use crate::config::Config;
+use crate::config::{Client, Config};
 use crate::error::Error;
 use crate::http::{self, Body, Reply, Stream, Trace};
 use crate::observe::logging::Clean;
@@ -25,11 +25,18 @@ use std::time::{Duration, Instant};
 /// deployment names and response ids are far shorter.
 const MAX_NAME: usize = 256;
 
-/// `GET /v1/models`: every model at least one instance names, in OpenAI's list shape.
-pub fn models(g: &Generation) -> Reply {
-    let data: Vec<Value> = g
-        .models
+/// The models `client` may use: those some instance names, within its `models`.
+fn served<'g>(g: &'g Generation, client: Option<&'g Client>) -> impl Iterator<Item = &'g str> {
+    g.models
         .iter()
+        .map(String::as_str)
+        .filter(move |m| client.is_none_or(|c| c.allows(m)))
+}
+
+/// `GET /v1/models`: every model at least one instance names (that the client may
+/// use), in OpenAI's list shape.
+pub fn models(g: &Generation, client: Option<&Client>) -> Reply {
+    let data: Vec<Value> = served(g, client)
         .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "azure-openai-proxy"}))
         .collect();
     Reply::json(200, &json!({"object": "list", "data": data}))
@@ -42,8 +49,11 @@ pub fn forward(
     req: &mut http1_server::Request<'_>,
     op: Op,
     path_model: Option<String>,
+    client: Option<&Client>,
 ) -> Reply {
-    traced(|trace| forward_traced(state, g, req, op, path_model, trace))
+    traced(client, |trace| {
+        forward_traced(state, g, req, op, path_model, client, trace)
+    })
 }
 
 /// `GET`/`DELETE /v1/responses/{id}`, `GET .../input_items`, `POST .../cancel`: sent
@@ -54,8 +64,9 @@ pub fn stored_response(
     g: &Generation,
     req: &http1_server::Request<'_>,
     (method, id, rest, query): (&str, &str, &str, &str),
+    client: Option<&Client>,
 ) -> Reply {
-    traced(|trace| {
+    traced(client, |trace| {
         let (instance, model) =
             home(state, g, id).ok_or_else(|| Error::UnknownResponse { id: id.into() })?;
         let config = &g.config;
@@ -80,6 +91,7 @@ pub fn stored_response(
             need: 0,
             deadline: Instant::now(),
             retry_timeouts: false,
+            client: None,
         };
         let routed = routing::run(
             state.states(),
@@ -137,12 +149,22 @@ fn home(state: &State, g: &Generation, id: &str) -> Option<(String, String)> {
 }
 
 /// Runs a handler with the request's `Trace`, and turns its error into the reply.
-fn traced(handler: impl FnOnce(&mut Trace) -> Result<Reply, Error>) -> Reply {
+fn traced(
+    client: Option<&Client>,
+    handler: impl FnOnce(&mut Trace) -> Result<Reply, Error>,
+) -> Reply {
     let mut trace = Trace {
         api: true,
+        client: client.map(|c| c.name.clone()),
         ..Trace::default()
     };
-    let reply = handler(&mut trace).unwrap_or_else(Reply::from);
+    let reply = handler(&mut trace).unwrap_or_else(|e| {
+        trace.own_limit = matches!(
+            e,
+            Error::ClientRateLimited { .. } | Error::BudgetSpent { .. }
+        );
+        Reply::from(e)
+    });
     Reply { trace, ..reply }
 }
 
@@ -207,6 +229,7 @@ fn forward_traced(
     req: &mut http1_server::Request<'_>,
     op: Op,
     path_model: Option<String>,
+    client: Option<&Client>,
     trace: &mut Trace,
 ) -> Result<Reply, Error> {
     let config = &g.config;
@@ -227,11 +250,16 @@ fn forward_traced(
     if model.len() > MAX_NAME {
         return Err(Error::ModelTooLong);
     }
+    if client.is_some_and(|c| !c.allows(model)) {
+        return Err(Error::ModelNotAllowed {
+            model: model.into(),
+        });
+    }
     let mut candidates = routing::candidates(config, model);
     if candidates.is_empty() {
         return Err(Error::ModelNotFound {
             model: model.into(),
-            served: g.models.join(", "),
+            served: served(g, client).collect::<Vec<_>>().join(", "),
         });
     }
     // A conversation continues where its previous response is stored.
@@ -260,6 +288,11 @@ fn forward_traced(
     }
     let fits = g.with_token(fits, model)?;
     let forwarded = forwarded_headers(req)?;
+    // A named client's own limits, before any instance is asked.
+    let shared = state.shared.as_deref().map(|s| (s, &*g.alerts));
+    let ticket = client
+        .map(|c| routing::clients::admit(&state.clients, shared, c, need))
+        .transpose()?;
     let mut permit = None;
     let scope = op.fault_scope(model);
     let plan = Plan {
@@ -270,6 +303,7 @@ fn forward_traced(
         deadline: queue_deadline(config),
         // A stream that sent nothing within the first-byte limit reached no client.
         retry_timeouts: config.routing.retry_timeouts || meta.stream,
+        client: ticket.as_ref(),
     };
     // Chat and completions streams report usage only when asked for it.
     let usage_option = meta.stream && matches!(op, Op::Chat | Op::Completions);
@@ -328,6 +362,12 @@ fn forward_traced(
             upstream::call(&g.agent, inst, address, &call)
         },
     );
+    // Only a request no upstream can have counted gives its client's reservation back.
+    if let Some(ticket) = ticket {
+        if trace.attempts.iter().any(|a| !a.outcome.never_counted()) {
+            ticket.keep();
+        }
+    }
     // The answer came from the last attempt, so `asked_usage` is its instance's.
     let relay = stream::Options {
         strip_usage: asked_usage,

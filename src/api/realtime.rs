@@ -29,7 +29,7 @@ pub fn session(
     req: &http1_server::Request<'_>,
     model: Option<String>,
 ) -> Reply {
-    traced(|trace| handshake(state, g, req, model, trace))
+    traced(None, |trace| handshake(state, g, req, model, trace))
 }
 
 /// The subprotocols a client offers, in order.
@@ -80,10 +80,12 @@ fn handshake(
 ) -> Result<Reply, Error> {
     let config = &g.config;
     let key_protocol = offered(req).find_map(|p| p.strip_prefix(KEY_PROTOCOL));
-    auth::check_client(&config.auth.api_keys, |name| {
+    let client = auth::check_client(&config.auth.api_keys, &config.auth.clients, |name| {
         req.header(name)
             .or_else(|| key_protocol.filter(|_| name == "api-key"))
-    })?;
+    })?
+    .map(|i| &config.auth.clients[i]);
+    trace.client = client.map(|c| c.name.clone());
     let key = websocket_key(req).ok_or(Error::NotWebSocket)?;
     if req.body_length().is_some_and(|n| n > 0) {
         return Err(Error::NotWebSocket);
@@ -91,6 +93,11 @@ fn handshake(
     let model: &str = trace.model.insert(model.ok_or(Error::MissingModel)?);
     if model.len() > MAX_NAME {
         return Err(Error::ModelTooLong);
+    }
+    if client.is_some_and(|c| !c.allows(model)) {
+        return Err(Error::ModelNotAllowed {
+            model: model.into(),
+        });
     }
     let candidates = routing::candidates(config, model);
     if candidates.is_empty() {
@@ -129,6 +136,9 @@ fn handshake(
         deadline: Instant::now() + seconds(config.routing.queue_timeout),
         // A handshake that timed out started no session: nothing was generated.
         retry_timeouts: true,
+        // A named client's tpm/rpm are not applied to sessions: a session's tokens are
+        // known only as it runs.
+        client: None,
     };
     let routed = routing::run(
         state.states(),

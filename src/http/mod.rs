@@ -145,8 +145,9 @@ fn record(
 ) {
     let usage = trace.usage.unwrap_or_default();
     log::info!(
-        "request={id} {method} {} model={} instance={} status={status} tokens={}/{} latency_ms={} attempts={}{}{}",
+        "request={id} {method} {}{} model={} instance={} status={status} tokens={}/{} latency_ms={} attempts={}{}{}",
         Clean(path),
+        trace.client.as_deref().map(|c| format!(" client={c}")).unwrap_or_default(),
         Clean(trace.model.as_deref().unwrap_or("-")),
         trace.instance.as_deref().unwrap_or("-"),
         usage.prompt_tokens,
@@ -177,8 +178,14 @@ fn record(
             // A session's usage was counted as it came.
             usage: trace.usage.filter(|_| trace.session.is_none()),
             attempts: &trace.attempts,
+            client: trace.client.as_deref(),
+            own_limit: trace.own_limit,
         };
         state.stats.lock().record(state.uptime_secs(), &record);
+        if let (Some(client), Some(usage)) = (&trace.client, trace.usage) {
+            let shared = state.shared.as_deref().map(|s| (s, &*g.alerts));
+            routing::clients::spend(&state.clients, shared, client, usage);
+        }
     }
 }
 

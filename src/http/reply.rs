@@ -20,6 +20,10 @@ pub struct Trace {
     pub usage: Option<Usage>,
     /// How a Realtime API session ended; its usage was counted as it came.
     pub session: Option<&'static str>,
+    /// The named client that sent it (`auth.clients`).
+    pub client: Option<String>,
+    /// Refused by its client's own `tpm`, `rpm` or `tokens_per_day`.
+    pub own_limit: bool,
 }
 
 pub enum Body {

@@ -80,6 +80,16 @@ pub struct Gauges {
 /// The values `Gauges::shared_state` takes, each a 0 or 1 sample.
 const SHARED_STATES: [&str; 3] = ["local", "shared", "degraded"];
 
+/// `labels`, and `client` last when there is one.
+fn with_client<'a>(
+    labels: &[(&'a str, &'a str)],
+    client: Option<&'a str>,
+) -> Vec<(&'a str, &'a str)> {
+    let mut all = labels.to_vec();
+    all.extend(client.map(|c| ("client", c)));
+    all
+}
+
 /// The exposition: `states` are every name an instance state can have (each gets a 0
 /// or 1 sample).
 pub fn render(
@@ -90,19 +100,23 @@ pub fn render(
 ) -> String {
     let mut out = Exposition(String::with_capacity(8 * 1024));
 
-    out.family("requests_total", "counter", "API requests answered, by the last instance tried (none: the proxy tried none), model and status.");
-    for (instance, models) in &stats.requests {
-        for (model, statuses) in models {
-            for (status, n) in statuses {
-                out.sample(
-                    "requests_total",
-                    &[
-                        ("instance", instance),
+    out.family("requests_total", "counter", "API requests answered, by the last instance tried (none: the proxy tried none), model and status; a named client's carry its name as `client`.");
+    let named = stats
+        .clients
+        .iter()
+        .map(|(c, m)| (Some(c.as_str()), &m.requests));
+    for (client, requests) in std::iter::once((None, &stats.requests)).chain(named) {
+        for (instance, models) in requests {
+            for (model, statuses) in models {
+                for (status, n) in statuses {
+                    let status = status.to_string();
+                    let labels = [
+                        ("instance", instance.as_str()),
                         ("model", model),
-                        ("status", &status.to_string()),
-                    ],
-                    n,
-                );
+                        ("status", &status),
+                    ];
+                    out.sample("requests_total", &with_client(&labels, client), n);
+                }
             }
         }
     }
@@ -140,19 +154,34 @@ pub fn render(
     out.family(
         "tokens_total",
         "counter",
-        "Tokens served (the upstream's reported usage), by instance and kind.",
+        "Tokens served (the upstream's reported usage), by instance and kind; a named client's carry its name as `client`.",
     );
     for (name, c) in &stats.instances {
+        // What named clients used is in their own samples, not counted twice here.
+        let named = stats.clients.values().filter_map(|m| m.tokens.get(name));
+        let (prompt, completion) = named.fold((0u64, 0u64), |(p, q), (a, b)| (p + a, q + b));
         out.sample(
             "tokens_total",
             &[("instance", name), ("kind", "prompt")],
-            c.prompt_tokens,
+            c.prompt_tokens.saturating_sub(prompt),
         );
         out.sample(
             "tokens_total",
             &[("instance", name), ("kind", "completion")],
-            c.completion_tokens,
+            c.completion_tokens.saturating_sub(completion),
         );
+    }
+    for (client, m) in &stats.clients {
+        for (name, (prompt, completion)) in &m.tokens {
+            for (kind, n) in [("prompt", prompt), ("completion", completion)] {
+                let labels = [
+                    ("instance", name.as_str()),
+                    ("kind", kind),
+                    ("client", client),
+                ];
+                out.sample("tokens_total", &labels, n);
+            }
+        }
     }
     out.family(
         "upstream_attempts_total",

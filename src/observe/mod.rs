@@ -3,6 +3,7 @@
 //! background thread) and alerts to a webhook.
 
 pub mod alerts;
+pub mod client_stats;
 pub mod logging;
 pub mod metrics;
 pub mod stats;

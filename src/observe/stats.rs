@@ -5,6 +5,8 @@
 //! is keyed by configured names (unknown models count as `other`), so memory stays
 //! bounded however long the proxy runs. Time is passed in as seconds since start.
 
+use super::client_stats::{ClientMetrics, Tally};
+use crate::config::Client;
 use crate::outcome::{Attempt, Label, Outcome, Usage};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -89,6 +91,10 @@ pub struct Record<'a> {
     pub latency: Duration,
     pub usage: Option<Usage>,
     pub attempts: &'a [Attempt],
+    /// The named client that sent it.
+    pub client: Option<&'a str>,
+    /// Refused by its client's own limits.
+    pub own_limit: bool,
 }
 
 /// The counters of one bucket, or of a sum of buckets.
@@ -110,6 +116,7 @@ pub struct Counts {
     pub latency: Histogram,
     pub by_model: BTreeMap<String, u64>,
     pub by_status: BTreeMap<u16, u64>,
+    pub by_client: BTreeMap<String, Tally>,
 }
 
 impl Counts {
@@ -133,6 +140,9 @@ impl Counts {
         self.latency.record(r.latency);
         *counter(&mut self.by_model, r.model.unwrap_or("other")) += 1;
         *self.by_status.entry(r.status).or_default() += 1;
+        if let Some(client) = r.client {
+            counter(&mut self.by_client, client).record(r);
+        }
     }
 
     fn add(&mut self, other: &Counts) {
@@ -156,6 +166,9 @@ impl Counts {
         for (k, v) in &other.by_status {
             *self.by_status.entry(*k).or_default() += v;
         }
+        for (k, v) in &other.by_client {
+            counter(&mut self.by_client, k).add(v);
+        }
     }
 
     pub fn failures(&self) -> u64 {
@@ -168,7 +181,7 @@ impl Counts {
 }
 
 /// The counter for `key`, which is allocated only the first time it is counted.
-fn counter<'m, V: Default>(map: &'m mut BTreeMap<String, V>, key: &str) -> &'m mut V {
+pub(super) fn counter<'m, V: Default>(map: &'m mut BTreeMap<String, V>, key: &str) -> &'m mut V {
     if !map.contains_key(key) {
         map.insert(key.to_string(), V::default());
     }
@@ -201,7 +214,10 @@ pub struct Stats {
     buckets: Vec<(u64, Counts)>,
     pub totals: Counts,
     pub instances: BTreeMap<String, InstanceCounts>,
+    /// Requests of unnamed keys (and an open proxy); a named client's are in `clients`.
     pub requests: RequestCounts,
+    /// By named client, for `/metrics`' `client` label.
+    pub clients: BTreeMap<String, ClientMetrics>,
     pub sessions: SessionCounts,
 }
 
@@ -236,7 +252,15 @@ impl Stats {
         self.totals.record(r);
         let model = r.model.unwrap_or("other");
         let instance = r.instance.unwrap_or("none");
-        let by_model = counter(&mut self.requests, instance);
+        let requests = match r.client {
+            Some(client) => {
+                let metrics = counter(&mut self.clients, client);
+                metrics.record_tokens(r);
+                &mut metrics.requests
+            }
+            None => &mut self.requests,
+        };
+        let by_model = counter(requests, instance);
         *counter(by_model, model).entry(r.status).or_default() += 1;
         for a in r.attempts {
             let c = counter(&mut self.instances, &a.instance);
@@ -308,6 +332,17 @@ impl Stats {
     pub fn reset(&mut self) {
         *self = Stats::new();
     }
+
+    /// Forgets the clients a reload removed, so that `/metrics` names configured
+    /// clients only.
+    pub fn forget_clients(&mut self, configured: &[Client]) {
+        let named = |name: &String| configured.iter().any(|c| &c.name == name);
+        self.clients.retain(|name, _| named(name));
+        self.totals.by_client.retain(|name, _| named(name));
+        for (_, counts) in &mut self.buckets {
+            counts.by_client.retain(|name, _| named(name));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -337,6 +372,7 @@ mod tests {
                     total_tokens: tokens + 1,
                 }),
                 attempts: &attempts,
+                ..Record::default()
             },
         );
     }
@@ -437,6 +473,7 @@ mod tests {
                 latency: Duration::from_millis(30),
                 usage: None,
                 attempts: &attempts,
+                ..Record::default()
             },
         );
         s.record(

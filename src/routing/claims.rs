@@ -75,17 +75,26 @@ pub struct InLine<'a> {
     pub locked: Option<MutexGuard<'a, Table>>,
     line: u64,
     ticket: u64,
+    /// Set when the wait ended in an admission: the client's turn passes on.
+    pub admitted: bool,
 }
 
 impl<'a> InLine<'a> {
-    /// Joins `line`, with the table already locked.
-    pub fn join(table: &'a Mutex<Table>, mut locked: MutexGuard<'a, Table>, line: u64) -> Self {
-        let ticket = locked.wait_in_line(line);
+    /// Joins `line` in the turn of `client` (a named client; `None` for the others), with
+    /// the table already locked.
+    pub fn join(
+        table: &'a Mutex<Table>,
+        mut locked: MutexGuard<'a, Table>,
+        line: u64,
+        client: Option<&str>,
+    ) -> Self {
+        let ticket = locked.wait_in_line(line, client);
         InLine {
             table,
             locked: Some(locked),
             line,
             ticket,
+            admitted: false,
         }
     }
 
@@ -103,6 +112,7 @@ impl<'a> InLine<'a> {
 impl Drop for InLine<'_> {
     fn drop(&mut self) {
         let (line, ticket) = (self.line, self.ticket);
-        self.table().leave_line(line, ticket);
+        let admitted = self.admitted;
+        self.table().leave_line(line, ticket, admitted);
     }
 }

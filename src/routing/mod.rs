@@ -8,6 +8,7 @@
 
 pub mod affinity;
 mod claims;
+pub mod clients;
 mod rotation;
 pub mod strategy;
 pub mod table;
@@ -46,6 +47,10 @@ pub struct Plan<'a> {
     pub deadline: Instant,
     /// Whether an attempt that timed out is tried again on another instance.
     pub retry_timeouts: bool,
+    /// A named client's reservation in its own windows: it waits in line in its
+    /// client's turn, and with Redis its limits are checked there with the first
+    /// instance's admission.
+    pub client: Option<&'a clients::Ticket<'a>>,
 }
 
 /// Where an instance's state lives: this proxy's table, and the shared state when
@@ -105,9 +110,10 @@ pub fn run<A>(
         });
         let claim = match admitted {
             Ok(a) => Claim::new((states, config, alerts), plan.need, a),
-            Err(blocked) if tried.is_empty() => {
+            Err(Stop::Blocked(blocked)) if tried.is_empty() => {
                 return Routed::Refused(refusal(alerts, plan, blocked))
             }
+            Err(Stop::Client(e)) => return Routed::Refused(e),
             Err(_) => break,
         };
         let i = claim.index();
@@ -194,22 +200,44 @@ fn confirmed(
     alerts: &Alerts,
     plan: &Plan,
     mut local: impl FnMut() -> Result<Admission, Blocked>,
-) -> Result<(Admission, Option<String>), Blocked> {
+) -> Result<(Admission, Option<String>), Stop> {
     loop {
-        let admission = local()?;
+        let admission = local().map_err(Stop::Blocked)?;
         let Some(shared) = states.shared else {
             return Ok((admission, None));
         };
         let inst = &config.instances[admission.index];
-        let held = match shared.admit(alerts, inst, plan.need) {
+        // The client's limits are checked once, with its request's first admission.
+        let client = plan.client.filter(|t| t.shared_id.get().is_none());
+        let held = match shared.admit(alerts, inst, plan.need, client.map(|t| t.client)) {
             None => return Ok((admission, None)),
-            Some(Verdict::Admitted(id)) => return Ok((admission, Some(id))),
+            Some(Verdict::Admitted(id)) => {
+                if let Some(ticket) = client {
+                    let _ = ticket.shared_id.set(id.clone());
+                }
+                return Ok((admission, Some(id)));
+            }
+            Some(Verdict::Client(limit, wait)) => {
+                states.table.lock().cancel(config, admission);
+                // Redis checks a client's limits only when given one.
+                let error = client.map_or(Error::Internal, |t| {
+                    clients::refusal(t.client, (limit, wait))
+                });
+                return Err(Stop::Client(error));
+            }
             Some(Verdict::Full(wait)) => Held::Cooling(Instant::now() + wait),
             Some(Verdict::NoRoom(wait)) => Held::NoRoom(Instant::now() + wait),
             Some(Verdict::Down(wait)) => Held::Down(Instant::now() + wait),
         };
         states.table.lock().hold(config, admission, held);
     }
+}
+
+/// Why an admission did not happen: no instance could take the request, or (with
+/// Redis) its client's own limits across the fleet refused it.
+enum Stop {
+    Blocked(Blocked),
+    Client(Error),
 }
 
 /// Tells the shared state (if any) what an attempt did to `inst`, filled in by `fill`.
@@ -265,7 +293,8 @@ fn admit(table: &Mutex<Table>, config: &Config, plan: &Plan) -> Result<Admission
         }
     }
     // Dropped, however the wait ends, it leaves the line and wakes the next.
-    let mut place = InLine::join(table, t, line);
+    let client = plan.client.map(|c| c.client.name.as_str());
+    let mut place = InLine::join(table, t, line, client);
     loop {
         let first = place.is_first();
         let result = if first || now >= plan.deadline {
@@ -285,7 +314,10 @@ fn admit(table: &Mutex<Table>, config: &Config, plan: &Plan) -> Result<Admission
                     plan.deadline
                 }
             }
-            done => return done,
+            done => {
+                place.admitted = done.is_ok();
+                return done;
+            }
         };
         place.locked = None;
         std::thread::park_timeout(wake_at.saturating_duration_since(now));
@@ -418,6 +450,7 @@ mod tests {
                         need: 100,
                         deadline: start + Duration::from_secs(5),
                         retry_timeouts: false,
+                        client: None,
                     };
                     let admitted = admit(&shared, &c, &plan);
                     order.lock().push(k);

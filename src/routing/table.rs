@@ -1,15 +1,17 @@
 //! Runtime state of each instance (DESIGN §6–§7): its cooldown after a 429, its
 //! circuit (opened by a run or a rate of failures, closed only by its trial), the
 //! models it is taken out for after a deployment fault, and its TPM/RPM windows; and
-//! the requests waiting for window room, in arrival order. The whole table sits behind
-//! one mutex; every method is short and free of I/O, and takes the time as an argument.
+//! the requests waiting for window room (by client in turn, `clients::Line`). The
+//! whole table sits behind one mutex; every method is short and free of I/O, and takes
+//! the time as an argument.
 
+use super::clients::Line;
 use super::rotation::{self, Rotations};
 use super::strategy;
 use super::window::{Window, WINDOW};
 use crate::config::{Config, Instance, Strategy};
 use crate::outcome::Outcome;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
@@ -184,12 +186,6 @@ pub struct Finished {
     pub cooled: Option<Duration>,
 }
 
-/// A request waiting for window room, by its ticket.
-struct Waiter {
-    ticket: u64,
-    thread: Thread,
-}
-
 pub struct Table {
     /// By instance name, so state carries over a reload that keeps the name.
     runtimes: HashMap<String, Runtime>,
@@ -199,9 +195,9 @@ pub struct Table {
     /// Where each line's rotation stands (the last pick of a model and its candidates).
     rotations: Rotations,
     rng: u64,
-    /// Per line (a hash of a model and its candidate instances), the requests waiting for room,
-    /// first come first.
-    waiting: HashMap<u64, VecDeque<Waiter>>,
+    /// Per line (a hash of a model and its candidate instances), the threads of the
+    /// requests waiting for room, served by client in turn.
+    waiting: HashMap<u64, Line<Thread>>,
     tickets: u64,
     /// Admissions tried (to show that waiting for room is not polling).
     #[cfg(test)]
@@ -541,20 +537,20 @@ impl Table {
         }
     }
 
-    /// Adds the calling thread to the requests waiting in `line`, last.
-    pub fn wait_in_line(&mut self, line: u64) -> u64 {
+    /// Adds the calling thread to the requests waiting in `line`, after its client's.
+    pub fn wait_in_line(&mut self, line: u64, client: Option<&str>) -> u64 {
         self.tickets += 1;
-        self.waiting.entry(line).or_default().push_back(Waiter {
-            ticket: self.tickets,
-            thread: std::thread::current(),
-        });
+        self.waiting
+            .entry(line)
+            .or_default()
+            .push(client, self.tickets, std::thread::current());
         self.tickets
     }
 
     /// How many wait for room, in all lines.
     #[cfg(test)]
     pub fn waiting(&self) -> usize {
-        self.waiting.values().map(VecDeque::len).sum()
+        self.waiting.values().map(Line::len).sum()
     }
 
     /// Whether anyone waits in `line`.
@@ -566,22 +562,20 @@ impl Table {
     pub fn is_first(&self, line: u64, ticket: u64) -> bool {
         self.waiting
             .get(&line)
-            .and_then(VecDeque::front)
-            .is_some_and(|w| w.ticket == ticket)
+            .and_then(Line::first)
+            .is_some_and(|(first, _)| first == ticket)
     }
 
-    /// Takes `ticket` out of `line` and wakes whoever is first now. A request usually
-    /// leaves from the front (all wait up to the same `routing.queue_timeout`), so
-    /// this costs O(1).
-    pub fn leave_line(&mut self, line: u64, ticket: u64) {
+    /// Takes `ticket` out of `line` (`admitted`, or giving up) and wakes whoever is
+    /// first now. A request usually leaves from the front (all wait up to the same
+    /// `routing.queue_timeout`), so this costs about O(clients waiting).
+    pub fn leave_line(&mut self, line: u64, ticket: u64, admitted: bool) {
         let Some(waiters) = self.waiting.get_mut(&line) else {
             return;
         };
-        if let Some(at) = waiters.iter().position(|w| w.ticket == ticket) {
-            waiters.remove(at);
-        }
-        match waiters.front() {
-            Some(first) => first.thread.unpark(),
+        waiters.remove(ticket, admitted);
+        match waiters.first() {
+            Some((_, thread)) => thread.unpark(),
             None => {
                 self.waiting.remove(&line);
             }
@@ -592,8 +586,8 @@ impl Table {
     /// looks again.
     fn wake_waiters(&self) {
         for line in self.waiting.values() {
-            if let Some(first) = line.front() {
-                first.thread.unpark();
+            if let Some((_, thread)) = line.first() {
+                thread.unpark();
             }
         }
     }

@@ -400,3 +400,37 @@ fn an_upstream_is_asked_for_no_coding_and_a_coded_answer_keeps_its_label() {
     let asked = mock.requests();
     assert_eq!(asked[0].header("accept-encoding"), Some("identity"));
 }
+
+#[test]
+fn a_relay_that_breaks_leaves_the_clients_body_unfinished() {
+    let body = embeddings(20_000, false);
+    let half = body[..body.len() / 2].to_vec();
+    // No Content-Length: the client's body is chunked, and only its last chunk could
+    // tell a whole answer from a broken one.
+    let mock = Mock::start(Arc::new(move |_: &Recorded| {
+        let first = half.clone();
+        MockReply::Script(Box::new(move |out: &mut TcpStream| {
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+            let _ = out.write_all(&[head.as_bytes(), &chunk(&first)].concat());
+        }))
+    }));
+    let proxy = TestProxy::start(&format!("instances:\n{}", instance("a", &mock.url, "m")));
+    let mut resp = client()
+        .post(format!("{}/v1/embeddings", proxy.url))
+        .header("content-type", "application/json")
+        .send(json!({"model": "m", "input": "x"}).to_string())
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut got = Vec::new();
+    let read = resp
+        .body_mut()
+        .with_config()
+        .limit(u64::MAX)
+        .reader()
+        .read_to_end(&mut got);
+    assert!(
+        read.is_err(),
+        "a broken relay must not end like a whole body ({} bytes read)",
+        got.len()
+    );
+}

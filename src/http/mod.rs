@@ -261,10 +261,12 @@ fn answer(
                             .count_text
                             .then(|| Usage::estimated(prompt_tokens, summary.text_tokens))
                     });
-                    match finished(summary.end, || client.finish()) {
-                        End::ClientGone if cut => End::Shutdown,
-                        end => end,
-                    }
+                    let end = finished(summary.end, || {
+                        let done = client.finish();
+                        cut |= done.as_ref().is_err_and(http1_server::is_cut);
+                        done
+                    });
+                    shut_down(end, cut)
                 }
                 Err(_) => End::ClientGone,
             };
@@ -280,15 +282,29 @@ fn answer(
         }) => {
             let mut trace = reply.trace;
             let inst = &g.config.instances[instance];
+            let mut cut = false;
             let end = match request.into_relay(status, &reply.headers, body.client_length()) {
                 Ok(mut client) => {
-                    let relayed =
-                        relay::relay(body, inst.api_key.expose(), &mut |piece| client.send(piece));
+                    let relayed = relay::relay(body, inst.api_key.expose(), &mut |piece| {
+                        let sent = client.send(piece);
+                        cut |= sent.as_ref().is_err_and(http1_server::is_cut);
+                        sent
+                    });
                     trace.usage = relayed.usage;
                     if let (Some(model), Some(id)) = (remember, &relayed.id) {
                         state.remember_response(g, id, &inst.name, &model);
                     }
-                    finished(relayed.end, || client.finish())
+                    // Only a whole body gets its end: a relay that broke leaves the
+                    // client's body unfinished (no last chunk), so it cannot look whole.
+                    let end = match relayed.end {
+                        End::Completed => finished(End::Completed, || {
+                            let done = client.finish();
+                            cut |= done.as_ref().is_err_and(http1_server::is_cut);
+                            done
+                        }),
+                        end => end,
+                    };
+                    shut_down(end, cut)
                 }
                 Err(_) => End::ClientGone,
             };
@@ -314,6 +330,15 @@ fn finished(end: End, finish: impl FnOnce() -> std::io::Result<()>) -> End {
     let written = end == End::ClientGone || finish().is_ok();
     match end {
         End::Completed if !written => End::ClientGone,
+        end => end,
+    }
+}
+
+/// A relay the server cut at shutdown ended for that reason, whatever the relay saw
+/// (a write refused, or an upstream read ended by the client watch).
+fn shut_down(end: End, cut: bool) -> End {
+    match end {
+        End::ClientGone | End::UpstreamFailed(_) if cut => End::Shutdown,
         end => end,
     }
 }

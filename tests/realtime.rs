@@ -266,6 +266,32 @@ fn a_wrong_key_in_the_subprotocol_is_refused_before_any_upstream() {
 }
 
 #[test]
+fn an_address_blocked_for_guessing_keys_gets_no_session_and_its_realtime_guesses_count() {
+    let (up, proxy) = start("auth: {api_keys: [client-key], max_failures: 2}");
+    let guess = |key: &str| {
+        let mut request = format!("ws://{}/v1/realtime?model=gpt-rt", addr(&proxy.url))
+            .into_client_request()
+            .unwrap();
+        request
+            .headers_mut()
+            .insert("api-key", key.parse().unwrap());
+        let socket = TcpStream::connect(addr(&proxy.url)).unwrap();
+        match tungstenite::client(request, socket) {
+            Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r))) => {
+                r.status().as_u16()
+            }
+            other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+        }
+    };
+    // Two wrong guesses on the Realtime path block the address: the right key is then
+    // not even compared there.
+    assert_eq!(guess("wrong-1"), 401);
+    assert_eq!(guess("wrong-2"), 401);
+    assert_eq!(guess("client-key"), 429);
+    assert!(up.seen().is_empty());
+}
+
+#[test]
 fn a_refused_handshake_fails_over_to_the_next_instance_on_the_dated_url() {
     let refusing = Upstream::start(true);
     let up = Upstream::start(false);

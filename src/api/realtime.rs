@@ -80,11 +80,17 @@ fn handshake(
 ) -> Result<Reply, Error> {
     let config = &g.config;
     let key_protocol = offered(req).find_map(|p| p.strip_prefix(KEY_PROTOCOL));
-    let client = auth::check_client(&config.auth.api_keys, &config.auth.clients, |name| {
-        req.header(name)
-            .or_else(|| key_protocol.filter(|_| name == "api-key"))
-    })?
-    .map(|i| &config.auth.clients[i]);
+    // Counted and slowed like every other key check: an address blocked for guessing
+    // keys gets no comparison here either.
+    let client = state
+        .key_failures
+        .check(&config.auth, req.remote_addr(), || {
+            auth::check_client(&config.auth.api_keys, &config.auth.clients, |name| {
+                req.header(name)
+                    .or_else(|| key_protocol.filter(|_| name == "api-key"))
+            })
+        })?
+        .map(|i| &config.auth.clients[i]);
     trace.client = client.map(|c| c.name.clone());
     let key = websocket_key(req).ok_or(Error::NotWebSocket)?;
     if req.body_length().is_some_and(|n| n > 0) {
@@ -106,6 +112,9 @@ fn handshake(
             served: g.models.join(", "),
         });
     }
+    // An Entra ID instance without a token is left out, as for other calls: it counts
+    // no failure and opens no circuit.
+    let candidates = g.with_token(candidates, model)?;
     let max = config.server.max_realtime_sessions;
     let seat = state
         .realtime

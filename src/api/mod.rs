@@ -11,7 +11,7 @@ pub mod upload;
 use crate::capacity::Permit;
 use crate::config::{Client, Config};
 use crate::error::Error;
-use crate::http::{self, Body, Reply, Stream, Trace};
+use crate::http::{self, Reply, ReplyBody, Stream, Trace};
 use crate::observe::logging::Clean;
 use crate::outcome::{Outcome, Usage};
 use crate::routing::{self, Plan, Routed};
@@ -233,7 +233,7 @@ fn forward_traced(
     trace: &mut Trace,
 ) -> Result<Reply, Error> {
     let config = &g.config;
-    let (body, _held) = http::body::read(req, config.server.max_body_bytes, &state.bodies)?;
+    let (body, _held) = http::request_body::read(req, config.server.max_body_bytes, &state.bodies)?;
     let content_type = req.header("content-type");
     let meta = if op.is_upload() {
         Meta::of_model(upload::model(&body, content_type)?)
@@ -436,19 +436,19 @@ fn remember_response(
         response: Option<Box<Made>>,
     }
     let bytes = match &mut reply.body {
-        Body::Relay(relay) => {
+        ReplyBody::Relay(relay) => {
             relay.remember = Some(model.to_string());
             return;
         }
-        Body::Full(bytes) => &bytes[..],
-        Body::Stream(s) => {
+        ReplyBody::Full(bytes) => &bytes[..],
+        ReplyBody::Stream(s) => {
             let data = s
                 .first
                 .split(|&b| b == b'\n')
                 .find_map(|l| l.strip_prefix(b"data:"));
             data.unwrap_or_default()
         }
-        Body::Upgrade(_) => &[],
+        ReplyBody::Upgrade(_) => &[],
     };
     let made = serde_json::from_slice::<Made>(bytes).ok();
     let id = made.and_then(|m| m.id.or_else(|| m.response?.id));
@@ -497,15 +497,15 @@ fn finish(
         Routed::Refused(e) => return Err(e),
     };
     let body = match answer.body {
-        upstream::Body::Full(bytes) => Body::Full(bytes),
-        upstream::Body::Relay(body) => Body::Relay(http::Relay {
+        upstream::AnswerBody::Full(bytes) => ReplyBody::Full(bytes),
+        upstream::AnswerBody::Relay(body) => ReplyBody::Relay(http::Relay {
             body,
             instance: instance.unwrap_or_default(),
             permit,
             remember: None,
         }),
         // Only an answer passed on streams (`upstream::call` streams only successes).
-        upstream::Body::Stream { first, rest } => Body::Stream(Stream {
+        upstream::AnswerBody::Stream { first, rest } => ReplyBody::Stream(Stream {
             first,
             rest,
             options: relay,

@@ -5,12 +5,12 @@
 //! request gets its access log line and its statistics here.
 
 pub mod auth;
-pub mod body;
 pub mod cors;
 pub mod panics;
 mod reply;
+pub mod request_body;
 
-pub use reply::{Body, Relay, Reply, Stream, Trace, Upgrade};
+pub use reply::{Relay, Reply, ReplyBody, Stream, Trace, Upgrade};
 
 use crate::config::Config;
 use crate::error::Error;
@@ -122,7 +122,7 @@ fn internal_error(
     state.stats.lock().record_panic(state.uptime_secs());
     if let Some(request) = slot.take() {
         let reply: Reply = Error::Internal.into();
-        if let Body::Full(body) = &reply.body {
+        if let ReplyBody::Full(body) = &reply.body {
             let _ = request.respond(reply.status, &reply.headers, body);
         }
     }
@@ -224,13 +224,13 @@ fn answer(
     };
     let status = reply.status;
     match reply.body {
-        Body::Full(body) => {
+        ReplyBody::Full(body) => {
             if let Err(e) = request.respond(status, &reply.headers, &body) {
                 log::debug!("writing a response failed: {e}");
             }
             (status, reply.trace, None)
         }
-        Body::Stream(Stream {
+        ReplyBody::Stream(Stream {
             first,
             mut rest,
             options,
@@ -272,7 +272,7 @@ fn answer(
             let end = settle(state, g, instance, &mut trace, end);
             (status, trace, Some(end))
         }
-        Body::Relay(Relay {
+        ReplyBody::Relay(Relay {
             body,
             instance,
             permit,
@@ -296,7 +296,7 @@ fn answer(
             let end = settle(state, g, instance, &mut trace, end);
             (status, trace, Some(end))
         }
-        Body::Upgrade(session) => {
+        ReplyBody::Upgrade(session) => {
             let mut trace = reply.trace;
             match request.upgrade(&reply.headers) {
                 Ok(conn) => session.run(state, conn, &mut trace),

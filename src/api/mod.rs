@@ -115,13 +115,12 @@ pub fn stored_response(
                 upstream::call(&g.agent, &config.instances[i], &g.addresses[i], &call)
             },
         );
-        let (reply, usage) = finish(
-            routed,
-            (config, &mut trace.instance, trace.attempts.len()),
-            (model, false),
-            permit,
-            Default::default(),
-        )?;
+        let asked = Asked {
+            model,
+            ..Asked::default()
+        };
+        let tried = trace.attempts.len();
+        let (reply, usage) = finish(routed, config, &mut trace.instance, tried, asked, permit)?;
         trace.usage = usage;
         if method == "DELETE" && (200..300).contains(&reply.status) {
             state.affinity.lock().forget(id);
@@ -373,13 +372,14 @@ fn forward_traced(
         strip_usage: asked_usage,
         count_text: usage_option && !meta.include_usage && !asked_usage,
     };
-    let (mut reply, usage) = finish(
-        routed,
-        (config, &mut trace.instance, trace.attempts.len()),
-        (model, meta.stream),
-        permit,
-        (relay, meta.prompt_tokens()),
-    )?;
+    let asked = Asked {
+        model,
+        stream: meta.stream,
+        relay,
+        prompt_tokens: meta.prompt_tokens(),
+    };
+    let tried = trace.attempts.len();
+    let (mut reply, usage) = finish(routed, config, &mut trace.instance, tried, asked, permit)?;
     trace.usage = usage;
     if op == Op::Responses && (200..300).contains(&reply.status) {
         remember_response(state, g, &mut reply, trace.instance.as_deref(), model);
@@ -460,16 +460,33 @@ fn remember_response(
     }
 }
 
-/// The client's reply to how routing ended, and the usage its answer reported; a
-/// stream is relayed with `relay`, and `prompt_tokens` estimate its prompt if the
-/// upstream reports no usage. `heard` becomes the instance whose answer or failure the
-/// client hears, after `tried` attempts; `stream` says which limit a timeout ran out.
+/// What a request asked for, as its reply needs it.
+#[derive(Default)]
+struct Asked<'a> {
+    model: &'a str,
+    /// Whether as a stream: which limit a timeout ran out.
+    stream: bool,
+    /// How a streamed answer is relayed.
+    relay: stream::Options,
+    /// The prompt's estimated tokens, should the upstream report no usage.
+    prompt_tokens: u64,
+}
+
+/// The client's reply to how routing ended, and the usage its answer reported. `heard`
+/// becomes the instance whose answer or failure the client hears, after `tried`
+/// attempts.
 fn finish(
     routed: Routed<Answer>,
-    (config, heard, tried): (&Config, &mut Option<String>, usize),
-    (model, stream): (&str, bool),
+    config: &Config,
+    heard: &mut Option<String>,
+    tried: usize,
+    Asked {
+        model,
+        stream,
+        relay,
+        prompt_tokens,
+    }: Asked<'_>,
     permit: Option<Permit>,
-    (relay, prompt_tokens): (stream::Options, u64),
 ) -> Result<(Reply, Option<Usage>), Error> {
     *heard = match &routed {
         Routed::Answered { instance, .. } | Routed::Failed { instance, .. } => {

@@ -56,14 +56,30 @@ pub fn forward(
     })
 }
 
+/// A call on a stored response, as the upstream is to get it.
+pub struct StoredCall<'a> {
+    /// The upstream method (a `HEAD` asks for what a `GET` would have).
+    pub method: &'a str,
+    pub id: &'a str,
+    /// The path after the id.
+    pub rest: &'a str,
+    /// The client's query string, of which only pagination passes
+    /// (`Address::response_url`).
+    pub query: &'a str,
+}
+
 /// `GET`/`DELETE /v1/responses/{id}`, `GET .../input_items`, `POST .../cancel`: sent
-/// to the instance that made the response. `rest` is the path after the id, `query`
-/// the client's query string, of which only pagination passes (`Address::response_url`).
+/// to the instance that made the response.
 pub fn stored_response(
     state: &State,
     g: &Generation,
     req: &http1_server::Request<'_>,
-    (method, id, rest, query): (&str, &str, &str, &str),
+    StoredCall {
+        method,
+        id,
+        rest,
+        query,
+    }: StoredCall<'_>,
     client: Option<&Client>,
 ) -> Reply {
     traced(client, |trace| {

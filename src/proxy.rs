@@ -170,7 +170,12 @@ fn route(
                 state,
                 g,
                 request,
-                (upstream_method, id, rest, query),
+                api::StoredCall {
+                    method: upstream_method,
+                    id,
+                    rest,
+                    query,
+                },
                 client,
             )
         });

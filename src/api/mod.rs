@@ -11,7 +11,7 @@ pub mod upload;
 use crate::capacity::Permit;
 use crate::config::{Client, Config};
 use crate::error::Error;
-use crate::http::{self, Body, Reply, Stream, Trace};
+use crate::http::{self, Reply, ReplyBody, Stream, Trace};
 use crate::observe::logging::Clean;
 use crate::outcome::{Outcome, Usage};
 use crate::routing::{self, Plan, Routed};
@@ -56,14 +56,30 @@ pub fn forward(
     })
 }
 
+/// A call on a stored response, as the upstream is to get it.
+pub struct StoredCall<'a> {
+    /// The upstream method (a `HEAD` asks for what a `GET` would have).
+    pub method: &'a str,
+    pub id: &'a str,
+    /// The path after the id.
+    pub rest: &'a str,
+    /// The client's query string, of which only pagination passes
+    /// (`Address::response_url`).
+    pub query: &'a str,
+}
+
 /// `GET`/`DELETE /v1/responses/{id}`, `GET .../input_items`, `POST .../cancel`: sent
-/// to the instance that made the response. `rest` is the path after the id, `query`
-/// the client's query string, of which only pagination passes (`Address::response_url`).
+/// to the instance that made the response.
 pub fn stored_response(
     state: &State,
     g: &Generation,
     req: &http1_server::Request<'_>,
-    (method, id, rest, query): (&str, &str, &str, &str),
+    StoredCall {
+        method,
+        id,
+        rest,
+        query,
+    }: StoredCall<'_>,
     client: Option<&Client>,
 ) -> Reply {
     traced(client, |trace| {
@@ -115,13 +131,12 @@ pub fn stored_response(
                 upstream::call(&g.agent, &config.instances[i], &g.addresses[i], &call)
             },
         );
-        let (reply, usage) = finish(
-            routed,
-            (config, &mut trace.instance, trace.attempts.len()),
-            (model, false),
-            permit,
-            Default::default(),
-        )?;
+        let asked = Asked {
+            model,
+            ..Asked::default()
+        };
+        let tried = trace.attempts.len();
+        let (reply, usage) = finish(routed, config, &mut trace.instance, tried, asked, permit)?;
         trace.usage = usage;
         if method == "DELETE" && (200..300).contains(&reply.status) {
             state.affinity.lock().forget(id);
@@ -233,7 +248,7 @@ fn forward_traced(
     trace: &mut Trace,
 ) -> Result<Reply, Error> {
     let config = &g.config;
-    let (body, _held) = http::body::read(req, config.server.max_body_bytes, &state.bodies)?;
+    let (body, _held) = http::request_body::read(req, config.server.max_body_bytes, &state.bodies)?;
     let content_type = req.header("content-type");
     let meta = if op.is_upload() {
         Meta::of_model(upload::model(&body, content_type)?)
@@ -373,13 +388,14 @@ fn forward_traced(
         strip_usage: asked_usage,
         count_text: usage_option && !meta.include_usage && !asked_usage,
     };
-    let (mut reply, usage) = finish(
-        routed,
-        (config, &mut trace.instance, trace.attempts.len()),
-        (model, meta.stream),
-        permit,
-        (relay, meta.prompt_tokens()),
-    )?;
+    let asked = Asked {
+        model,
+        stream: meta.stream,
+        relay,
+        prompt_tokens: meta.prompt_tokens(),
+    };
+    let tried = trace.attempts.len();
+    let (mut reply, usage) = finish(routed, config, &mut trace.instance, tried, asked, permit)?;
     trace.usage = usage;
     if op == Op::Responses && (200..300).contains(&reply.status) {
         remember_response(state, g, &mut reply, trace.instance.as_deref(), model);
@@ -436,19 +452,19 @@ fn remember_response(
         response: Option<Box<Made>>,
     }
     let bytes = match &mut reply.body {
-        Body::Relay(relay) => {
+        ReplyBody::Relay(relay) => {
             relay.remember = Some(model.to_string());
             return;
         }
-        Body::Full(bytes) => &bytes[..],
-        Body::Stream(s) => {
+        ReplyBody::Full(bytes) => &bytes[..],
+        ReplyBody::Stream(s) => {
             let data = s
                 .first
                 .split(|&b| b == b'\n')
                 .find_map(|l| l.strip_prefix(b"data:"));
             data.unwrap_or_default()
         }
-        Body::Upgrade(_) => &[],
+        ReplyBody::Upgrade(_) => &[],
     };
     let made = serde_json::from_slice::<Made>(bytes).ok();
     let id = made.and_then(|m| m.id.or_else(|| m.response?.id));
@@ -460,16 +476,33 @@ fn remember_response(
     }
 }
 
-/// The client's reply to how routing ended, and the usage its answer reported; a
-/// stream is relayed with `relay`, and `prompt_tokens` estimate its prompt if the
-/// upstream reports no usage. `heard` becomes the instance whose answer or failure the
-/// client hears, after `tried` attempts; `stream` says which limit a timeout ran out.
+/// What a request asked for, as its reply needs it.
+#[derive(Default)]
+struct Asked<'a> {
+    model: &'a str,
+    /// Whether as a stream: which limit a timeout ran out.
+    stream: bool,
+    /// How a streamed answer is relayed.
+    relay: stream::Options,
+    /// The prompt's estimated tokens, should the upstream report no usage.
+    prompt_tokens: u64,
+}
+
+/// The client's reply to how routing ended, and the usage its answer reported. `heard`
+/// becomes the instance whose answer or failure the client hears, after `tried`
+/// attempts.
 fn finish(
     routed: Routed<Answer>,
-    (config, heard, tried): (&Config, &mut Option<String>, usize),
-    (model, stream): (&str, bool),
+    config: &Config,
+    heard: &mut Option<String>,
+    tried: usize,
+    Asked {
+        model,
+        stream,
+        relay,
+        prompt_tokens,
+    }: Asked<'_>,
     permit: Option<Permit>,
-    (relay, prompt_tokens): (stream::Options, u64),
 ) -> Result<(Reply, Option<Usage>), Error> {
     *heard = match &routed {
         Routed::Answered { instance, .. } | Routed::Failed { instance, .. } => {
@@ -497,15 +530,15 @@ fn finish(
         Routed::Refused(e) => return Err(e),
     };
     let body = match answer.body {
-        upstream::Body::Full(bytes) => Body::Full(bytes),
-        upstream::Body::Relay(body) => Body::Relay(http::Relay {
+        upstream::AnswerBody::Full(bytes) => ReplyBody::Full(bytes),
+        upstream::AnswerBody::Relay(body) => ReplyBody::Relay(http::Relay {
             body,
             instance: instance.unwrap_or_default(),
             permit,
             remember: None,
         }),
         // Only an answer passed on streams (`upstream::call` streams only successes).
-        upstream::Body::Stream { first, rest } => Body::Stream(Stream {
+        upstream::AnswerBody::Stream { first, rest } => ReplyBody::Stream(Stream {
             first,
             rest,
             options: relay,

@@ -7,7 +7,7 @@
 use super::{traced, MAX_NAME};
 use crate::config::{Config, MASK};
 use crate::error::Error;
-use crate::http::{auth, Body, Reply, Trace, Upgrade};
+use crate::http::{auth, Reply, ReplyBody, Trace, Upgrade};
 use crate::outcome::{Outcome, Usage};
 use crate::routing::{self, Plan, Routed};
 use crate::state::{Generation, State};
@@ -234,7 +234,7 @@ fn handshake(
     Ok(Reply {
         status: 101,
         headers,
-        body: Body::Upgrade(Box::new(Session {
+        body: ReplyBody::Upgrade(Box::new(Session {
             upstream,
             seat,
             instance,
@@ -266,7 +266,7 @@ fn refused(refusal: Refusal, config: &Config, i: usize) -> Reply {
     Reply {
         status: refusal.status,
         headers,
-        body: Body::Full(body.into_bytes()),
+        body: ReplyBody::Full(body.into_bytes()),
         trace: Trace::default(),
     }
 }

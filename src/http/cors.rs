@@ -29,7 +29,7 @@ pub fn preflight(cors_origins: &[String], request: &Request<'_>) -> Reply {
     let mut reply = Reply {
         status: 204,
         headers: vec![("Allow".into(), METHODS.into())],
-        body: super::Body::Full(Vec::new()),
+        body: super::ReplyBody::Full(Vec::new()),
         trace: super::Trace::default(),
     };
     let Some(origin) = allowed_origin(cors_origins, request.header("origin")) else {

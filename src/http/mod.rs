@@ -5,12 +5,12 @@
 //! request gets its access log line and its statistics here.
 
 pub mod auth;
-pub mod body;
 pub mod cors;
 pub mod panics;
 mod reply;
+pub mod request_body;
 
-pub use reply::{Body, Relay, Reply, Stream, Trace, Upgrade};
+pub use reply::{Relay, Reply, ReplyBody, Stream, Trace, Upgrade};
 
 use crate::config::Config;
 use crate::error::Error;
@@ -86,6 +86,22 @@ pub fn listen(bind: &str) -> std::io::Result<TcpListener> {
 /// Turns one request into a reply: `route` in production, a stand-in in tests.
 pub type Router = fn(&State, &Generation, &mut Request<'_>, &Method, &str) -> Reply;
 
+/// A request as it came, as its log line names it.
+struct Asked<'r> {
+    id: u64,
+    method: &'r Method,
+    path: &'r str,
+    started: Instant,
+}
+
+/// How a request was answered: its status, what the statistics learn, and how a
+/// stream ended.
+struct Answered {
+    status: u16,
+    trace: Trace,
+    end: Option<End>,
+}
+
 /// Answers one request on its connection's thread, then logs and counts it.
 fn serve(state: &State, request: Request<'_>, router: Router) {
     let started = Instant::now();
@@ -98,15 +114,15 @@ fn serve(state: &State, request: Request<'_>, router: Router) {
     // The request stays in this slot while the reply is computed, so that after a
     // panic there is still a connection to answer on.
     let mut slot = Some(request);
-    let answered = panics::catch(|| answer(state, &g, &mut slot, (id, &method, path), router));
-    let (status, trace, end) =
-        answered.unwrap_or_else(|message| internal_error(state, id, &message, &mut slot));
-    record(
-        state,
-        &g,
-        (id, &method, path, started),
-        (status, trace, end),
-    );
+    let asked = Asked {
+        id,
+        method: &method,
+        path,
+        started,
+    };
+    let answered = panics::catch(|| answer(state, &g, &mut slot, &asked, router))
+        .unwrap_or_else(|message| internal_error(state, id, &message, &mut slot));
+    record(state, &g, &asked, answered);
 }
 
 /// The answer to a request whose handler panicked, if it had not answered yet; the
@@ -117,12 +133,12 @@ fn internal_error(
     id: u64,
     message: &str,
     slot: &mut Option<Request<'_>>,
-) -> (u16, Trace, Option<End>) {
+) -> Answered {
     log::error!("request={id} {}", Clean(message));
     state.stats.lock().record_panic(state.uptime_secs());
     if let Some(request) = slot.take() {
         let reply: Reply = Error::Internal.into();
-        if let Body::Full(body) = &reply.body {
+        if let ReplyBody::Full(body) = &reply.body {
             let _ = request.respond(reply.status, &reply.headers, body);
         }
     }
@@ -130,7 +146,11 @@ fn internal_error(
         api: true,
         ..Trace::default()
     };
-    (500, trace, None)
+    Answered {
+        status: 500,
+        trace,
+        end: None,
+    }
 }
 
 /// The access log line and the statistics of one answered request. Out of line, like
@@ -140,8 +160,13 @@ fn internal_error(
 fn record(
     state: &State,
     g: &Generation,
-    (id, method, path, started): (u64, &Method, &str, Instant),
-    (status, trace, end): (u16, Trace, Option<End>),
+    &Asked {
+        id,
+        method,
+        path,
+        started,
+    }: &Asked<'_>,
+    Answered { status, trace, end }: Answered,
 ) {
     let usage = trace.usage.unwrap_or_default();
     log::info!(
@@ -206,11 +231,17 @@ fn answer(
     state: &State,
     g: &Generation,
     slot: &mut Option<Request<'_>>,
-    (id, method, path): (u64, &Method, &str),
+    &Asked {
+        id, method, path, ..
+    }: &Asked<'_>,
     router: Router,
-) -> (u16, Trace, Option<End>) {
+) -> Answered {
     let Some(request) = slot.as_mut() else {
-        return (500, Trace::default(), None);
+        return Answered {
+            status: 500,
+            trace: Trace::default(),
+            end: None,
+        };
     };
     // An upstream call or relay this request makes ends soon after its client leaves.
     let _watch = upstream::watch_client(request.client_socket());
@@ -220,17 +251,25 @@ fn answer(
         .headers
         .push(("x-proxy-request-id".into(), id.to_string()));
     let Some(request) = slot.take() else {
-        return (500, Trace::default(), None);
+        return Answered {
+            status: 500,
+            trace: Trace::default(),
+            end: None,
+        };
     };
     let status = reply.status;
     match reply.body {
-        Body::Full(body) => {
+        ReplyBody::Full(body) => {
             if let Err(e) = request.respond(status, &reply.headers, &body) {
                 log::debug!("writing a response failed: {e}");
             }
-            (status, reply.trace, None)
+            Answered {
+                status,
+                trace: reply.trace,
+                end: None,
+            }
         }
-        Body::Stream(Stream {
+        ReplyBody::Stream(Stream {
             first,
             mut rest,
             options,
@@ -272,9 +311,13 @@ fn answer(
             };
             drop(permit);
             let end = settle(state, g, instance, &mut trace, end);
-            (status, trace, Some(end))
+            Answered {
+                status,
+                trace,
+                end: Some(end),
+            }
         }
-        Body::Relay(Relay {
+        ReplyBody::Relay(Relay {
             body,
             instance,
             permit,
@@ -310,15 +353,23 @@ fn answer(
             };
             drop(permit);
             let end = settle(state, g, instance, &mut trace, end);
-            (status, trace, Some(end))
+            Answered {
+                status,
+                trace,
+                end: Some(end),
+            }
         }
-        Body::Upgrade(session) => {
+        ReplyBody::Upgrade(session) => {
             let mut trace = reply.trace;
             match request.upgrade(&reply.headers) {
                 Ok(conn) => session.run(state, conn, &mut trace),
                 Err(e) => log::debug!("writing a 101 failed: {e}"),
             }
-            (status, trace, None)
+            Answered {
+                status,
+                trace,
+                end: None,
+            }
         }
     }
 }

@@ -26,7 +26,8 @@ pub struct Trace {
     pub own_limit: bool,
 }
 
-pub enum Body {
+/// What a reply sends after its head.
+pub enum ReplyBody {
     Full(Vec<u8>),
     /// A 2xx event stream still to be relayed.
     Stream(Stream),
@@ -70,7 +71,7 @@ pub struct Stream {
 pub struct Reply {
     pub status: u16,
     pub headers: Vec<(String, String)>,
-    pub body: Body,
+    pub body: ReplyBody,
     pub trace: Trace,
 }
 
@@ -83,7 +84,7 @@ impl Reply {
         Reply {
             status,
             headers: vec![("Content-Type".into(), content_type.into())],
-            body: Body::Full(body),
+            body: ReplyBody::Full(body),
             trace: Trace::default(),
         }
     }

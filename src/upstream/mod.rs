@@ -50,7 +50,9 @@ pub struct Call<'a> {
     pub not_found_is_answer: bool,
 }
 
-pub enum Body {
+/// An upstream answer's body as the call returns it (`http::ReplyBody` is what the
+/// client gets).
+pub enum AnswerBody {
     Full(Vec<u8>),
     /// A 2xx event stream: its first event, read, and the rest, still to be read.
     Stream {
@@ -66,7 +68,7 @@ pub enum Body {
 pub struct Answer {
     pub status: u16,
     pub headers: Vec<(String, String)>,
-    pub body: Body,
+    pub body: AnswerBody,
     pub usage: Option<Usage>,
 }
 
@@ -198,7 +200,7 @@ fn call_once(
         let answer = Answer {
             status,
             headers: returned,
-            body: Body::Stream { first, rest },
+            body: AnswerBody::Stream { first, rest },
             usage: None,
         };
         return Ok((outcome, Some(answer)));
@@ -222,7 +224,7 @@ fn call_once(
         let answer = Answer {
             status,
             headers: returned,
-            body: Body::Relay(relay),
+            body: AnswerBody::Relay(relay),
             usage: None,
         };
         return Ok((outcome, Some(answer)));
@@ -270,7 +272,7 @@ fn call_once(
     let answer = Answer {
         status,
         headers: returned,
-        body: Body::Full(bytes),
+        body: AnswerBody::Full(bytes),
         usage,
     };
     Ok((outcome, Some(answer)))

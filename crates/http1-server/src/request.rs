@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 const MAX_CHUNK_LINE: usize = 4 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Body {
+enum Framing {
     /// No body, or all of it has been read.
     Done,
     /// Content-Length bytes still to come.
@@ -39,7 +39,7 @@ pub struct Request<'c> {
     io: &'c mut Io,
     head: &'c Head,
     shared: &'c Shared,
-    body: Body,
+    body: Framing,
     declared: Option<u64>,
     /// The client waits for `100 Continue` before it sends the body.
     continue_pending: bool,
@@ -78,7 +78,7 @@ impl<'c> Request<'c> {
         }
         // Until its body has come, a connection is one that may be closed if it
         // trickles (see `Shared::evict`).
-        if body == Body::Done {
+        if body == Framing::Done {
             io.entry.set_busy();
         } else {
             io.entry.set_reading_body(shared);
@@ -89,7 +89,7 @@ impl<'c> Request<'c> {
             shared,
             body,
             declared,
-            continue_pending: continue_pending && body != Body::Done,
+            continue_pending: continue_pending && body != Framing::Done,
             body_deadline: Instant::now() + shared.limits.body,
             persistent: !close && (http11 || keep_alive),
         })
@@ -144,13 +144,13 @@ impl<'c> Request<'c> {
     /// Whether the connection may carry another request after this answer, finishing
     /// the body if what is left of it is already buffered (never waiting for it).
     fn keep_alive(&mut self, close_asked: bool) -> bool {
-        if let Body::Length(left) = self.body {
+        if let Framing::Length(left) = self.body {
             if left <= self.io.buffered().len() as u64 {
                 self.io.consume(left as usize);
-                self.body = Body::Done;
+                self.body = Framing::Done;
             }
         }
-        let body_read = self.body == Body::Done;
+        let body_read = self.body == Framing::Done;
         self.io.unread_input = !body_read;
         body_read && self.persistent && !close_asked && !self.shared.is_draining()
     }
@@ -283,7 +283,7 @@ impl<'c> Request<'c> {
         self,
         headers: &[(K, V)],
     ) -> io::Result<Upgraded<'c>> {
-        if self.body != Body::Done {
+        if self.body != Framing::Done {
             return Err(io::Error::new(
                 ErrorKind::InvalidInput,
                 "a request with a body cannot be upgraded",
@@ -390,7 +390,7 @@ impl<'c> Request<'c> {
 
 /// How the request's body is framed (RFC 9112 §6), and its declared length: a
 /// refusal for anything ambiguous, so that one request can never be read as two.
-fn framing(head: &Head) -> Result<(Body, Option<u64>), Refusal> {
+fn framing(head: &Head) -> Result<(Framing, Option<u64>), Refusal> {
     let http11 = head.version >= HTTPVersion(1, 1);
     let mut declared: Option<u64> = None;
     for value in head.all("content-length") {
@@ -469,9 +469,9 @@ fn framing(head: &Head) -> Result<(Body, Option<u64>), Refusal> {
         }
     }
     let body = match (chunked, declared) {
-        (true, _) => Body::ChunkSize,
-        (false, Some(n)) if n > 0 => Body::Length(n),
-        _ => Body::Done,
+        (true, _) => Framing::ChunkSize,
+        (false, Some(n)) if n > 0 => Framing::Length(n),
+        _ => Framing::Done,
     };
     Ok((body, declared))
 }
@@ -507,7 +507,7 @@ pub struct Upgraded<'c> {
 impl Read for Request<'_> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         let n = self.read_body(out)?;
-        if self.body == Body::Done {
+        if self.body == Framing::Done {
             self.io.entry.set_busy();
         } else {
             self.io.entry.body_progress(n);
@@ -529,23 +529,23 @@ impl Request<'_> {
         }
         loop {
             match self.body {
-                Body::Done => return Ok(0),
-                Body::Length(left) => {
+                Framing::Done => return Ok(0),
+                Framing::Length(left) => {
                     let n = self.read_raw(out, left)?;
                     self.body = match left - n as u64 {
-                        0 => Body::Done,
-                        rest => Body::Length(rest),
+                        0 => Framing::Done,
+                        rest => Framing::Length(rest),
                     };
                     return Ok(n);
                 }
-                Body::ChunkSize => match self.read_chunk_size()? {
+                Framing::ChunkSize => match self.read_chunk_size()? {
                     0 => {
                         self.skip_trailers()?;
-                        self.body = Body::Done;
+                        self.body = Framing::Done;
                     }
-                    size => self.body = Body::ChunkData(size),
+                    size => self.body = Framing::ChunkData(size),
                 },
-                Body::ChunkData(0) => {
+                Framing::ChunkData(0) => {
                     let crlf = [
                         self.io.byte(self.body_deadline)?,
                         self.io.byte(self.body_deadline)?,
@@ -556,11 +556,11 @@ impl Request<'_> {
                             "chunk not followed by CRLF",
                         ));
                     }
-                    self.body = Body::ChunkSize;
+                    self.body = Framing::ChunkSize;
                 }
-                Body::ChunkData(left) => {
+                Framing::ChunkData(left) => {
                     let n = self.read_raw(out, left)?;
-                    self.body = Body::ChunkData(left - n as u64);
+                    self.body = Framing::ChunkData(left - n as u64);
                     return Ok(n);
                 }
             }

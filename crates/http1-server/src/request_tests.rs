@@ -2,14 +2,14 @@
 
 use super::*;
 
-fn framed(headers: &str, version: &str) -> Result<(Body, Option<u64>), u16> {
+fn framed(headers: &str, version: &str) -> Result<(Framing, Option<u64>), u16> {
     let mut head = Head::new();
     let raw = format!("POST / HTTP/{version}{headers}");
     head.parse(raw.as_bytes()).map_err(|r| r.status)?;
     framing(&head).map_err(|r| r.status)
 }
 
-fn body(headers: &str) -> Result<(Body, Option<u64>), u16> {
+fn body(headers: &str) -> Result<(Framing, Option<u64>), u16> {
     framed(headers, "1.1")
 }
 
@@ -17,19 +17,19 @@ fn body(headers: &str) -> Result<(Body, Option<u64>), u16> {
 fn content_length_frames_a_body_of_that_length() {
     assert_eq!(
         body("\r\nContent-Length: 5"),
-        Ok((Body::Length(5), Some(5)))
+        Ok((Framing::Length(5), Some(5)))
     );
-    assert_eq!(body("\r\nContent-Length: 0"), Ok((Body::Done, Some(0))));
-    assert_eq!(body(""), Ok((Body::Done, None)));
+    assert_eq!(body("\r\nContent-Length: 0"), Ok((Framing::Done, Some(0))));
+    assert_eq!(body(""), Ok((Framing::Done, None)));
     assert_eq!(
         body("\r\nContent-Length: 5\r\ncontent-length: 5"),
-        Ok((Body::Length(5), Some(5))),
+        Ok((Framing::Length(5), Some(5))),
         "repeats that agree"
     );
     // A number no one could send is only a bound: nothing is sized by it.
     assert_eq!(
         body("\r\nContent-Length: 1152921504606846976"),
-        Ok((Body::Length(1 << 60), Some(1 << 60)))
+        Ok((Framing::Length(1 << 60), Some(1 << 60)))
     );
 }
 
@@ -57,11 +57,11 @@ fn a_content_length_that_is_not_one_number_is_refused() {
 fn chunked_is_the_only_transfer_coding_and_never_beside_a_length() {
     assert_eq!(
         body("\r\nTransfer-Encoding: chunked"),
-        Ok((Body::ChunkSize, None))
+        Ok((Framing::ChunkSize, None))
     );
     assert_eq!(
         body("\r\nTransfer-Encoding: CHUNKED"),
-        Ok((Body::ChunkSize, None))
+        Ok((Framing::ChunkSize, None))
     );
     assert_eq!(
         body("\r\nTransfer-Encoding: chunked\r\nContent-Length: 5"),

@@ -6,6 +6,7 @@ use common::*;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
 
 const KEY: &str = "k-obs";
 
@@ -48,6 +49,11 @@ fn known_traffic(proxy: &TestProxy) {
     }
     let streamed = post_json(&chat, &json!({"model": "m", "stream": true})); // 9 + 2 tokens
     assert_eq!(streamed.status, 200);
+    // A stream is recorded once its end is written, which the client may read first:
+    // wait for all eight requests to be counted.
+    assert!(wait_until(Duration::from_secs(5), || {
+        get(proxy, "/stats")["metrics"]["total_requests"] == 8
+    }));
 }
 
 fn get(proxy: &TestProxy, path: &str) -> Value {

@@ -1,14 +1,21 @@
 //! Configuration: the schema and its secrets (`schema`), an instance's Entra ID
-//! `credential`, how the layered sources become one validated `Config` (`load`), what a
-//! migration plainly means where the sources disagree (`migration`), the words of a
-//! refusal (`diagnose`), and the `--env-file` reader (`env_file`).
+//! `credential`, how the sources become one validated `Config` (`load`): the files and
+//! their `${VAR}`s (`layers`), the Python proxy's variables (`legacy`), where each value
+//! came from (`provenance`); what a migration plainly means where the sources disagree
+//! (`migration`), the words of a refusal (`diagnose`), and the `--env-file` reader
+//! (`env_file`).
 
 mod credential;
 mod diagnose;
 mod env_file;
+mod layers;
+mod legacy;
 mod load;
 mod migration;
+mod provenance;
 mod schema;
+#[cfg(test)]
+mod test_fixtures;
 
 pub use credential::{Credential, DEFAULT_SCOPE};
 pub use load::{Loaded, Source};

@@ -4,7 +4,8 @@
 //! file behind an empty key, and an Azure `api_base` copied with a deployment path.
 
 use super::provenance::Provenance;
-use super::schema::{Config, Invalid, Provider};
+use super::schema::{Config, Provider};
+use super::validate::Invalid;
 use super::Env;
 use serde_yaml::Value;
 use std::path::Path;

@@ -6,7 +6,8 @@
 use super::layers::{self, UNSET};
 use super::legacy::{self, Legacy};
 use super::provenance::{describe_path, Provenance};
-use super::schema::{Config, Invalid};
+use super::schema::Config;
+use super::validate::Invalid;
 use super::{diagnose, env_file, migration};
 use super::{ConfigError, Env};
 use serde_yaml::{Mapping, Value};

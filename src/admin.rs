@@ -428,7 +428,7 @@ pub fn reload(state: &State) -> Reply {
                     "instances": done.instances, "restart_needed": done.restart_needed,
                     "env_reread": done.env_reread}),
         ),
-        Err(e) => Error::ReloadFailed(e).into(),
+        Err(e) => Error::ReloadFailed(e.to_string()).into(),
     }
 }
 

@@ -4,7 +4,6 @@
 use azure_openai_proxy::config::{Credential, Env, Loaded, Source};
 use azure_openai_proxy::credential;
 use azure_openai_proxy::observe::logging;
-use azure_openai_proxy::upstream;
 use azure_openai_proxy::Proxy;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -132,7 +131,7 @@ fn main() -> ExitCode {
         host: args.host,
         port: args.port,
     };
-    let mut loaded = match source.load() {
+    let loaded = match source.load() {
         Ok(l) => l,
         Err(e) => {
             // One line per problem found, so that each can be read (and grepped) alone.
@@ -142,8 +141,6 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let usage_warnings = upstream::stream_usage_warnings(&loaded.config.instances);
-    loaded.warnings.extend(usage_warnings);
     let sources: Vec<String> = loaded
         .sources
         .iter()

@@ -2,7 +2,7 @@
 //! rotation thread, reload and shutdown; and the route table that sends each path to
 //! its handler (`api` for the OpenAI endpoints, `admin` for the operator's).
 
-use crate::config::{Client, Config, Source};
+use crate::config::{Client, Config, ConfigError, Source};
 use crate::error::Error;
 use crate::http::{self, auth, Reply};
 use crate::state::{Generation, Reloaded, State};
@@ -17,6 +17,29 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// Why a proxy did not start: the step that failed, with the system's reason.
+#[derive(Debug)]
+pub enum StartError {
+    /// The address (`host:port`) cannot be bound: in use, not local, or unresolvable.
+    Listen(String, std::io::Error),
+    /// The server's threads could not be started.
+    Server(std::io::Error),
+    /// The statistics rotation thread could not be started.
+    StatsThread(std::io::Error),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Listen(bind, e) => write!(f, "cannot listen on {bind}: {e}"),
+            StartError::Server(e) => write!(f, "cannot start the server: {e}"),
+            StartError::StatsThread(e) => write!(f, "cannot start the stats thread: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
 /// A running proxy: its server and the statistics thread.
 pub struct Proxy {
     server: http1_server::Server,
@@ -27,12 +50,12 @@ pub struct Proxy {
 
 impl Proxy {
     /// Binds `host:port` (port 0 picks a free one) and starts serving.
-    pub fn start(config: Config, source: Source) -> Result<Proxy, String> {
+    pub fn start(config: Config, source: Source) -> Result<Proxy, StartError> {
         let bind = format!("{}:{}", config.host, config.port);
-        let listener = http::listen(&bind).map_err(|e| format!("cannot listen on {bind}: {e}"))?;
+        let listener = http::listen(&bind).map_err(|e| StartError::Listen(bind.clone(), e))?;
         let state = Arc::new(State::new(config.clone(), source));
-        let server = http::start(listener, &config, state.clone(), route)
-            .map_err(|e| format!("cannot start the server: {e}"))?;
+        let server =
+            http::start(listener, &config, state.clone(), route).map_err(StartError::Server)?;
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
         let rotator = {
             let state = state.clone();
@@ -46,7 +69,7 @@ impl Proxy {
                         state.stats.lock().rotate(state.uptime_secs());
                     }
                 })
-                .map_err(|e| format!("cannot start the stats thread: {e}"))?
+                .map_err(StartError::StatsThread)?
         };
         Ok(Proxy {
             server,
@@ -66,7 +89,7 @@ impl Proxy {
     }
 
     /// Re-reads the configuration (see `State::reload`).
-    pub fn reload(&self) -> Result<Reloaded, String> {
+    pub fn reload(&self) -> Result<Reloaded, ConfigError> {
         self.state.reload()
     }
 

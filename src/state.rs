@@ -4,7 +4,7 @@
 //! Handlers and the HTTP layer read this module; it imports none of them.
 
 use crate::capacity::{BodyMemory, Permits};
-use crate::config::{Config, Source};
+use crate::config::{Config, ConfigError, Source};
 use crate::credential::Credentials;
 use crate::error::Error;
 use crate::key_failures::KeyFailures;
@@ -251,7 +251,7 @@ impl State {
     /// Reads the configuration again and, if it is valid, swaps it in: requests under
     /// way finish on the old one; instance state carries over by name. Settings that
     /// only apply at start are reported in `restart_needed`, not applied.
-    pub fn reload(&self) -> Result<Reloaded, String> {
+    pub fn reload(&self) -> Result<Reloaded, ConfigError> {
         let _turn = self.reloading.lock();
         let old = self.current();
         let loaded = match self.source.load() {
@@ -259,7 +259,7 @@ impl State {
             Err(e) => {
                 let message = format!("configuration reload failed, keeping the running one: {e}");
                 old.alerts.error("reload", &message);
-                return Err(e.to_string());
+                return Err(e);
             }
         };
         let crate::config::Loaded {
@@ -267,8 +267,6 @@ impl State {
             warnings,
             ..
         } = loaded;
-        // As at start: an instance a reload adds on an old api-version is named too.
-        let usage_warnings = upstream::stream_usage_warnings(&new.instances);
         // Against what runs (the start's values), not the last file: a change reported
         // once is still pending at the next reload.
         let restart_needed = keep_start_only(&self.at_start, &mut new);
@@ -301,7 +299,7 @@ impl State {
                 env_reread.join(", ")
             }
         );
-        for warning in warnings.iter().chain(&usage_warnings) {
+        for warning in &warnings {
             log::warn!("{warning}");
         }
         if !restart_needed.is_empty() {

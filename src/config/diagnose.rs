@@ -3,8 +3,9 @@
 //! credentials), the new name of a value the Python proxy used, the variable and env
 //! file behind an empty key, and an Azure `api_base` copied with a deployment path.
 
-use super::load::Provenance;
-use super::schema::{Config, Invalid, Provider};
+use super::provenance::Provenance;
+use super::schema::{Config, Provider};
+use super::validate::Invalid;
 use super::Env;
 use serde_yaml::Value;
 use std::path::Path;

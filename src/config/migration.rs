@@ -4,7 +4,10 @@
 //! beside the files' instances, an `ENVIRONMENT` that names no overlay, and the Python
 //! proxy's `app/config` layout.
 
-use super::load::{env_prefixes, key_text, Provenance, PLACEHOLDER_KEYS};
+use super::layers::key_text;
+use super::legacy::env_prefixes;
+use super::load::PLACEHOLDER_KEYS;
+use super::provenance::Provenance;
 use super::Env;
 use serde_yaml::{Mapping, Value};
 use std::path::{Path, PathBuf};

@@ -1,18 +1,29 @@
-//! Configuration: the schema and its secrets (`schema`), an instance's Entra ID
-//! `credential`, how the layered sources become one validated `Config` (`load`), what a
-//! migration plainly means where the sources disagree (`migration`), the words of a
-//! refusal (`diagnose`), and the `--env-file` reader (`env_file`).
+//! Configuration: the schema and its secrets (`schema`), its semantic checks
+//! (`validate`), the named `clients`, an instance's Entra ID `credential`, how the sources become one validated `Config` (`load`): the files and
+//! their `${VAR}`s (`layers`), the Python proxy's variables (`legacy`), where each value
+//! came from (`provenance`); what a migration plainly means where the sources disagree
+//! (`migration`), the words of a refusal (`diagnose`), and the `--env-file` reader
+//! (`env_file`).
 
+mod clients;
 mod credential;
 mod diagnose;
 mod env_file;
+mod layers;
+mod legacy;
 mod load;
 mod migration;
+mod provenance;
 mod schema;
+#[cfg(test)]
+mod test_fixtures;
+mod validate;
 
+pub use clients::Client;
 pub use credential::{Credential, DEFAULT_SCOPE};
 pub use load::{Loaded, Source};
 pub use schema::*;
+pub use validate::Invalid;
 
 /// The process environment as the loader sees it; tests pass their own.
 pub type Env = std::collections::BTreeMap<String, String>;

@@ -64,7 +64,7 @@ impl Source {
         let from_file = self.env_file.as_deref().zip(file_vars.as_ref());
         let mut loaded = load_with(self.dir.as_deref(), &env, from_file)?;
         // Here, so that the start, `--check-config` and every reload name them alike.
-        let usage_warnings = crate::upstream::stream_usage_warnings(&loaded.config.instances);
+        let usage_warnings = super::api_version::stream_usage_warnings(&loaded.config.instances);
         loaded.warnings.extend(usage_warnings);
         if let Some(host) = &self.host {
             loaded.config.host = host.clone();

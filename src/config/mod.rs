@@ -5,6 +5,7 @@
 //! (`migration`), the words of a refusal (`diagnose`), and the `--env-file` reader
 //! (`env_file`).
 
+pub mod api_version;
 mod clients;
 mod credential;
 mod diagnose;

@@ -13,7 +13,7 @@ pub mod stream;
 mod transport;
 pub mod websocket;
 
-pub use address::{accepts_stream_usage, stream_usage_warnings, Address, Auth, Op, V1_VERSIONS};
+pub use address::{Address, Auth, Op};
 pub use agent::{agent, head_line_fits};
 pub use transport::{client_left, watch_client, ClientWatch};
 

@@ -3,6 +3,7 @@
 # that it is static and that it resolves `localhost`, and prints its path and size.
 #
 #   scripts/build-static.sh            # musl if it can be had, else static glibc
+#   CARGO_FLAGS=--no-default-features scripts/build-static.sh   # without Redis support
 #
 # musl is preferred: its static resolver reads /etc/hosts and /etc/resolv.conf itself.
 # glibc's static getaddrinfo would need the host's NSS modules at run time.
@@ -38,7 +39,9 @@ else
 fi
 
 say "building release for $target ($libc)"
-cargo build --release --locked --target "$target" >&2
+# CARGO_FLAGS: extra words for cargo build (e.g. --no-default-features), split on spaces.
+read -ra extra <<<"${CARGO_FLAGS:-}"
+cargo build --release --locked --target "$target" "${extra[@]}" >&2
 bin="${CARGO_TARGET_DIR:-target}/$target/release/azure-openai-proxy"
 
 linkage=$(ldd "$bin" 2>&1 || true)

@@ -18,7 +18,13 @@ pub mod observe;
 pub mod outcome;
 pub mod proxy;
 pub mod routing;
+#[cfg(feature = "redis")]
 pub mod shared;
+/// Without Redis support: the same names, none of them ever made.
+#[cfg(not(feature = "redis"))]
+#[path = "shared_off.rs"]
+pub mod shared;
+pub mod shared_terms;
 pub mod state;
 #[cfg(test)]
 mod testutil;

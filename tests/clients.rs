@@ -369,11 +369,13 @@ fn a_reload_changes_clients_and_keeps_the_others_windows() {
     assert!(stats["clients"].get("b").is_none());
 }
 
+#[cfg(feature = "redis")]
 fn with_redis(url: &str, clients: &str, redis: &RedisServer, prefix: &str) -> String {
     let redis = format!("redis: {{url: '{}', prefix: {prefix}}}\n", redis.url());
     config(url, "m", clients, &redis)
 }
 
+#[cfg(feature = "redis")]
 #[test]
 fn with_redis_a_spent_budget_holds_across_proxies_and_a_restart() {
     let redis = RedisServer::start(None);
@@ -399,6 +401,7 @@ fn with_redis_a_spent_budget_holds_across_proxies_and_a_restart() {
     assert_eq!(upstream.count(), 2);
 }
 
+#[cfg(feature = "redis")]
 #[test]
 fn with_redis_a_clients_rpm_holds_across_proxies() {
     let redis = RedisServer::start(None);

@@ -1,6 +1,7 @@
 //! The shared state's scripts as Redis sees them, in a real `redis-server`: every key a
 //! script touches is one it was passed (watched with MONITOR), and a reservation whose
 //! reply was lost is given back once Redis answers again.
+#![cfg(feature = "redis")]
 
 mod common;
 

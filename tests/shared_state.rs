@@ -2,6 +2,7 @@
 //! windows, cooldowns and affinity seen by all; the scripts themselves; Redis killed or
 //! stopped and found again without a failed request; rediss:// with a private CA. The
 //! simulation behind bench/results.md is the ignored test at the end.
+#![cfg(feature = "redis")]
 
 mod common;
 

@@ -554,6 +554,7 @@ mod tests {
         assert_eq!(s.expose(), "sk-very-secret");
     }
 
+    #[cfg(feature = "redis")]
     #[test]
     fn byte_sizes_with_and_without_units() {
         assert_eq!(parse_byte_size("1024"), Some(1024));

@@ -224,8 +224,21 @@ fn check_url(url: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Why a build without the `redis` feature refuses a configuration with `redis:`.
+#[cfg(not(feature = "redis"))]
+pub const NO_REDIS: &str = "this build has no Redis support: rebuild with the default features";
+
+/// The `redis:` section still parses in a build without Redis support, so that a
+/// configuration written for a full build is refused with the fix, not taken without
+/// its shared state.
+#[cfg(not(feature = "redis"))]
+fn check_redis(_: &Redis) -> Result<(), Invalid> {
+    Err(invalid("redis", NO_REDIS))
+}
+
 /// A Redis URL the shared state can use, and its CA file. The messages do not quote
 /// the URL: it may hold a password.
+#[cfg(feature = "redis")]
 fn check_redis(redis: &Redis) -> Result<(), Invalid> {
     let url = redis.url.expose();
     let tls = url.starts_with("rediss://");
@@ -276,6 +289,20 @@ mod tests {
     use super::*;
     use crate::config::Secret;
 
+    #[cfg(not(feature = "redis"))]
+    #[test]
+    fn a_build_without_redis_refuses_the_redis_section_with_the_fix() {
+        let e = check_redis(&Redis {
+            url: Secret::new("redis://127.0.0.1:6379/0"),
+            ca_file: None,
+            prefix: None,
+            timeout_ms: 200,
+        })
+        .unwrap_err();
+        assert_eq!((e.path.as_str(), e.message.as_str()), ("redis", NO_REDIS));
+    }
+
+    #[cfg(feature = "redis")]
     #[test]
     fn redis_urls_are_checked_without_being_quoted() {
         let check = |url: &str, ca_file: Option<&str>| {

@@ -5,6 +5,7 @@
 
 pub mod api2026;
 pub mod entra;
+pub mod stand_in;
 
 use azure_openai_proxy::config::Source;
 use azure_openai_proxy::Proxy;

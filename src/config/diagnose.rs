@@ -69,7 +69,7 @@ pub(super) fn shown_url(url: &str) -> String {
     }
 }
 
-/// The problems of each instance that `Config::validate` reports only one at a time,
+/// The problems of each instance that `Config::problems` reports only one at a time (the first of each instance),
 /// or without what would fix them: every empty key, with the variable (and env file)
 /// it came from, and every Azure `api_base` with a path under `/openai`.
 pub(super) fn instances(

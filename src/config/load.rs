@@ -169,9 +169,9 @@ fn load_with(
         inst.api_base = inst.api_base.trim_end_matches('/').to_string();
     }
     let mut invalid = diagnose::instances(&config, &prov, env, env_file);
-    if let Err(first) = config.validate() {
-        if !invalid.iter().any(|i| i.path == first.path) {
-            invalid.push(diagnose::with_url(first, &config));
+    for problem in config.problems() {
+        if !invalid.iter().any(|i| i.path == problem.path) {
+            invalid.push(diagnose::with_url(problem, &config));
         }
     }
     if !invalid.is_empty() {
@@ -254,6 +254,28 @@ mod tests {
     use super::*;
     use crate::config::test_fixtures::{dir_with, env, BASE};
     use crate::testutil::TempDir;
+
+    #[test]
+    fn every_instances_problem_and_the_settings_are_named_in_one_run() {
+        let d = dir_with(&[(
+            "base.yaml",
+            &BASE
+                .replace("retries: 2}", "retries: 2, circuit_failures: 0}")
+                .replace("max_tpm: ${EAST_TPM:-1000}", "max_tpm: 0")
+                .replace("api_key: k2", "api_key: k2\n    weight: 0"),
+        )]);
+        let e = load(Some(&d.0), &env(&[("EAST_KEY", "k1")])).unwrap_err().0;
+        for (key, said) in [
+            ("routing.circuit_failures", "must be at least 1"),
+            ("instances[0].max_tpm", "must be above 0"),
+            ("instances[1].weight", "must be at least 1"),
+        ] {
+            assert!(
+                e.lines().any(|l| l.contains(key) && l.contains(said)),
+                "{key}: {e}"
+            );
+        }
+    }
 
     #[test]
     fn type_error_names_the_file_that_set_the_key() {

@@ -3,7 +3,7 @@
 //! secret.
 
 use super::clients::check_clients;
-use super::schema::{log_level, Config, Provider, Redis, LOG_LEVELS};
+use super::schema::{log_level, Config, Instance, Provider, Redis, LOG_LEVELS};
 
 /// A semantic problem in the merged config, located by its key path.
 #[derive(Debug, PartialEq)]
@@ -20,8 +20,23 @@ pub(super) fn invalid(path: impl Into<String>, message: impl Into<String>) -> In
 }
 
 impl Config {
-    /// The checks serde's types cannot express. Returns the first problem found.
-    pub fn validate(&self) -> Result<(), Invalid> {
+    /// The checks serde's types cannot express: every problem they find, so that one run of `--check-config` names them
+    /// all: the first of the global settings, of the clients, of Redis, and of each
+    /// instance.
+    pub fn problems(&self) -> Vec<Invalid> {
+        let mut found: Vec<Invalid> = self.check_settings().err().into_iter().collect();
+        found.extend(check_clients(&self.auth).err());
+        if let Some(redis) = &self.redis {
+            found.extend(check_redis(redis).err());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, inst) in self.instances.iter().enumerate() {
+            found.extend(check_instance(i, inst, &mut seen).err());
+        }
+        found
+    }
+
+    fn check_settings(&self) -> Result<(), Invalid> {
         if self.instances.is_empty() {
             return Err(invalid(
                 "instances",
@@ -118,93 +133,95 @@ impl Config {
                 return Err(invalid(format!("auth.api_keys[{i}]"), "is empty"));
             }
         }
-        check_clients(&self.auth)?;
-        if let Some(redis) = &self.redis {
-            check_redis(redis)?;
-        }
-        let mut seen = std::collections::HashSet::new();
-        for (i, inst) in self.instances.iter().enumerate() {
-            let at = |key: &str| format!("instances[{i}].{key}");
-            if inst.name.trim().is_empty() {
-                return Err(invalid(at("name"), "is empty"));
-            }
-            if !seen.insert(inst.name.as_str()) {
-                return Err(invalid(
-                    at("name"),
-                    format!("duplicate instance name {:?}", inst.name),
-                ));
-            }
-            match &inst.credential {
-                None if inst.api_key.is_empty() => {
-                    return Err(invalid(
-                        at("api_key"),
-                        "is empty (or give the instance a credential: instead)",
-                    ))
-                }
-                None => {}
-                Some(_) if !inst.api_key.is_empty() => {
-                    return Err(invalid(
-                        at("credential"),
-                        "an instance has an api_key or a credential, not both",
-                    ))
-                }
-                Some(_) if inst.provider_type != Provider::Azure => {
-                    return Err(invalid(
-                        at("credential"),
-                        "Microsoft Entra ID credentials are for provider_type azure",
-                    ))
-                }
-                Some(c) => c
-                    .check()
-                    .map_err(|(field, m)| invalid(at(&format!("credential.{field}")), m))?,
-            }
-            check_url(&inst.api_base).map_err(|m| invalid(at("api_base"), m))?;
-            if inst.provider_type == Provider::Azure && inst.api_version.trim().is_empty() {
-                return Err(invalid(
-                    at("api_version"),
-                    "is required for provider_type azure",
-                ));
-            }
-            if inst.weight == 0 {
-                return Err(invalid(at("weight"), "must be at least 1"));
-            }
-            if inst.max_tpm == Some(0) {
-                return Err(invalid(
-                    at("max_tpm"),
-                    "must be above 0 (leave it out for no limit)",
-                ));
-            }
-            if inst.max_rpm == Some(0) {
-                return Err(invalid(
-                    at("max_rpm"),
-                    "must be above 0 (leave it out for no limit)",
-                ));
-            }
-            if !inst.serves_any_model && inst.models().next().is_none() {
-                return Err(invalid(
-                    at("supported_models"),
-                    "the instance serves no model: list models in supported_models or model_deployments",
-                ));
-            }
-            if let Some(m) = inst.supported_models.iter().find(|m| m.trim().is_empty()) {
-                return Err(invalid(
-                    at("supported_models"),
-                    format!("contains an empty model name {m:?}"),
-                ));
-            }
-            if let Some((m, _)) = inst
-                .model_deployments
-                .iter()
-                .find(|(_, d)| d.trim().is_empty())
-            {
-                return Err(invalid(
-                    at("model_deployments"),
-                    format!("model {m:?} maps to an empty deployment"),
-                ));
-            }
-        }
         Ok(())
     }
+}
+
+/// One instance's first problem; `seen` holds the names of the instances before it.
+fn check_instance<'a>(
+    i: usize,
+    inst: &'a Instance,
+    seen: &mut std::collections::HashSet<&'a str>,
+) -> Result<(), Invalid> {
+    let at = |key: &str| format!("instances[{i}].{key}");
+    if inst.name.trim().is_empty() {
+        return Err(invalid(at("name"), "is empty"));
+    }
+    if !seen.insert(inst.name.as_str()) {
+        return Err(invalid(
+            at("name"),
+            format!("duplicate instance name {:?}", inst.name),
+        ));
+    }
+    match &inst.credential {
+        None if inst.api_key.is_empty() => {
+            return Err(invalid(
+                at("api_key"),
+                "is empty (or give the instance a credential: instead)",
+            ))
+        }
+        None => {}
+        Some(_) if !inst.api_key.is_empty() => {
+            return Err(invalid(
+                at("credential"),
+                "an instance has an api_key or a credential, not both",
+            ))
+        }
+        Some(_) if inst.provider_type != Provider::Azure => {
+            return Err(invalid(
+                at("credential"),
+                "Microsoft Entra ID credentials are for provider_type azure",
+            ))
+        }
+        Some(c) => c
+            .check()
+            .map_err(|(field, m)| invalid(at(&format!("credential.{field}")), m))?,
+    }
+    check_url(&inst.api_base).map_err(|m| invalid(at("api_base"), m))?;
+    if inst.provider_type == Provider::Azure && inst.api_version.trim().is_empty() {
+        return Err(invalid(
+            at("api_version"),
+            "is required for provider_type azure",
+        ));
+    }
+    if inst.weight == 0 {
+        return Err(invalid(at("weight"), "must be at least 1"));
+    }
+    if inst.max_tpm == Some(0) {
+        return Err(invalid(
+            at("max_tpm"),
+            "must be above 0 (leave it out for no limit)",
+        ));
+    }
+    if inst.max_rpm == Some(0) {
+        return Err(invalid(
+            at("max_rpm"),
+            "must be above 0 (leave it out for no limit)",
+        ));
+    }
+    if !inst.serves_any_model && inst.models().next().is_none() {
+        return Err(invalid(
+            at("supported_models"),
+            "the instance serves no model: list models in supported_models or model_deployments",
+        ));
+    }
+    if let Some(m) = inst.supported_models.iter().find(|m| m.trim().is_empty()) {
+        return Err(invalid(
+            at("supported_models"),
+            format!("contains an empty model name {m:?}"),
+        ));
+    }
+    if let Some((m, _)) = inst
+        .model_deployments
+        .iter()
+        .find(|(_, d)| d.trim().is_empty())
+    {
+        return Err(invalid(
+            at("model_deployments"),
+            format!("model {m:?} maps to an empty deployment"),
+        ));
+    }
+    Ok(())
 }
 
 /// A base URL the proxy can call: http(s), a host, no query or fragment. The messages

@@ -26,6 +26,12 @@
 #   scripts/bench.sh partial-heads   # only this: PARTIAL_HEADS (4,200) half-sent heads
 #                                    # from one address held open, then /health and a
 #                                    # chat request, 20 times each: the max latency
+#   scripts/bench.sh builds [--write]  # only this (bench/builds.sh): the glibc build, the
+#                                    # static binary and nginx proxy_pass at 16, 64 and 256
+#                                    # connections, with and without Redis, then at fixed
+#                                    # rates with oha (p50/p99/p99.9); --write replaces its
+#                                    # section of bench/results.md.
+#   BEFORE=/path/to/older/static/binary scripts/bench.sh builds   # ... and that binary too
 #
 # The embeddings step (also part of the full run): 16 embeddings requests at once, each
 # answered by a local Python upstream with 2,048 x 3,072 floats (about 82 MB), read to
@@ -44,7 +50,8 @@ for arg in "$@"; do
     long-generation) only=$arg ;;
     embeddings-rss) only=$arg ;;
     partial-heads) only=$arg ;;
-    -h|--help) sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    builds) only=$arg ;;
+    -h|--help) sed -n '2,40p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -115,7 +122,7 @@ need() {
 }
 need wrk curl python3 redis-server
 # A leftover server on one of these ports would be measured in place of ours.
-for port in $UP $NGX $PX $SLOW $((PX + 10)) $RDS $PXR $PXE $EMB; do
+for port in $UP $NGX $PX $SLOW $((PX + 10)) $RDS $PXR $PXE $EMB 18189 18190 18191; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "port $port is already in use on 127.0.0.1 (a leftover nginx or proxy?): stop it first" >&2; exit 1
   fi
@@ -162,6 +169,8 @@ http {
     listen 127.0.0.1:$UP;
     location ~ /chat/completions\$ {
       if (\$http_x_stream) { rewrite ^ /sse last; }
+      add_header x-ratelimit-remaining-tokens 1000000000;
+      add_header x-ratelimit-remaining-requests 1000000;
       default_type application/json;
       return 200 '$json';
     }
@@ -179,8 +188,10 @@ http {
 NGINX
 "$NGINX_BIN" -p "$tmp/ngx" -c "$tmp/nginx.conf" &
 pids+=($!)
+redis-server --port "$RDS" --bind 127.0.0.1 --save '' --appendonly no --dir "$tmp" >/dev/null &
+pids+=($!)
 
-# ---- the proxy --------------------------------------------------------------------
+# ---- helpers ----------------------------------------------------------------------
 config() {  # config DIR PORT UPSTREAM_PORT [server settings]
   mkdir -p "$1"
   cat >"$1/base.yaml" <<YAML
@@ -194,43 +205,6 @@ YAML
 }
 config "$tmp/cfg" "$PX" "$UP"
 wait_http() { for _ in $(seq 1 200); do curl -sf -o /dev/null "$1" && return 0; sleep 0.02; done; return 1; }
-
-startup_ms=$(python3 bench/loads.py startup "$bin" "$tmp/cfg" "$PX")
-"$bin" --config-dir "$tmp/cfg" 2>>"$tmp/proxy.log" &
-px_pid=$!
-pids+=("$px_pid")
-wait_http "http://127.0.0.1:$UP/openai/deployments/gpt-4o/chat/completions" && kill -0 "${pids[0]}" 2>/dev/null ||
-  { echo "nginx did not start" >&2; cat "$tmp/ngx/logs/error.log" >&2; exit 1; }
-wait_http "http://127.0.0.1:$PX/health" || { echo "the proxy did not start" >&2; cat "$tmp/proxy.log" >&2; exit 1; }
-
-# ---- half-sent heads from one address (alone: `scripts/bench.sh partial-heads`) ----------
-partial_heads() {
-  local opened still health_max chat_max
-  read -r opened still health_max chat_max <<<"$(python3 bench/loads.py partial-heads "$PX" "$PARTIAL_HEADS")"
-  say "$opened half-sent heads from one address ($still still open): /health max $health_max ms, chat max $chat_max ms"
-  echo "| /health and a chat request, 20 each, with $opened half-sent heads opened from the same address ($still left open by the proxy), max | $health_max / $chat_max ms | ≤ 50 ms | $(awk -v a="$health_max" -v b="$chat_max" 'BEGIN{ print (a <= 50 && b <= 50) ? "met" : "**missed**" }') |"
-}
-if [ "$only" = partial-heads ]; then
-  partial_heads
-  exit 0
-fi
-# The same proxy with shared state in a Redis of its own, and a TPM window, so that each
-# request makes both of its round trips (admission, and the correction its upstream's
-# remaining-token header would ask for: this upstream sends none, so only admission).
-redis-server --port "$RDS" --bind 127.0.0.1 --save '' --appendonly no --dir "$tmp" >/dev/null &
-pids+=($!)
-config "$tmp/cfg-shared" "$PXR" "$UP"
-sed -i 's/supported_models: \[gpt-4o\]}/max_tpm: 1000000000, supported_models: [gpt-4o]}/' "$tmp/cfg-shared/base.yaml"
-printf "redis: {url: 'redis://127.0.0.1:%s/0'}\n" "$RDS" >>"$tmp/cfg-shared/base.yaml"
-for _ in $(seq 1 100); do redis-cli -p "$RDS" ping >/dev/null 2>&1 && break; sleep 0.05; done
-"$bin" --config-dir "$tmp/cfg-shared" 2>>"$tmp/proxy-shared.log" &
-pids+=($!)
-wait_http "http://127.0.0.1:$PXR/health" && curl -s "http://127.0.0.1:$PXR/health" | grep -q '"shared_state":"shared"' ||
-  { echo "the proxy with Redis did not start sharing" >&2; cat "$tmp/proxy-shared.log" >&2; exit 1; }
-rss_kb() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
-rss_idle=$(rss_kb "$px_pid")
-
-# ---- throughput and latency, interleaved rounds -------------------------------------
 body='{"model":"gpt-4o","messages":[{"role":"user","content":"Say hello."}],"max_tokens":16}'
 cat >"$tmp/post.lua" <<LUA
 wrk.method = "POST"
@@ -239,34 +213,24 @@ wrk.headers["Content-Type"] = "application/json"
 LUA
 declare -A url=(
   [direct]="http://127.0.0.1:$UP/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
-  [proxy]="http://127.0.0.1:$PX/v1/chat/completions"
   [nginx]="http://127.0.0.1:$NGX/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
-  [shared]="http://127.0.0.1:$PXR/v1/chat/completions"
 )
 to_ms() {  # wrk latency like 812.00us, 1.25ms, 2.00s
   awk -v v="$1" 'BEGIN{ n=v+0; if (v ~ /us$/) n/=1000; else if (v ~ /ms$/) n=n; else if (v ~ /s$/) n*=1000; printf "%.3f", n }'
 }
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END{ if (NR%2) printf "%s", a[(NR+1)/2]; else printf "%.3f", (a[NR/2]+a[NR/2+1])/2 }'; }
+# measure TARGET CONNS: one wrk point (after a second's warm-up), its req/s, p50 and p99
+# appended to rps, p50 and p99 under "TARGET,CONNS".
 declare -A rps p50 p99
-rss_peak=$rss_idle
-for round in $(seq 1 "$ROUNDS"); do
-  for c in "${CONNS[@]}"; do
-    for target in direct nginx proxy shared; do
-      [ "$target" = shared ] && [ "$c" -ne 1 ] && [ "$c" -ne 16 ] && continue
-      threads=$(( c < 2 ? 1 : 2 ))
-      wrk -t"$threads" -c"$c" -d1s -s "$tmp/post.lua" "${url[$target]}" >/dev/null 2>&1 || true  # warm-up
-      out=$(wrk -t"$threads" -c"$c" -d"$DURATION" --latency -s "$tmp/post.lua" "${url[$target]}")
-      if echo "$out" | grep -q "Non-2xx"; then echo "$target at $c connections: non-2xx answers" >&2; echo "$out" >&2; exit 1; fi
-      rps[$target,$c]+=" $(echo "$out" | awk '/Requests\/sec/{print $2}')"
-      p50[$target,$c]+=" $(to_ms "$(echo "$out" | awk '$1=="50%"{print $2}')")"
-      p99[$target,$c]+=" $(to_ms "$(echo "$out" | awk '$1=="99%"{print $2}')")"
-      if [ "$target" = proxy ]; then
-        r=$(rss_kb "$px_pid"); [ "$r" -gt "$rss_peak" ] && rss_peak=$r
-      fi
-    done
-    say "round $round, $c connections: direct ${rps[direct,$c]##* }, nginx ${rps[nginx,$c]##* }, proxy ${rps[proxy,$c]##* } req/s"
-  done
-done
+measure() {
+  local threads=$(( $2 < 2 ? 1 : 2 )) out
+  wrk -t"$threads" -c"$2" -d1s -s "$tmp/post.lua" "${url[$1]}" >/dev/null 2>&1 || true
+  out=$(wrk -t"$threads" -c"$2" -d"$DURATION" --latency -s "$tmp/post.lua" "${url[$1]}")
+  if echo "$out" | grep -q "Non-2xx"; then echo "$1 at $2 connections: non-2xx answers" >&2; echo "$out" >&2; exit 1; fi
+  rps[$1,$2]+=" $(echo "$out" | awk '/Requests\/sec/{print $2}')"
+  p50[$1,$2]+=" $(to_ms "$(echo "$out" | awk '$1=="50%"{print $2}')")"
+  p99[$1,$2]+=" $(to_ms "$(echo "$out" | awk '$1=="99%"{print $2}')")"
+}
 # Within-round comparisons (the same round's values, paired), then their median.
 paired() {  # paired OP A B -> median over rounds of (A op B); A, B are "target,conns" keys
   local -a a b; read -ra a <<<"$2"; read -ra b <<<"$3"
@@ -281,6 +245,68 @@ per_round() {  # per_round OP A B -> the per-round values, for the range
     awk -v x="${a[$i]}" -v y="${b[$i]}" -v op="$1" 'BEGIN{ printf "%.2f ", (op == "/") ? x / y : x - y }'
   done
 }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b+0 == 0) print "-"; else printf "%.2f", a/b }'; }
+minus() { awk -v a="$1" -v b="$2" 'BEGIN{ printf "%.3f", a-b }'; }
+mb() { awk -v k="$1" 'BEGIN{ printf "%.1f", k/1024 }'; }
+atmost() { awk -v v="$1" -v lim="$2" 'BEGIN{ print (v != "" && v+0 <= lim+0) ? "met" : "**missed**" }'; }
+atleast() { awk -v v="$1" -v lim="$2" 'BEGIN{ print (v != "" && v+0 >= lim+0) ? "met" : "**missed**" }'; }
+wait_http "http://127.0.0.1:$UP/openai/deployments/gpt-4o/chat/completions" && kill -0 "${pids[0]}" 2>/dev/null ||
+  { echo "nginx did not start" >&2; cat "$tmp/ngx/logs/error.log" >&2; exit 1; }
+for _ in $(seq 1 100); do redis-cli -p "$RDS" ping >/dev/null 2>&1 && break; sleep 0.05; done
+if [ "$only" = builds ]; then
+  # shellcheck source=bench/builds.sh
+  . bench/builds.sh
+  exit 0
+fi
+
+# ---- the proxy --------------------------------------------------------------------
+
+startup_ms=$(python3 bench/loads.py startup "$bin" "$tmp/cfg" "$PX")
+"$bin" --config-dir "$tmp/cfg" 2>>"$tmp/proxy.log" &
+px_pid=$!
+pids+=("$px_pid")
+wait_http "http://127.0.0.1:$PX/health" || { echo "the proxy did not start" >&2; cat "$tmp/proxy.log" >&2; exit 1; }
+
+# ---- half-sent heads from one address (alone: `scripts/bench.sh partial-heads`) ----------
+partial_heads() {
+  local opened still health_max chat_max
+  read -r opened still health_max chat_max <<<"$(python3 bench/loads.py partial-heads "$PX" "$PARTIAL_HEADS")"
+  say "$opened half-sent heads from one address ($still still open): /health max $health_max ms, chat max $chat_max ms"
+  echo "| /health and a chat request, 20 each, with $opened half-sent heads opened from the same address ($still left open by the proxy), max | $health_max / $chat_max ms | ≤ 50 ms | $(awk -v a="$health_max" -v b="$chat_max" 'BEGIN{ print (a <= 50 && b <= 50) ? "met" : "**missed**" }') |"
+}
+if [ "$only" = partial-heads ]; then
+  partial_heads
+  exit 0
+fi
+# The same proxy with shared state in a Redis of its own, and a TPM window, so that each
+# request is admitted in Redis and settled there (the upstream's remaining-token header,
+# as Azure sends on every answer, asks for a settlement).
+config "$tmp/cfg-shared" "$PXR" "$UP"
+sed -i 's/supported_models: \[gpt-4o\]}/max_tpm: 1000000000, supported_models: [gpt-4o]}/' "$tmp/cfg-shared/base.yaml"
+printf "redis: {url: 'redis://127.0.0.1:%s/0'}\n" "$RDS" >>"$tmp/cfg-shared/base.yaml"
+"$bin" --config-dir "$tmp/cfg-shared" 2>>"$tmp/proxy-shared.log" &
+pids+=($!)
+wait_http "http://127.0.0.1:$PXR/health" && curl -s "http://127.0.0.1:$PXR/health" | grep -q '"shared_state":"shared"' ||
+  { echo "the proxy with Redis did not start sharing" >&2; cat "$tmp/proxy-shared.log" >&2; exit 1; }
+rss_kb() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
+rss_idle=$(rss_kb "$px_pid")
+
+# ---- throughput and latency, interleaved rounds -------------------------------------
+url[proxy]="http://127.0.0.1:$PX/v1/chat/completions"
+url[shared]="http://127.0.0.1:$PXR/v1/chat/completions"
+rss_peak=$rss_idle
+for round in $(seq 1 "$ROUNDS"); do
+  for c in "${CONNS[@]}"; do
+    for target in direct nginx proxy shared; do
+      [ "$target" = shared ] && [ "$c" -ne 1 ] && [ "$c" -ne 16 ] && continue
+      measure "$target" "$c"
+      if [ "$target" = proxy ]; then
+        r=$(rss_kb "$px_pid"); [ "$r" -gt "$rss_peak" ] && rss_peak=$r
+      fi
+    done
+    say "round $round, $c connections: direct ${rps[direct,$c]##* }, nginx ${rps[nginx,$c]##* }, proxy ${rps[proxy,$c]##* } req/s"
+  done
+done
 tput16=$(paired / "${rps[proxy,16]}" "${rps[nginx,16]}")
 tput16_range=$(per_round / "${rps[proxy,16]}" "${rps[nginx,16]}" | range)
 tput64=$(paired / "${rps[proxy,64]}" "${rps[nginx,64]}")
@@ -339,11 +365,6 @@ read -r emb_whole emb_bytes emb_secs emb_peak <<<"$(embeddings_rss "$bin")"
 say "$emb_whole of $EMBEDDINGS embeddings answers of $emb_bytes bytes in $emb_secs s: peak RSS $emb_peak kB"
 
 # ---- the report ----------------------------------------------------------------------
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b+0 == 0) print "-"; else printf "%.2f", a/b }'; }
-minus() { awk -v a="$1" -v b="$2" 'BEGIN{ printf "%.3f", a-b }'; }
-mb() { awk -v k="$1" 'BEGIN{ printf "%.1f", k/1024 }'; }
-atmost() { awk -v v="$1" -v lim="$2" 'BEGIN{ print (v != "" && v+0 <= lim+0) ? "met" : "**missed**" }'; }
-atleast() { awk -v v="$1" -v lim="$2" 'BEGIN{ print (v != "" && v+0 >= lim+0) ? "met" : "**missed**" }'; }
 cpu=$(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)
 mem=$(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo)
 ttfb_over=$(minus "$ttfb_proxy" "$ttfb_direct")

@@ -157,3 +157,60 @@ fn a_reservation_whose_reply_was_lost_is_given_back_when_redis_answers_again() {
     );
     assert_eq!(redis.cli(&["GET", "lost:i:{a}:tpm:sum"]), "0");
 }
+
+/// Between its admission and its answer (a 404: Azure cannot have counted it), Redis
+/// asks for a password and drops every connection, so the release cannot be sent; it is
+/// kept, and given back once Redis takes the proxy again.
+#[test]
+fn a_release_redis_did_not_take_is_given_back_when_it_answers_again() {
+    let redis = RedisServer::start(None);
+    let cli = |args: &[&str]| {
+        let mut all = vec!["--no-auth-warning", "-a", "pw"];
+        all.extend_from_slice(args);
+        redis.cli(&all)
+    };
+    let port = redis.port.to_string();
+    let upstream = Mock::start(Arc::new(move |_: &Recorded| {
+        let cli = |args: &[&str]| {
+            Command::new("redis-cli")
+                .args([
+                    "--no-auth-warning",
+                    "-a",
+                    "pw",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port,
+                ])
+                .args(args)
+                .output()
+                .unwrap()
+        };
+        cli(&["CONFIG", "SET", "requirepass", "pw"]);
+        cli(&["CLIENT", "KILL", "TYPE", "normal"]);
+        json_reply(
+            404,
+            json!({"error": {"code": "DeploymentNotFound", "message": "no"}}),
+        )
+    }));
+    let proxy = proxy(&redis, &upstream, "kept");
+    let health = || send("GET", &format!("{}/health", proxy.url), &[], None).json();
+    assert_eq!(health()["shared_state"], "shared");
+    chat(&proxy, "hi").assert_status(404);
+    let window = |what: &str| cli(&["ZCARD", &format!("kept:i:{{a}}:{what}")]);
+    assert_eq!(window("tpm"), "1", "the admission was not made");
+    assert!(wait_until(Duration::from_secs(5), || health()
+        ["shared_state"]
+        == "degraded"));
+    assert_eq!(cli(&["CONFIG", "SET", "requirepass", ""]), "OK");
+    assert!(wait_until(Duration::from_secs(10), || health()
+        ["shared_state"]
+        == "shared"));
+    assert!(
+        wait_until(Duration::from_secs(5), || window("tpm") == "0"
+            && window("rpm") == "0"),
+        "the release was lost: tpm {}, rpm {}",
+        window("tpm"),
+        window("rpm")
+    );
+}

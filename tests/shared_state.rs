@@ -445,6 +445,31 @@ fn a_clients_answer_does_not_wait_for_its_settlement() {
 }
 
 #[test]
+fn a_stopping_proxy_waits_for_redis_to_take_its_last_settlements() {
+    let redis = RedisServer::start(None);
+    let (proxy, _upstream, signal) = stopping_redis(&redis, "last");
+    let url = format!("{}/v1/chat/completions", proxy.url);
+    assert_eq!(post_json(&url, &chat()).status, 200);
+    // Redis answers again in 2 s: longer than stopping takes otherwise, shorter than
+    // the two timeouts (16 s) a stopping proxy gives it.
+    let resumed = Arc::new(AtomicBool::new(false));
+    let set = resumed.clone();
+    let resumer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(2));
+        set.store(true, Ordering::SeqCst);
+        signal("-CONT");
+    });
+    drop(proxy);
+    let waited = resumed.load(Ordering::SeqCst);
+    resumer.join().unwrap();
+    assert!(
+        waited,
+        "the proxy stopped before Redis took its last settlement"
+    );
+    assert_eq!(redis.cli(&["GET", "last:i:{a}:tpm:sum"]), "1000");
+}
+
+#[test]
 fn a_redis_that_stops_answering_delays_requests_by_its_timeout_only() {
     let redis = RedisServer::start(None);
     let upstream = Mock::start(unlimited());

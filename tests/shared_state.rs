@@ -378,97 +378,6 @@ fn losing_redis_fails_no_request_and_finding_it_again_shares_again() {
     assert_eq!(alerts_with("Redis"), 2, "{:?}", hook.requests());
 }
 
-/// A proxy whose upstream stops Redis (SIGSTOP) when asked: between a request's
-/// admission and its settlement (the upstream's remaining counts: 9,000 of 10,000
-/// tokens left). Redis's timeout is long, so that a settlement on the request path
-/// would wait for Redis rather than give up. Returns the upstream (to keep) and what
-/// signals Redis ("-CONT" resumes it).
-fn stopping_redis(
-    redis: &RedisServer,
-    prefix: &str,
-) -> (TestProxy, Mock, impl Fn(&str) + Clone + Send + 'static) {
-    let pid = redis.pid().to_string();
-    let signal = move |s: &str| {
-        let sent = std::process::Command::new("kill")
-            .args([s, &pid])
-            .status()
-            .unwrap();
-        assert!(sent.success());
-    };
-    let azure = azure_like("k");
-    let stop = signal.clone();
-    let upstream = Mock::start(Arc::new(move |req: &Recorded| {
-        stop("-STOP");
-        azure(req)
-    }));
-    let yaml = format!(
-        "instances:\n{}redis: {{url: '{}', prefix: {prefix}, timeout_ms: 8000}}\n",
-        instance("a", &upstream.url, 1, ", max_tpm: 10000, max_rpm: 100"),
-        redis.url()
-    );
-    (TestProxy::start(&yaml), upstream, signal)
-}
-
-#[test]
-fn a_clients_answer_does_not_wait_for_its_settlement() {
-    let redis = RedisServer::start(None);
-    let (proxy, _upstream, signal) = stopping_redis(&redis, "later");
-    // Should the answer wait for Redis, Redis is resumed after 3 s and the test fails
-    // rather than hangs; whoever resumes it first does, once.
-    let resumed = Arc::new(AtomicBool::new(false));
-    let (watched, resume) = (resumed.clone(), signal.clone());
-    std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(3));
-        if !watched.swap(true, Ordering::SeqCst) {
-            resume("-CONT");
-        }
-    });
-    let answer = post_json(&format!("{}/v1/chat/completions", proxy.url), &chat());
-    let before_redis = !resumed.swap(true, Ordering::SeqCst);
-    if before_redis {
-        signal("-CONT");
-    }
-    answer.assert_status(200);
-    assert!(
-        before_redis,
-        "the answer waited for Redis to take its settlement"
-    );
-    // Once Redis answers, the settlement lands: the shared window counts the 1,000
-    // tokens the upstream said were used.
-    let used = || redis.cli(&["GET", "later:i:{a}:tpm:sum"]);
-    assert!(
-        wait_until(Duration::from_secs(10), || used() == "1000"),
-        "the correction did not land: {}",
-        used()
-    );
-    assert_eq!(health(&proxy)["shared_state"], "shared");
-}
-
-#[test]
-fn a_stopping_proxy_waits_for_redis_to_take_its_last_settlements() {
-    let redis = RedisServer::start(None);
-    let (proxy, _upstream, signal) = stopping_redis(&redis, "last");
-    let url = format!("{}/v1/chat/completions", proxy.url);
-    assert_eq!(post_json(&url, &chat()).status, 200);
-    // Redis answers again in 2 s: longer than stopping takes otherwise, shorter than
-    // the two timeouts (16 s) a stopping proxy gives it.
-    let resumed = Arc::new(AtomicBool::new(false));
-    let set = resumed.clone();
-    let resumer = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(2));
-        set.store(true, Ordering::SeqCst);
-        signal("-CONT");
-    });
-    drop(proxy);
-    let waited = resumed.load(Ordering::SeqCst);
-    resumer.join().unwrap();
-    assert!(
-        waited,
-        "the proxy stopped before Redis took its last settlement"
-    );
-    assert_eq!(redis.cli(&["GET", "last:i:{a}:tpm:sum"]), "1000");
-}
-
 #[test]
 fn a_redis_that_stops_answering_delays_requests_by_its_timeout_only() {
     let redis = RedisServer::start(None);
@@ -618,40 +527,6 @@ fn the_scripts_reserve_release_correct_and_cool_in_one_step_each() {
         Some(Verdict::Down(wait)) => assert!(wait > Duration::from_secs(3), "{wait:?}"),
         other => panic!("{other:?}"),
     }
-    assert_eq!(shared.state(), "shared");
-}
-
-#[test]
-fn a_settlement_lands_on_a_redis_that_lost_its_scripts() {
-    use azure_openai_proxy::config::{Instance, Redis};
-    use azure_openai_proxy::observe::alerts::Alerts;
-    use azure_openai_proxy::shared::{Settle, Shared, Verdict};
-    let redis = RedisServer::start(None);
-    let config: Redis =
-        serde_yaml::from_str(&format!("{{url: '{}', prefix: flushed}}", redis.url())).unwrap();
-    let alerts = Arc::new(Alerts::disabled("test"));
-    let shared = Shared::start(&config, "test", &alerts).unwrap();
-    let a: Instance = serde_yaml::from_str(
-        "{name: a, api_key: k, api_base: 'http://x', supported_models: [m], max_tpm: 1000}",
-    )
-    .unwrap();
-    assert!(matches!(
-        shared.admit(&alerts, &a, 400, None),
-        Some(Verdict::Admitted(_))
-    ));
-    let used = || redis.cli(&["GET", "flushed:i:{a}:tpm:sum"]);
-    assert_eq!(used(), "400");
-    // As after a restart without persistence: the scripts loaded at connect are gone.
-    assert_eq!(redis.cli(&["SCRIPT", "FLUSH"]), "OK");
-    // A correction (unlike a release) is not kept when Redis fails it: it lands now or
-    // never.
-    let left = Settle {
-        remaining: (Some(200), None),
-        ..Settle::default()
-    };
-    shared.settle(&alerts, &a, &left);
-    assert!(shared.flush(Duration::from_secs(5)), "not applied");
-    assert_eq!(used(), "800", "the correction did not land");
     assert_eq!(shared.state(), "shared");
 }
 

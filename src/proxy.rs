@@ -109,9 +109,21 @@ impl Proxy {
             self.server
                 .wait_closed(Instant::now() + Duration::from_secs(1));
         }
+        self.flush_settlements();
         drop(self.stop_tx);
         let _ = self.rotator.join();
         finished
+    }
+
+    /// Applies in Redis the settlements of the last requests, which their answers did
+    /// not wait for, giving Redis two of its timeouts to take them.
+    fn flush_settlements(&self) {
+        let Some(shared) = &self.state.shared else {
+            return;
+        };
+        if !shared.flush(shared.timeout() * 2) {
+            log::warn!("the last settlements were not all applied in Redis before stopping");
+        }
     }
 
     /// `server.shutdown_grace_seconds` of the configuration in force.

@@ -5,12 +5,20 @@
 //! (a small pool), the Lua scripts that make each admission and settlement one atomic
 //! step, the shared/degraded flag, and the thread that reconnects after a failure.
 //!
+//! A request makes one round trip on its path, its admission. Its settlement (a
+//! reservation given back, the upstream's remaining counts) is applied after its
+//! answer, by the `redis-settle` thread (`settling`), except one that extends a
+//! cooldown or opens a circuit: that one is applied before the client hears the
+//! failure, so that no other proxy sends to the instance after it did.
+//!
 //! Redis never holds a request up for long: every call has `redis.timeout_ms` to
 //! connect and to answer, and any failure switches the proxy to its own state alone
 //! (degraded: no further Redis calls on the request path, one alert) until the
 //! reconnect thread gets an answer again (and has given back the reservations whose
 //! admission lost its reply). No call is made with the instance table's lock held: routing takes
 //! its local decision under the lock, releases it, and then asks Redis.
+
+mod settling;
 
 pub use crate::shared_terms::{ClientLimit, Settle, Verdict};
 
@@ -200,7 +208,8 @@ pub struct Shared {
     admit: redis::Script,
     settle: redis::Script,
     /// Admissions whose reply was lost (a timeout, a broken connection): the script may
-    /// have reserved, so the reservation is given back once Redis answers again.
+    /// have reserved, so the reservation is given back once Redis answers again; and
+    /// releases that could not be sent, for the same reason.
     lost: Mutex<std::collections::VecDeque<Lost>>,
     spend: redis::Script,
     /// Reservation ids: this process's random tag and a counter.
@@ -208,6 +217,11 @@ pub struct Shared {
     next: AtomicU64,
     /// Wakes the reconnect thread; dropping it ends the thread.
     wake: Sender<()>,
+    /// To the `redis-settle` thread; dropping it ends the thread.
+    jobs: Sender<settling::Job>,
+    /// Where that thread alerts when Redis fails it: the alerts of the configuration the
+    /// proxy started with (as `redis` itself, read at start only).
+    alerts: Arc<Alerts>,
 }
 
 impl Shared {
@@ -215,7 +229,7 @@ impl Shared {
     /// proxy's name: the default key prefix. The URL and the CA file were checked with
     /// the configuration; if they fail now (the file gone since), the proxy runs on its
     /// own state, and says so.
-    pub fn start(config: &Redis, name: &str, alerts: &Alerts) -> Option<Arc<Shared>> {
+    pub fn start(config: &Redis, name: &str, alerts: &Arc<Alerts>) -> Option<Arc<Shared>> {
         let client = match client(config) {
             Ok(client) => client,
             Err(e) => {
@@ -224,6 +238,7 @@ impl Shared {
             }
         };
         let (wake, woken) = crossbeam_channel::bounded(1);
+        let (jobs, queued) = crossbeam_channel::bounded(settling::QUEUE);
         let tag = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64)
@@ -242,13 +257,19 @@ impl Shared {
             tag,
             next: AtomicU64::new(0),
             wake,
+            jobs,
+            alerts: alerts.clone(),
         });
         let weak = Arc::downgrade(&shared);
-        let spawned = std::thread::Builder::new()
+        let reconnecting = std::thread::Builder::new()
             .name("redis-reconnect".into())
             .spawn(move || reconnect(weak, woken));
-        if let Err(e) = spawned {
-            log::error!("shared state is off: cannot start its thread: {e}");
+        let weak = Arc::downgrade(&shared);
+        let settling = std::thread::Builder::new()
+            .name("redis-settle".into())
+            .spawn(move || settling::settling(weak, queued));
+        if let Err(e) = reconnecting.and(settling) {
+            log::error!("shared state is off: cannot start its threads: {e}");
             return None;
         }
         match shared.connect_and_load() {
@@ -268,6 +289,11 @@ impl Shared {
         } else {
             "degraded"
         }
+    }
+
+    /// `redis.timeout_ms`: how long each call may take to connect and to answer.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// A new connection with the timeouts set.
@@ -439,8 +465,8 @@ impl Shared {
         })
     }
 
-    /// Keeps a reservation whose admission lost its reply, to give back once Redis
-    /// answers again (`release_lost`).
+    /// Keeps a reservation whose admission lost its reply (or whose release could not
+    /// be sent), to give back once Redis answers again (`release_lost`).
     fn lost_reply(&self, instance: &str, id: String, tokens: u64) {
         let mut lost = self.lost.lock();
         if lost.len() >= LOST {
@@ -476,16 +502,6 @@ impl Shared {
             }
         }
         Ok(())
-    }
-
-    /// Applies what an attempt's outcome asks, in one round trip (none if it asks
-    /// nothing).
-    pub fn settle(&self, alerts: &Alerts, inst: &Instance, s: &Settle) {
-        if s.is_empty() {
-            return;
-        }
-        let call = self.settlement(&inst.name, (inst.max_tpm, inst.max_rpm), s);
-        let _: Option<i64> = self.with(alerts, |c| call.invoke(c));
     }
 
     /// The settle script's call for `s` on `instance`, whose limits (max_tpm, max_rpm)

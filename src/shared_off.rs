@@ -29,6 +29,14 @@ impl Shared {
         match *self {}
     }
 
+    pub fn flush(&self, _: Duration) -> bool {
+        match *self {}
+    }
+
+    pub fn timeout(&self) -> Duration {
+        match *self {}
+    }
+
     pub fn release_client(&self, _: &Alerts, _: &str, _: &str, _: u64) {
         match *self {}
     }

@@ -434,8 +434,11 @@ fn the_scripts_reserve_release_correct_and_cool_in_one_step_each() {
     let redis = RedisServer::start(None);
     let config: Redis =
         serde_yaml::from_str(&format!("{{url: '{}', prefix: scripts}}", redis.url())).unwrap();
-    let alerts = Alerts::disabled("test");
+    let alerts = Arc::new(Alerts::disabled("test"));
     let shared = Shared::start(&config, "test", &alerts).unwrap();
+    // Releases and corrections are applied after `settle` returns: each is awaited
+    // before the admission that must see it.
+    let flushed = || assert!(shared.flush(Duration::from_secs(5)), "not applied");
     let inst = |yaml: &str| -> Instance {
         serde_yaml::from_str(&format!(
             "{{api_key: k, api_base: 'http://x', supported_models: [m], {yaml}}}"
@@ -474,6 +477,7 @@ fn the_scripts_reserve_release_correct_and_cool_in_one_step_each() {
     };
     shared.settle(&alerts, &a, &release);
     shared.settle(&alerts, &a, &release); // twice takes nothing more back
+    flushed();
     assert!(admitted(&a, 500).is_some(), "400 + 500 fit in 1000");
     assert!(admitted(&a, 200).is_none(), "1100 do not");
     // The upstream says 200 are left of 1000, where the window has 900: it has 800.
@@ -490,6 +494,7 @@ fn the_scripts_reserve_release_correct_and_cool_in_one_step_each() {
     };
     left(200);
     left(900);
+    flushed();
     assert!(admitted(&a, 100).is_some(), "800 + 100");
     assert!(
         admitted(&a, 100).is_none(),

@@ -70,11 +70,12 @@ local function used(key, sum)
   redis.call('SET', sum, total, 'PX', ttl)
   return total
 end
+-- Only after `used` on the same window, whose SET gave the total its expiry (INCRBY
+-- keeps it).
 local function add(key, sum, id, n)
   redis.call('ZADD', key, now, id .. ':' .. string.format('%d', n))
   redis.call('INCRBY', sum, n)
   redis.call('PEXPIRE', key, ttl)
-  redis.call('PEXPIRE', sum, ttl)
 end
 ";
 

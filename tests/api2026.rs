@@ -1,4 +1,4 @@
-//! Issue 11 through the real server: the Responses API (plain, streamed, stored
+//! Through the real server: the Responses API (plain, streamed, stored
 //! responses and their affinity), Azure's v1 API on both sides, images and audio, old
 //! api-versions without stream usage, and the prompt estimate of tools and schemas.
 

@@ -1,4 +1,4 @@
-//! One attempt, one outcome (issue 13): what the client hears after several failed
+//! One attempt, one outcome: what the client hears after several failed
 //! attempts, when circuits open and close, what a deployment fault takes out, how long
 //! a cooldown may be, how a stream that breaks is counted, the stream the client asked
 //! for, and the time to a stream's first event. Through the real server, with mock

@@ -1,4 +1,4 @@
-//! Hostile and buggy clients (issue 10), through the real binary: each attack fails
+//! Hostile and buggy clients, through the real binary: each attack fails
 //! alone, with an OpenAI-shaped answer where one can be given, and leaves the process,
 //! its threads, descriptors, memory, instances and logs as they were.
 
@@ -1019,7 +1019,7 @@ fn run_class(addr: &str, class: &Class) {
     }
 }
 
-/// The fuzz test of issue 10's classes. After each class: the process is alive, its
+/// The fuzz test of these classes. After each class: the process is alive, its
 /// descriptors and threads are back where they were, its RSS is bounded, and a normal
 /// request is served.
 #[test]

@@ -1,4 +1,4 @@
-//! Reloading the configuration (issue 13): two reloads at once take turns and the
+//! Reloading the configuration: two reloads at once take turns and the
 //! newest file wins; settings read only at start are reported, the others applied; a
 //! request that outlives its instance's removal leaves no state behind; and what a
 //! reload does not change (pooled upstream connections, which alerts were just sent)

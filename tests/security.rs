@@ -1,4 +1,4 @@
-//! Safe to run on a VM (issue 5): redacted config, admin rules, reload without a
+//! Safe to run on a VM: redacted config, admin rules, reload without a
 //! failed request, a broken reload that keeps serving, no key in what clients see,
 //! and hostile input that only ever gets OpenAI-shaped answers.
 

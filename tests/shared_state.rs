@@ -1,4 +1,4 @@
-//! Several proxies on one quota, sharing state in a real `redis-server` (issue 14):
+//! Several proxies on one quota, sharing state in a real `redis-server`:
 //! windows, cooldowns and affinity seen by all; the scripts themselves; Redis killed or
 //! stopped and found again without a failed request; rediss:// with a private CA. The
 //! simulation behind bench/results.md is the ignored test at the end.

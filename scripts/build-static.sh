@@ -14,15 +14,15 @@ say() { printf '%s\n' "$*" >&2; }
 
 musl_ready() {
   rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl &&
-    command -v x86_64-linux-musl-gcc >/dev/null
+    command -v x86_64-linux-musl-gcc >/dev/null && command -v make >/dev/null
 }
 
 if ! musl_ready; then
-  say "setting up the musl target (rustup target + Debian's musl-tools for ring's C code)"
+  say "setting up the musl target (rustup target + Debian's musl-tools and make for the C code of ring and jemalloc)"
   rustup target add x86_64-unknown-linux-musl >&2 || true
-  if ! command -v x86_64-linux-musl-gcc >/dev/null && command -v apt-get >/dev/null; then
+  if ! { command -v x86_64-linux-musl-gcc && command -v make; } >/dev/null && command -v apt-get >/dev/null; then
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-    ($SUDO apt-get update -qq && $SUDO apt-get install -y -qq musl-tools) >&2 || true
+    ($SUDO apt-get update -qq && $SUDO apt-get install -y -qq musl-tools make) >&2 || true
   fi
 fi
 

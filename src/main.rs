@@ -13,7 +13,17 @@ use std::process::ExitCode;
 /// The static binary's allocator (see Cargo.toml): musl's malloc serialises threads.
 #[cfg(target_env = "musl")]
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options, read before `main` (`_RJEM_MALLOC_CONF` in the environment
+/// overrides them): no per-thread caches. A thread holds each stream, and a cache,
+/// even a small one, is kept by every thread: 9,968 held streams took 753 MB with
+/// jemalloc's defaults, 739 MB with the smallest caches, 673 MB without (654 MB with
+/// musl's malloc); the threads still spread over jemalloc's arenas, each with its own
+/// lock, which is what musl's single lock lacked (`scripts/bench.sh builds`).
+#[cfg(target_env = "musl")]
+#[export_name = "_rjem_malloc_conf"]
+static JEMALLOC_CONF: Option<&u8> = Some(&b"tcache:false\0"[0]);
 use std::time::Duration;
 
 const USAGE: &str = "\

@@ -194,13 +194,15 @@ redis-server --port "$RDS" --bind 127.0.0.1 --save '' --appendonly no --dir "$tm
 pids+=($!)
 
 # ---- helpers ----------------------------------------------------------------------
+# Every load comes from 127.0.0.1, one address: no cap per address (by default half of
+# max_connections, which would refuse the crowd and the held streams past it).
 config() {  # config DIR PORT UPSTREAM_PORT [server settings]
   mkdir -p "$1"
   cat >"$1/base.yaml" <<YAML
 host: 127.0.0.1
 port: $2
 logging: {level: warn}
-server: {${4:-}}
+server: {max_connections_per_ip: 0${4:+, $4}}
 instances:
   - {name: fast, api_key: bench, api_base: 'http://127.0.0.1:$3', api_version: 2024-10-21, supported_models: [gpt-4o]}
 YAML

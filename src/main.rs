@@ -19,11 +19,13 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// overrides them): no per-thread caches. A thread holds each stream, and a cache,
 /// even a small one, is kept by every thread: 9,968 held streams took 753 MB with
 /// jemalloc's defaults, 739 MB with the smallest caches, 673 MB without (654 MB with
-/// musl's malloc); the threads still spread over jemalloc's arenas, each with its own
-/// lock, which is what musl's single lock lacked (`scripts/bench.sh builds`).
+/// musl's malloc; each measured with `bench/loads.py held`, as `scripts/bench.sh` runs
+/// it). The threads still spread over jemalloc's arenas, each with its own lock, which
+/// is what musl's single lock lacked.
 #[cfg(target_env = "musl")]
 #[export_name = "_rjem_malloc_conf"]
 static JEMALLOC_CONF: Option<&u8> = Some(&b"tcache:false\0"[0]);
+
 use std::time::Duration;
 
 const USAGE: &str = "\
